@@ -1,0 +1,48 @@
+//! The gpuctl wire protocol: message types, framing, and an async client.
+//!
+//! # Wire flow
+//!
+//! A client connects to gpuctld's Unix stream socket and exchanges frames:
+//!
+//! ```text
+//! +----------------+--------------------------------------------+
+//! | length: u32 BE | payload: bincode (LE, fixed-width ints)    |
+//! +----------------+--------------------------------------------+
+//!
+//! client                                   gpuctld
+//!   | -- ClientMessage::Hello ------------>  |   first frame, always
+//!   | <-------------- DaemonMessage::Welcome |   or Closing(Incompatible), then EOF
+//!   | -- Request { id: 1, Status } -------> |
+//!   | -- Request { id: 2, Ping } ---------> |   many in flight at once
+//!   | <------------ Response { id: 2, .. }  |   answers in any order
+//!   | <------------ Event { id: 1, .. }     |   zero or more events per request,
+//!   | <------------ Response { id: 1, .. }  |   then one Response or Error
+//! ```
+//!
+//! The daemon sends `Closing(error)` before it drops a connection for a
+//! reason of its own: a malformed or oversized frame, a handshake that did
+//! not come in time, too many connections, shutdown.
+//!
+//! `protocol/README.md` describes the bytes precisely, for clients written
+//! in other languages.
+
+#![warn(missing_docs)]
+
+mod client;
+mod codec;
+mod error;
+mod message;
+mod socket;
+mod version;
+
+pub use client::{Call, Client, ClientError, ClientOptions};
+pub use codec::{
+    decode_payload, encode_payload, wire_config, FrameCodec, FrameError, DEFAULT_MAX_FRAME,
+    MAX_FRAME_CEILING,
+};
+pub use error::{Error, ErrorCode};
+pub use message::*;
+pub use socket::{
+    client_default_socket, daemon_default_socket, user_socket, SOCKET_ENV, SYSTEM_SOCKET,
+};
+pub use version::{ProtocolVersion, PROTOCOL_VERSION};

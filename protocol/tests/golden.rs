@@ -1,0 +1,182 @@
+//! Pins the byte encoding of every message: a change here breaks every
+//! client written from protocol/README.md, so it must be deliberate.
+
+use gpuctl_protocol::*;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn frame<T: serde::Serialize>(message: &T) -> String {
+    let payload = encode_payload(message).unwrap();
+    let mut framed = (payload.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&payload);
+    hex(&framed)
+}
+
+fn roundtrip<T>(message: &T)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let payload = encode_payload(message).unwrap();
+    let back: T = decode_payload(&payload).unwrap();
+    assert_eq!(&back, message);
+}
+
+fn request(id: u64, request: Request) -> ClientMessage {
+    ClientMessage::Request { id, request }
+}
+
+fn response(id: u64, response: Response) -> DaemonMessage {
+    DaemonMessage::Response { id, response }
+}
+
+#[test]
+fn hello_and_welcome() {
+    let hello = ClientMessage::Hello(Hello { protocol: PROTOCOL_VERSION, client: "ab".into() });
+    // len=16 | variant 0 (Hello) | major 1 | minor 0 | string len 2 | "ab"
+    assert_eq!(frame(&hello), "00000012".to_owned() + "00000000" + "0100" + "0000" + "0200000000000000" + "6162");
+    let welcome = DaemonMessage::Welcome(Welcome {
+        protocol: PROTOCOL_VERSION,
+        daemon_version: "0.1.0".into(),
+        capabilities: vec!["ping".into()],
+    });
+    assert_eq!(
+        frame(&welcome),
+        "00000029".to_owned()
+            + "00000000" // Welcome
+            + "01000000" // 1.0
+            + "0500000000000000"
+            + "302e312e30" // "0.1.0"
+            + "0100000000000000" // one capability
+            + "0400000000000000"
+            + "70696e67" // "ping"
+    );
+    roundtrip(&hello);
+    roundtrip(&welcome);
+}
+
+#[test]
+fn requests() {
+    let cases = [
+        (request(7, Request::Ping(PingRequest {})), "00000010 01000000 0700000000000000 00000000"),
+        (request(7, Request::Status(StatusRequest {})), "00000010 01000000 0700000000000000 01000000"),
+        (request(7, Request::Models(ModelsRequest {})), "00000010 01000000 0700000000000000 02000000"),
+        (request(7, Request::Reload(ReloadRequest {})), "00000010 01000000 0700000000000000 03000000"),
+    ];
+    for (message, expected) in cases {
+        assert_eq!(frame(&message), expected.replace(' ', ""), "{message:?}");
+        roundtrip(&message);
+    }
+}
+
+#[test]
+fn responses_errors_events() {
+    let ping = response(7, Response::Ping(PingResponse {}));
+    assert_eq!(frame(&ping), "00000010 01000000 0700000000000000 00000000".replace(' ', ""));
+
+    let reload = response(
+        9,
+        Response::Reload(ReloadResponse { generation: 2, changed: true, models: 3 }),
+    );
+    assert_eq!(
+        frame(&reload),
+        "0000001d 01000000 0900000000000000 03000000 0200000000000000 01 03000000".replace(' ', "")
+    );
+
+    let error = DaemonMessage::Error {
+        id: 9,
+        error: Error::new(ErrorCode::Unauthorized, "no"),
+    };
+    assert_eq!(
+        frame(&error),
+        "0000001a 02000000 0900000000000000 03000000 0200000000000000 6e6f".replace(' ', "")
+    );
+
+    let event = DaemonMessage::Event {
+        id: 9,
+        event: Event::Progress(ProgressEvent { done: 1, total: 4, message: String::new() }),
+    };
+    assert_eq!(
+        frame(&event),
+        "00000028 03000000 0900000000000000 00000000 0100000000000000 0400000000000000 0000000000000000"
+            .replace(' ', "")
+    );
+
+    let closing = DaemonMessage::Closing(Error::new(ErrorCode::Incompatible, ""));
+    assert_eq!(frame(&closing), "00000010 04000000 09000000 0000000000000000".replace(' ', ""));
+
+    for message in [ping, reload, error, event, closing] {
+        roundtrip(&message);
+    }
+}
+
+#[test]
+fn status_and_models_roundtrip() {
+    let status = response(
+        1,
+        Response::Status(StatusResponse {
+            daemon_version: "0.1.0".into(),
+            pid: 42,
+            uptime_ms: 1000,
+            socket: "/run/gpuctl/gpuctld.sock".into(),
+            config: ConfigStatus {
+                path: Some("/etc/gpuctl/gpuctld.toml".into()),
+                generation: 3,
+                applied_at_unix_ms: 5,
+                last_reload: Some(ReloadOutcome {
+                    at_unix_ms: 6,
+                    trigger: ReloadTrigger::Signal,
+                    error: Some("bad".into()),
+                }),
+            },
+            connections: 2,
+        }),
+    );
+    roundtrip(&status);
+    let models = response(
+        2,
+        Response::Models(ModelsResponse {
+            models: vec![ModelInfo {
+                name: "x".into(),
+                kind: ModelKind::Generate,
+                path: "/m/x.pt".into(),
+                device: "auto".into(),
+                keep_alive: KeepAlive::Forever,
+                preload: true,
+                pin: false,
+                group: Some("g".into()),
+                scale: None,
+                tile: Some(512),
+                overlap: Some(32),
+                concurrency: 1,
+                defaults: GenerateDefaults { size: Some((896, 1152)), steps: Some(40), guidance: Some(8.0) },
+            }],
+        }),
+    );
+    roundtrip(&models);
+}
+
+/// Error codes travel as their position; appending is the only safe change.
+#[test]
+fn error_codes_are_stable() {
+    let codes = [
+        ErrorCode::Internal,
+        ErrorCode::InvalidRequest,
+        ErrorCode::NotFound,
+        ErrorCode::Unauthorized,
+        ErrorCode::Busy,
+        ErrorCode::QueueFull,
+        ErrorCode::InsufficientVram,
+        ErrorCode::Timeout,
+        ErrorCode::Cancelled,
+        ErrorCode::Incompatible,
+        ErrorCode::InvalidConfig,
+        ErrorCode::ShuttingDown,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::MalformedFrame,
+    ];
+    for (index, code) in codes.iter().enumerate() {
+        assert_eq!(encode_payload(code).unwrap(), (index as u32).to_le_bytes(), "{code}");
+    }
+}
