@@ -126,9 +126,15 @@ impl Client {
         let path = path.as_ref().to_path_buf();
         let stream = UnixStream::connect(&path)
             .await
-            .map_err(|source| ClientError::Connect { path: path.clone(), source })?;
+            .map_err(|source| ClientError::Connect {
+                path: path.clone(),
+                source,
+            })?;
         let mut connection = Framed::new(stream, FrameCodec::new(options.max_frame));
-        let hello = Hello { protocol: PROTOCOL_VERSION, client: options.name.clone() };
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            client: options.name.clone(),
+        };
         connection.send(ClientMessage::Hello(hello)).await?;
         let first = tokio::time::timeout(options.handshake_timeout, connection.next())
             .await
@@ -166,10 +172,18 @@ impl Client {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (updates, receiver) = mpsc::unbounded_channel();
         self.submit
-            .send(Submit { id, request, updates })
+            .send(Submit {
+                id,
+                request,
+                updates,
+            })
             .await
             .map_err(|_| ClientError::Closed { reason: None })?;
-        Ok(Call { id, updates: receiver, done: None })
+        Ok(Call {
+            id,
+            updates: receiver,
+            done: None,
+        })
     }
 
     /// Sends `request` and waits for its answer, ignoring events.
@@ -220,7 +234,8 @@ impl Call {
     /// Waits for the answer, discarding events not yet read.
     pub async fn response(mut self) -> Result<Response, ClientError> {
         while self.event().await.is_some() {}
-        self.done.unwrap_or(Err(ClientError::Closed { reason: None }))
+        self.done
+            .unwrap_or(Err(ClientError::Closed { reason: None }))
     }
 }
 

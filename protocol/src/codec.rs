@@ -12,7 +12,7 @@
 use std::io;
 use std::marker::PhantomData;
 
-use bincode::config::{Configuration, Fixint, LittleEndian, Limit};
+use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
 use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -70,7 +70,9 @@ impl FrameError {
             FrameError::Io(e) => FrameError::Io(io::Error::new(e.kind(), e.to_string())),
             FrameError::TooLarge { max } => FrameError::TooLarge { max: *max },
             FrameError::Malformed(m) => FrameError::Malformed(m.clone()),
-            FrameError::Truncated { buffered } => FrameError::Truncated { buffered: *buffered },
+            FrameError::Truncated { buffered } => FrameError::Truncated {
+                buffered: *buffered,
+            },
             FrameError::Encode(m) => FrameError::Encode(m.clone()),
         }
     }
@@ -112,7 +114,11 @@ impl<In, Out> FrameCodec<In, Out> {
             .big_endian()
             .max_frame_length(max)
             .new_codec();
-        FrameCodec { frames, max, types: PhantomData }
+        FrameCodec {
+            frames,
+            max,
+            types: PhantomData,
+        }
     }
 
     /// The maximum payload in force.
@@ -121,7 +127,10 @@ impl<In, Out> FrameCodec<In, Out> {
     }
 
     fn map_error(&self, error: io::Error) -> FrameError {
-        if error.get_ref().is_some_and(|e| e.is::<LengthDelimitedCodecError>()) {
+        if error
+            .get_ref()
+            .is_some_and(|e| e.is::<LengthDelimitedCodecError>())
+        {
             FrameError::TooLarge { max: self.max }
         } else {
             FrameError::Io(error)
@@ -151,7 +160,9 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
         match self.decode(src)? {
             Some(message) => Ok(Some(message)),
             None if src.is_empty() => Ok(None),
-            None => Err(FrameError::Truncated { buffered: src.len() }),
+            None => Err(FrameError::Truncated {
+                buffered: src.len(),
+            }),
         }
     }
 }

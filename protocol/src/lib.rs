@@ -28,11 +28,14 @@
 
 #![warn(missing_docs)]
 
+use std::fmt;
+
 mod client;
 mod codec;
 mod error;
 mod message;
 mod socket;
+pub mod units;
 mod version;
 
 pub use client::{Call, Client, ClientError, ClientOptions};
@@ -46,3 +49,12 @@ pub use socket::{
     client_default_socket, daemon_default_socket, user_socket, SOCKET_ENV, SYSTEM_SOCKET,
 };
 pub use version::{ProtocolVersion, PROTOCOL_VERSION};
+
+impl fmt::Display for KeepAlive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeepAlive::Millis(ms) => f.write_str(&units::format_duration_ms(*ms)),
+            KeepAlive::Forever => f.write_str("forever"),
+        }
+    }
+}

@@ -41,5 +41,7 @@ pub fn client_default_socket() -> PathBuf {
 }
 
 fn env_socket() -> Option<PathBuf> {
-    std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()).map(PathBuf::from)
+    std::env::var_os(SOCKET_ENV)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
 }

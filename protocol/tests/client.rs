@@ -52,25 +52,42 @@ async fn calls_in_flight_are_matched_by_id_and_events_are_streamed() {
         let (first, _) = next_request(&mut conn).await;
         let (second, _) = next_request(&mut conn).await;
         // Answer out of order, with events for the first.
-        conn.send(DaemonMessage::Response { id: second, response: Response::Ping(PingResponse {}) })
-            .await
-            .unwrap();
+        conn.send(DaemonMessage::Response {
+            id: second,
+            response: Response::Ping(PingResponse {}),
+        })
+        .await
+        .unwrap();
         for done in 1..=2 {
-            let event = Event::Progress(ProgressEvent { done, total: 2, message: String::new() });
-            conn.send(DaemonMessage::Event { id: first, event }).await.unwrap();
+            let event = Event::Progress(ProgressEvent {
+                done,
+                total: 2,
+                message: String::new(),
+            });
+            conn.send(DaemonMessage::Event { id: first, event })
+                .await
+                .unwrap();
         }
         let error = Error::new(ErrorCode::NotFound, "no such model");
-        conn.send(DaemonMessage::Error { id: first, error }).await.unwrap();
+        conn.send(DaemonMessage::Error { id: first, error })
+            .await
+            .unwrap();
         let _ = conn.next().await;
     })
     .await;
 
     let client = Client::connect(&path).await.unwrap();
     assert_eq!(client.welcome().daemon_version, "test");
-    let mut first = client.start(Request::Status(StatusRequest {})).await.unwrap();
+    let mut first = client
+        .start(Request::Status(StatusRequest {}))
+        .await
+        .unwrap();
     let second = client.start(Request::Ping(PingRequest {})).await.unwrap();
     assert_ne!(first.id(), second.id());
-    assert_eq!(second.response().await.unwrap(), Response::Ping(PingResponse {}));
+    assert_eq!(
+        second.response().await.unwrap(),
+        Response::Ping(PingResponse {})
+    );
     let mut progress = vec![];
     while let Some(Event::Progress(p)) = first.event().await {
         progress.push(p.done);
@@ -86,7 +103,10 @@ async fn calls_in_flight_are_matched_by_id_and_events_are_streamed() {
 async fn an_incompatible_daemon_is_reported_at_connect() {
     let (_dir, path) = fake_daemon(|mut conn| async move {
         expect_hello(&mut conn).await;
-        let error = Error::new(ErrorCode::Incompatible, "client speaks 1.0, daemon speaks 2.0");
+        let error = Error::new(
+            ErrorCode::Incompatible,
+            "client speaks 1.0, daemon speaks 2.0",
+        );
         conn.send(DaemonMessage::Closing(error)).await.unwrap();
     })
     .await;
@@ -109,7 +129,9 @@ async fn pending_calls_fail_with_the_closing_reason() {
     .await;
     let client = Client::connect(&path).await.unwrap();
     match client.call(Request::Status(StatusRequest {})).await {
-        Err(ClientError::Closed { reason: Some(error) }) => assert_eq!(error.code, ErrorCode::ShuttingDown),
+        Err(ClientError::Closed {
+            reason: Some(error),
+        }) => assert_eq!(error.code, ErrorCode::ShuttingDown),
         other => panic!("expected Closed(ShuttingDown), got {other:?}"),
     }
 }

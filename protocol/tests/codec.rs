@@ -5,7 +5,10 @@ use tokio_util::codec::{Decoder, Encoder};
 type DaemonSide = FrameCodec<ClientMessage, DaemonMessage>;
 
 fn ping(id: u64) -> ClientMessage {
-    ClientMessage::Request { id, request: Request::Ping(PingRequest {}) }
+    ClientMessage::Request {
+        id,
+        request: Request::Ping(PingRequest {}),
+    }
 }
 
 fn encoded(messages: &[ClientMessage]) -> BytesMut {
@@ -47,16 +50,29 @@ fn an_oversized_prefix_is_refused_before_allocating() {
     let mut codec = DaemonSide::new(1024);
     let mut buffer = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3][..]);
     let error = codec.decode(&mut buffer).unwrap_err();
-    assert!(matches!(error, FrameError::TooLarge { max: 1024 }), "{error}");
-    assert!(buffer.capacity() < 1 << 20, "buffer grew to {}", buffer.capacity());
+    assert!(
+        matches!(error, FrameError::TooLarge { max: 1024 }),
+        "{error}"
+    );
+    assert!(
+        buffer.capacity() < 1 << 20,
+        "buffer grew to {}",
+        buffer.capacity()
+    );
 }
 
 #[test]
 fn an_oversized_outgoing_frame_is_refused() {
     let mut codec = FrameCodec::<DaemonMessage, ClientMessage>::new(32);
-    let big = ClientMessage::Hello(Hello { protocol: PROTOCOL_VERSION, client: "x".repeat(64) });
+    let big = ClientMessage::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        client: "x".repeat(64),
+    });
     let mut buffer = BytesMut::new();
-    assert!(matches!(codec.encode(big, &mut buffer), Err(FrameError::TooLarge { max: 32 })));
+    assert!(matches!(
+        codec.encode(big, &mut buffer),
+        Err(FrameError::TooLarge { max: 32 })
+    ));
     assert!(buffer.is_empty());
 }
 
@@ -77,7 +93,10 @@ fn a_forged_inner_length_is_an_error_not_an_allocation() {
 #[test]
 fn unknown_variants_and_trailing_bytes_are_malformed() {
     let unknown = 99u32.to_le_bytes();
-    assert!(matches!(decode_payload::<ClientMessage>(&unknown), Err(FrameError::Malformed(_))));
+    assert!(matches!(
+        decode_payload::<ClientMessage>(&unknown),
+        Err(FrameError::Malformed(_))
+    ));
     let mut trailing = encode_payload(&ping(1)).unwrap();
     trailing.push(0);
     let error = decode_payload::<ClientMessage>(&trailing).unwrap_err();

@@ -33,9 +33,15 @@ fn response(id: u64, response: Response) -> DaemonMessage {
 
 #[test]
 fn hello_and_welcome() {
-    let hello = ClientMessage::Hello(Hello { protocol: PROTOCOL_VERSION, client: "ab".into() });
+    let hello = ClientMessage::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        client: "ab".into(),
+    });
     // len=16 | variant 0 (Hello) | major 1 | minor 0 | string len 2 | "ab"
-    assert_eq!(frame(&hello), "00000012".to_owned() + "00000000" + "0100" + "0000" + "0200000000000000" + "6162");
+    assert_eq!(
+        frame(&hello),
+        "00000012".to_owned() + "00000000" + "0100" + "0000" + "0200000000000000" + "6162"
+    );
     let welcome = DaemonMessage::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,
         daemon_version: "0.1.0".into(),
@@ -59,10 +65,22 @@ fn hello_and_welcome() {
 #[test]
 fn requests() {
     let cases = [
-        (request(7, Request::Ping(PingRequest {})), "00000010 01000000 0700000000000000 00000000"),
-        (request(7, Request::Status(StatusRequest {})), "00000010 01000000 0700000000000000 01000000"),
-        (request(7, Request::Models(ModelsRequest {})), "00000010 01000000 0700000000000000 02000000"),
-        (request(7, Request::Reload(ReloadRequest {})), "00000010 01000000 0700000000000000 03000000"),
+        (
+            request(7, Request::Ping(PingRequest {})),
+            "00000010 01000000 0700000000000000 00000000",
+        ),
+        (
+            request(7, Request::Status(StatusRequest {})),
+            "00000010 01000000 0700000000000000 01000000",
+        ),
+        (
+            request(7, Request::Models(ModelsRequest {})),
+            "00000010 01000000 0700000000000000 02000000",
+        ),
+        (
+            request(7, Request::Reload(ReloadRequest {})),
+            "00000010 01000000 0700000000000000 03000000",
+        ),
     ];
     for (message, expected) in cases {
         assert_eq!(frame(&message), expected.replace(' ', ""), "{message:?}");
@@ -73,11 +91,18 @@ fn requests() {
 #[test]
 fn responses_errors_events() {
     let ping = response(7, Response::Ping(PingResponse {}));
-    assert_eq!(frame(&ping), "00000010 01000000 0700000000000000 00000000".replace(' ', ""));
+    assert_eq!(
+        frame(&ping),
+        "00000010 01000000 0700000000000000 00000000".replace(' ', "")
+    );
 
     let reload = response(
         9,
-        Response::Reload(ReloadResponse { generation: 2, changed: true, models: 3 }),
+        Response::Reload(ReloadResponse {
+            generation: 2,
+            changed: true,
+            models: 3,
+        }),
     );
     assert_eq!(
         frame(&reload),
@@ -95,7 +120,11 @@ fn responses_errors_events() {
 
     let event = DaemonMessage::Event {
         id: 9,
-        event: Event::Progress(ProgressEvent { done: 1, total: 4, message: String::new() }),
+        event: Event::Progress(ProgressEvent {
+            done: 1,
+            total: 4,
+            message: String::new(),
+        }),
     };
     assert_eq!(
         frame(&event),
@@ -104,7 +133,10 @@ fn responses_errors_events() {
     );
 
     let closing = DaemonMessage::Closing(Error::new(ErrorCode::Incompatible, ""));
-    assert_eq!(frame(&closing), "00000010 04000000 09000000 0000000000000000".replace(' ', ""));
+    assert_eq!(
+        frame(&closing),
+        "00000010 04000000 09000000 0000000000000000".replace(' ', "")
+    );
 
     for message in [ping, reload, error, event, closing] {
         roundtrip(&message);
@@ -150,7 +182,11 @@ fn status_and_models_roundtrip() {
                 tile: Some(512),
                 overlap: Some(32),
                 concurrency: 1,
-                defaults: GenerateDefaults { size: Some((896, 1152)), steps: Some(40), guidance: Some(8.0) },
+                defaults: GenerateDefaults {
+                    size: Some((896, 1152)),
+                    steps: Some(40),
+                    guidance: Some(8.0),
+                },
             }],
         }),
     );
@@ -177,6 +213,10 @@ fn error_codes_are_stable() {
         ErrorCode::MalformedFrame,
     ];
     for (index, code) in codes.iter().enumerate() {
-        assert_eq!(encode_payload(code).unwrap(), (index as u32).to_le_bytes(), "{code}");
+        assert_eq!(
+            encode_payload(code).unwrap(),
+            (index as u32).to_le_bytes(),
+            "{code}"
+        );
     }
 }

@@ -1,0 +1,401 @@
+//! The configuration file: its shape, its defaults, and its validation.
+//!
+//! `etc/gpuctld.toml` is the documented example and is embedded as the
+//! default; a unit test keeps it equal to `Config::default()`.
+
+mod error;
+mod values;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use gpuctl_protocol::{GenerateDefaults, KeepAlive, ModelInfo, ModelKind};
+use serde::Deserialize;
+
+pub use error::ConfigError;
+pub use values::{Bytes, Device, Duration, KeepAliveSetting, LogLevel, Mode, Size};
+
+/// The embedded default configuration, also the documented example.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../etc/gpuctld.toml");
+
+/// Where `gpuctld` looks for its config when `--config` is not given.
+pub const SYSTEM_CONFIG: &str = "/etc/gpuctl/gpuctld.toml";
+
+/// The environment variable that names the config file.
+pub const CONFIG_ENV: &str = "GPUCTL_CONFIG";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Relative model paths are resolved against this directory.
+    pub model_root: PathBuf,
+    /// The daemon process and its socket.
+    pub daemon: DaemonConfig,
+    /// Defaults for models.
+    pub policy: PolicyConfig,
+    /// The configured models, by name.
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Empty: `--socket`, then `$GPUCTL_SOCKET`, then the built-in default.
+    pub socket: String,
+    /// Permission bits of the socket file.
+    pub socket_mode: Mode,
+    /// Group of the socket file; empty leaves the daemon's group.
+    pub socket_group: String,
+    /// Members of this group may make administrative requests.
+    pub admin_group: String,
+    /// Log filter when `RUST_LOG` is unset.
+    pub log_level: LogLevel,
+    /// Client connections served at once.
+    pub max_connections: u32,
+    /// Largest frame accepted or sent.
+    pub max_frame: Bytes,
+    /// A connection must say Hello within this.
+    pub handshake_timeout: Duration,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    pub shutdown_grace: Duration,
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// How long an idle model stays loaded unless it sets its own.
+    pub keep_alive: KeepAliveSetting,
+}
+
+/// `[models.NAME]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The TorchScript file, absolute or relative to `model_root`.
+    pub path: PathBuf,
+    /// `image`, `generate` or `tensor`.
+    pub kind: Kind,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[serde(default)]
+    pub device: Device,
+    /// Overrides `policy.keep_alive`.
+    #[serde(default)]
+    pub keep_alive: Option<KeepAliveSetting>,
+    /// Load at start-up instead of on first use.
+    #[serde(default)]
+    pub preload: bool,
+    /// Never evicted by the LRU cap or the idle timer.
+    #[serde(default)]
+    pub pin: bool,
+    /// At most one model of a group is resident at a time.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Output size / input size (`image`).
+    #[serde(default)]
+    pub scale: Option<u32>,
+    /// Tile edge in pixels (`image`).
+    #[serde(default)]
+    pub tile: Option<u32>,
+    /// Tile overlap in pixels (`image`).
+    #[serde(default)]
+    pub overlap: Option<u32>,
+    /// Requests run at once on this model.
+    #[serde(default = "one")]
+    pub concurrency: u32,
+    /// Request defaults (`generate`).
+    #[serde(default)]
+    pub defaults: ModelDefaults,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A model's kind, as written in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// See [`ModelKind::Image`].
+    Image,
+    /// See [`ModelKind::Generate`].
+    Generate,
+    /// See [`ModelKind::Tensor`].
+    Tensor,
+}
+
+impl From<Kind> for ModelKind {
+    fn from(kind: Kind) -> Self {
+        match kind {
+            Kind::Image => ModelKind::Image,
+            Kind::Generate => ModelKind::Generate,
+            Kind::Tensor => ModelKind::Tensor,
+        }
+    }
+}
+
+/// `defaults = { size = "896x1152", steps = 40, guidance = 8.0 }`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDefaults {
+    /// Output size, `WIDTHxHEIGHT`.
+    pub size: Option<Size>,
+    /// Sampling steps.
+    pub steps: Option<u32>,
+    /// Guidance scale.
+    pub guidance: Option<f32>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            model_root: PathBuf::from("/var/lib/gpuctl/models"),
+            daemon: DaemonConfig::default(),
+            policy: PolicyConfig::default(),
+            models: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: String::new(),
+            socket_mode: Mode(0o660),
+            socket_group: String::new(),
+            admin_group: String::new(),
+            log_level: LogLevel("info".to_owned()),
+            max_connections: 256,
+            max_frame: Bytes(gpuctl_protocol::DEFAULT_MAX_FRAME as u64),
+            handshake_timeout: Duration(std::time::Duration::from_secs(5)),
+            shutdown_grace: Duration(std::time::Duration::from_secs(10)),
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            keep_alive: KeepAliveSetting(KeepAlive::Millis(5 * 60 * 1000)),
+        }
+    }
+}
+
+/// Where a configuration came from, for error messages and `Status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// A file on disk, re-read on reload.
+    File(PathBuf),
+    /// [`DEFAULT_CONFIG`].
+    Embedded,
+}
+
+impl ConfigSource {
+    /// `--config`, else `$GPUCTL_CONFIG`, else [`SYSTEM_CONFIG`] if it exists,
+    /// else the embedded default.
+    pub fn choose(flag: Option<PathBuf>) -> ConfigSource {
+        let from_env = std::env::var_os(CONFIG_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        match flag.or(from_env) {
+            Some(path) => ConfigSource::File(path),
+            None if Path::new(SYSTEM_CONFIG).exists() => ConfigSource::File(SYSTEM_CONFIG.into()),
+            None => ConfigSource::Embedded,
+        }
+    }
+
+    /// The file's path, if there is one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ConfigSource::File(path) => Some(path),
+            ConfigSource::Embedded => None,
+        }
+    }
+
+    /// How error messages name this source.
+    pub fn describe(&self) -> String {
+        match self {
+            ConfigSource::File(path) => path.display().to_string(),
+            ConfigSource::Embedded => "<embedded default config>".to_owned(),
+        }
+    }
+
+    /// Reads and validates the configuration.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        match self {
+            ConfigSource::File(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::unreadable(self.describe(), e))?;
+                Config::parse(&text, &self.describe())
+            }
+            ConfigSource::Embedded => Config::parse(DEFAULT_CONFIG, &self.describe()),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates `text`; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let deserializer =
+            toml::Deserializer::parse(text).map_err(|e| ConfigError::syntax(origin, text, &e))?;
+        let config: Config = serde_path_to_error::deserialize(deserializer)
+            .map_err(|e| ConfigError::field(origin, text, e))?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: String| Err(ConfigError::invalid(origin, key, problem));
+        let daemon = &self.daemon;
+        if daemon.max_connections == 0 {
+            return invalid("daemon.max_connections", "must be at least 1".into());
+        }
+        let max_frame = daemon.max_frame.0;
+        let ceiling = gpuctl_protocol::MAX_FRAME_CEILING as u64;
+        if !(4096..=ceiling).contains(&max_frame) {
+            return invalid(
+                "daemon.max_frame",
+                format!(
+                    "must be between 4KiB and {}",
+                    gpuctl_protocol::units::format_bytes(ceiling)
+                ),
+            );
+        }
+        if daemon.handshake_timeout.0.is_zero() {
+            return invalid("daemon.handshake_timeout", "must be longer than 0s".into());
+        }
+        for (key, group) in [
+            ("daemon.socket_group", &daemon.socket_group),
+            ("daemon.admin_group", &daemon.admin_group),
+        ] {
+            if !group.is_empty() && lookup_group(group).is_none() {
+                return invalid(
+                    key,
+                    format!("there is no group named {group:?} on this system"),
+                );
+            }
+        }
+        for (name, model) in &self.models {
+            model.validate(name).map_err(|(key, problem)| {
+                ConfigError::invalid(origin, &format!("models.{name}.{key}"), problem)
+            })?;
+            if !valid_model_name(name) {
+                return invalid(
+                    &format!("models.{name}"),
+                    "a model name may use only letters, digits, '.', '_' and '-', and must not start with '.'".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A model's file, resolved against `model_root`.
+    pub fn model_path(&self, model: &ModelConfig) -> PathBuf {
+        self.model_root.join(&model.path)
+    }
+
+    /// The effective settings of every model, sorted by name.
+    pub fn model_infos(&self) -> Vec<ModelInfo> {
+        self.models
+            .iter()
+            .map(|(name, model)| ModelInfo {
+                name: name.clone(),
+                kind: model.kind.into(),
+                path: self.model_path(model).display().to_string(),
+                device: model.device.to_string(),
+                keep_alive: model
+                    .keep_alive
+                    .as_ref()
+                    .unwrap_or(&self.policy.keep_alive)
+                    .0,
+                preload: model.preload,
+                pin: model.pin,
+                group: model.group.clone(),
+                scale: model.scale,
+                tile: model.tile,
+                overlap: model.overlap,
+                concurrency: model.concurrency,
+                defaults: GenerateDefaults {
+                    size: model.defaults.size.map(|s| (s.width, s.height)),
+                    steps: model.defaults.steps,
+                    guidance: model.defaults.guidance,
+                },
+            })
+            .collect()
+    }
+}
+
+impl ModelConfig {
+    /// Checks one model; the error names the key below `models.NAME`.
+    fn validate(&self, _name: &str) -> Result<(), (&'static str, String)> {
+        if self.path.as_os_str().is_empty() {
+            return Err(("path", "must name a TorchScript file".into()));
+        }
+        if self.concurrency == 0 {
+            return Err(("concurrency", "must be at least 1".into()));
+        }
+        if matches!(&self.group, Some(group) if group.trim().is_empty()) {
+            return Err((
+                "group",
+                "must not be empty; leave it out for no group".into(),
+            ));
+        }
+        if self.kind != Kind::Image {
+            for (key, set) in [
+                ("scale", self.scale.is_some()),
+                ("tile", self.tile.is_some()),
+                ("overlap", self.overlap.is_some()),
+            ] {
+                if set {
+                    return Err((key, "applies only to models of kind \"image\"".into()));
+                }
+            }
+        }
+        if self.kind != Kind::Generate && self.defaults != ModelDefaults::default() {
+            return Err((
+                "defaults",
+                "applies only to models of kind \"generate\"".into(),
+            ));
+        }
+        if self.scale == Some(0) {
+            return Err(("scale", "must be at least 1".into()));
+        }
+        if let Some(tile) = self.tile {
+            if tile < 16 {
+                return Err(("tile", "must be at least 16 pixels".into()));
+            }
+            let overlap = self.overlap.unwrap_or(0);
+            if overlap.saturating_mul(2) >= tile {
+                return Err(("overlap", format!("{overlap} is too large for tile {tile}: twice the overlap must be less than the tile")));
+            }
+        }
+        if self.defaults.steps == Some(0) {
+            return Err(("defaults.steps", "must be at least 1".into()));
+        }
+        if matches!(self.defaults.guidance, Some(g) if !g.is_finite() || g < 0.0) {
+            return Err(("defaults.guidance", "must be a finite number ≥ 0".into()));
+        }
+        Ok(())
+    }
+}
+
+fn valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// The gid of the group named `name`, through NSS.
+pub fn lookup_group(name: &str) -> Option<u32> {
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+}
+
+#[cfg(test)]
+mod tests;

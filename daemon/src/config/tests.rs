@@ -1,0 +1,173 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "test.toml")
+}
+
+#[test]
+fn the_embedded_example_states_the_defaults() {
+    assert_eq!(parse(DEFAULT_CONFIG).unwrap(), Config::default());
+    assert_eq!(parse("").unwrap(), Config::default());
+}
+
+/// The commented model examples in etc/gpuctld.toml must stay valid.
+#[test]
+fn the_commented_model_examples_parse() {
+    let start = DEFAULT_CONFIG.find("# [models.remacri-x4]").unwrap();
+    let examples: String = DEFAULT_CONFIG[start..]
+        .lines()
+        .map(|line| {
+            line.strip_prefix("# ")
+                .or(line.strip_prefix('#'))
+                .unwrap_or(line)
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = parse(&examples).unwrap();
+    let models = config.model_infos();
+    assert_eq!(models.len(), 2);
+    assert_eq!(models[0].name, "portrait");
+    assert_eq!(models[0].defaults.size, Some((896, 1152)));
+    assert_eq!(
+        models[0].keep_alive,
+        KeepAlive::Millis(300_000),
+        "inherits policy.keep_alive"
+    );
+    assert_eq!(
+        models[1].path,
+        "/var/lib/gpuctl/models/upscale/remacri-x4.pt"
+    );
+    assert_eq!(models[1].keep_alive, KeepAlive::Millis(30 * 60_000));
+}
+
+#[test]
+fn unknown_keys_name_file_and_key() {
+    let error = parse("[daemon]\nsocket_mode = \"0600\"\nbogus = 1\n").unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("daemon.bogus"), "{error}");
+    assert_eq!(error.location, Some((3, 1)));
+    let text = error.to_string();
+    assert!(
+        text.starts_with("test.toml:3:1: key `daemon.bogus`: unknown field"),
+        "{text}"
+    );
+
+    let error = parse("typo = 1\n").unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("typo"), "{error}");
+
+    let error = parse("[models.a]\npath = \"a.pt\"\nkind = \"image\"\ntiles = 3\n").unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("models.a.tiles"), "{error}");
+}
+
+#[test]
+fn bad_values_name_key_and_problem() {
+    let cases = [
+        (
+            "[policy]\nkeep_alive = \"5x\"",
+            "policy.keep_alive",
+            "invalid duration",
+        ),
+        (
+            "[daemon]\nsocket_mode = \"999\"",
+            "daemon.socket_mode",
+            "invalid mode",
+        ),
+        (
+            "[daemon]\nmax_frame = \"1GiB\"",
+            "daemon.max_frame",
+            "between 4KiB and 64.0 MiB",
+        ),
+        (
+            "[daemon]\nmax_connections = 0",
+            "daemon.max_connections",
+            "at least 1",
+        ),
+        (
+            "[daemon]\nlog_level = \"loud\"",
+            "daemon.log_level",
+            "invalid log filter",
+        ),
+        (
+            "[daemon]\nadmin_group = \"no-such-group-xyz\"",
+            "daemon.admin_group",
+            "no group named",
+        ),
+        (
+            "[models.a]\nkind = \"image\"",
+            "models.a",
+            "missing field `path`",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"video\"",
+            "models.a.kind",
+            "unknown variant `video`",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"image\"\ndevice = \"gpu0\"",
+            "models.a.device",
+            "invalid device",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"image\"\ntile = 64\noverlap = 32",
+            "models.a.overlap",
+            "too large for tile 64",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"tensor\"\nscale = 2",
+            "models.a.scale",
+            "only to models of kind \"image\"",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"generate\"\ndefaults = { size = \"big\" }",
+            "models.a.defaults.size",
+            "invalid size",
+        ),
+        (
+            "[models.\"a/b\"]\npath = \"a.pt\"\nkind = \"tensor\"",
+            "models.a/b",
+            "model name may use only",
+        ),
+    ];
+    for (text, key, problem) in cases {
+        let error = parse(text).unwrap_err();
+        assert_eq!(error.key.as_deref(), Some(key), "{text}: {error}");
+        assert!(error.problem.contains(problem), "{text}: {error}");
+        assert!(error.to_string().starts_with("test.toml"), "{error}");
+    }
+}
+
+#[test]
+fn syntax_errors_have_a_location() {
+    let error = parse("[daemon\n").unwrap_err();
+    assert_eq!(error.location.map(|l| l.0), Some(1), "{error}");
+    assert!(error.problem.starts_with("invalid TOML"), "{error}");
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let source = ConfigSource::File("/nonexistent/gpuctld.toml".into());
+    let error = source.load().unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("/nonexistent/gpuctld.toml: cannot read the file"),
+        "{error}"
+    );
+}
+
+#[test]
+fn values_parse() {
+    let config = parse(
+        "[daemon]\nsocket_mode = \"0600\"\nmax_frame = \"1MiB\"\n[policy]\nkeep_alive = \"forever\"\n\
+         [models.m]\npath = \"/abs/m.pt\"\nkind = \"image\"\ndevice = \"cuda:1\"\nkeep_alive = \"0s\"",
+    )
+    .unwrap();
+    assert_eq!(config.daemon.socket_mode, Mode(0o600));
+    assert_eq!(config.daemon.max_frame, Bytes(1 << 20));
+    let models = config.model_infos();
+    assert_eq!(models[0].device, "cuda:1");
+    assert_eq!(
+        models[0].path, "/abs/m.pt",
+        "absolute paths ignore model_root"
+    );
+    assert_eq!(models[0].keep_alive, KeepAlive::Millis(0));
+}

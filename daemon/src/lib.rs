@@ -1,0 +1,3 @@
+//! gpuctld: the daemon that arbitrates a shared GPU.
+
+pub mod config;
