@@ -1,3 +1,16 @@
 //! gpuctld: the daemon that arbitrates a shared GPU.
+//!
+//! `main` parses flags, finds the listener and calls [`server::run`]; tests
+//! may call the same function.
 
+pub mod access;
 pub mod config;
+mod connection;
+mod context;
+mod handlers;
+pub mod listener;
+pub mod logging;
+pub mod notify;
+mod registry;
+pub mod server;
+pub mod signals;

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 //! The client against a scripted fake daemon.
 
 use futures_util::{SinkExt, StreamExt};

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 use bytes::{BufMut, BytesMut};
 use gpuctl_protocol::*;
 use tokio_util::codec::{Decoder, Encoder};

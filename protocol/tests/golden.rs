@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 //! Pins the byte encoding of every message: a change here breaks every
 //! client written from protocol/README.md, so it must be deliberate.
 

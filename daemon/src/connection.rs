@@ -1,0 +1,263 @@
+//! One client connection: handshake, then requests served concurrently,
+//! each answered under its id. A bad frame closes this connection only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use gpuctl_protocol::{
+    ClientMessage, DaemonMessage, Error, ErrorCode, FrameCodec, FrameError, Hello, RequestId,
+    Response, Welcome, PROTOCOL_VERSION,
+};
+use tokio::net::UnixStream;
+use tokio::task::JoinSet;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::access::Peer;
+use crate::context::Context;
+use crate::handlers;
+
+type Connection = Framed<UnixStream, FrameCodec<ClientMessage, DaemonMessage>>;
+
+/// How long a goodbye frame may take to write before we just hang up.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The peer's credentials; a socket that reports none is treated as a
+/// stranger with no privileges.
+pub fn peer_of(stream: &UnixStream) -> Peer {
+    match stream.peer_cred() {
+        Ok(cred) => Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        },
+        Err(error) => {
+            tracing::warn!(%error, "cannot read peer credentials");
+            Peer {
+                uid: u32::MAX,
+                gid: u32::MAX,
+                pid: None,
+            }
+        }
+    }
+}
+
+/// Serves one connection until the client leaves, misbehaves, or the
+/// daemon shuts down (then requests in flight finish first).
+pub async fn serve(stream: UnixStream, ctx: Arc<Context>, shutdown: CancellationToken) {
+    let peer = peer_of(&stream);
+    let span = tracing::info_span!("connection", uid = peer.uid, pid = peer.pid.unwrap_or(0));
+    async move {
+        let _counted = ctx.connections.open();
+        let config = ctx.registry.config();
+        let max_frame = config.daemon.max_frame.0 as usize;
+        let mut connection = Framed::new(stream, FrameCodec::new(max_frame));
+        let hello = tokio::select! {
+            _ = shutdown.cancelled() => Err(shutting_down()),
+            hello = handshake(&mut connection, config.daemon.handshake_timeout.0) => hello,
+        };
+        match hello {
+            Ok(Some(hello)) => {
+                tracing::debug!(client = %hello.client, version = %hello.protocol, "client connected");
+                serve_requests(&mut connection, peer, &ctx, &shutdown).await;
+            }
+            Ok(None) => {}
+            Err(reason) => say_goodbye(&mut connection, reason).await,
+        }
+        tracing::debug!("connection closed");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Turns away a connection over the limit, telling it why.
+pub async fn refuse(stream: UnixStream, max_frame: usize, reason: Error) {
+    let mut connection: Connection = Framed::new(stream, FrameCodec::new(max_frame));
+    say_goodbye(&mut connection, reason).await;
+}
+
+/// Waits for Hello and answers it. `Ok(None)`: the client left quietly.
+async fn handshake(connection: &mut Connection, limit: Duration) -> Result<Option<Hello>, Error> {
+    let first = tokio::time::timeout(limit, connection.next())
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorCode::Timeout,
+                format!("no Hello within {limit:?}; closing the connection"),
+            )
+        })?;
+    let hello = match first {
+        None => return Ok(None),
+        Some(Err(error)) => return Err(frame_error(&error).unwrap_or_else(|| closed_error(&error))),
+        Some(Ok(ClientMessage::Hello(hello))) => hello,
+        Some(Ok(ClientMessage::Request { .. })) => {
+            return Err(Error::new(
+                ErrorCode::InvalidRequest,
+                "the first frame must be Hello",
+            ));
+        }
+    };
+    if !PROTOCOL_VERSION.is_compatible_with(hello.protocol) {
+        tracing::info!(client = %hello.client, version = %hello.protocol, "incompatible client");
+        return Err(Error::new(
+            ErrorCode::Incompatible,
+            format!(
+                "client {:?} speaks protocol {}, gpuctld {} speaks {}; use a gpuctl of the same major version",
+                hello.client,
+                hello.protocol,
+                env!("CARGO_PKG_VERSION"),
+                PROTOCOL_VERSION
+            ),
+        ));
+    }
+    let welcome = Welcome {
+        protocol: PROTOCOL_VERSION,
+        daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+        capabilities: handlers::CAPABILITIES
+            .iter()
+            .map(|c| (*c).to_owned())
+            .collect(),
+    };
+    connection
+        .send(DaemonMessage::Welcome(welcome))
+        .await
+        .map_err(|e| closed_error(&e))?;
+    Ok(Some(hello))
+}
+
+async fn serve_requests(
+    connection: &mut Connection,
+    peer: Peer,
+    ctx: &Arc<Context>,
+    shutdown: &CancellationToken,
+) {
+    let mut running: JoinSet<(RequestId, Result<Response, Error>)> = JoinSet::new();
+    let mut ids: HashMap<tokio::task::Id, RequestId> = HashMap::new();
+    let mut draining = false;
+    loop {
+        if draining && running.is_empty() {
+            say_goodbye(connection, shutting_down()).await;
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled(), if !draining => draining = true,
+            frame = connection.next(), if !draining => match frame {
+                Some(Ok(ClientMessage::Request { id, request })) => {
+                    if ids.values().any(|running_id| *running_id == id) {
+                        let error = Error::new(ErrorCode::InvalidRequest, format!("request id {id} is already in flight on this connection"));
+                        if connection.send(DaemonMessage::Error { id, error }).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let ctx = ctx.clone();
+                    let span = tracing::debug_span!("request", id, op = request.operation());
+                    let task = running.spawn(async move {
+                        let started = Instant::now();
+                        let result = handlers::handle(request, peer, &ctx).await;
+                        match &result {
+                            Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "done"),
+                            Err(error) => tracing::info!(code = %error.code, error = %error.message, "request failed"),
+                        }
+                        (id, result)
+                    }.instrument(span));
+                    ids.insert(task.id(), id);
+                }
+                Some(Ok(ClientMessage::Hello(_))) => {
+                    say_goodbye(connection, Error::new(ErrorCode::InvalidRequest, "Hello may only be sent once, as the first frame")).await;
+                    return;
+                }
+                Some(Err(error)) => {
+                    tracing::info!(%error, "bad frame from client; closing its connection");
+                    if let Some(reason) = frame_error(&error) {
+                        say_goodbye(connection, reason).await;
+                    }
+                    return;
+                }
+                None => return,
+            },
+            Some(joined) = running.join_next_with_id() => {
+                let message = match joined {
+                    Ok((task, (id, result))) => {
+                        ids.remove(&task);
+                        match result {
+                            Ok(response) => DaemonMessage::Response { id, response },
+                            Err(error) => DaemonMessage::Error { id, error },
+                        }
+                    }
+                    Err(failure) => {
+                        tracing::error!(error = %failure, "request handler failed");
+                        let Some(id) = ids.remove(&failure.id()) else { continue };
+                        let error = Error::new(ErrorCode::Internal, "gpuctld failed while handling this request; its log says why");
+                        DaemonMessage::Error { id, error }
+                    }
+                };
+                if !send_answer(connection, message).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends a final answer; an answer too large for a frame becomes an error
+/// for that request alone. `false`: the connection is gone.
+async fn send_answer(connection: &mut Connection, message: DaemonMessage) -> bool {
+    let id = match &message {
+        DaemonMessage::Response { id, .. } | DaemonMessage::Error { id, .. } => Some(*id),
+        _ => None,
+    };
+    match connection.send(message).await {
+        Ok(()) => true,
+        Err(FrameError::TooLarge { max }) => {
+            let Some(id) = id else { return true };
+            let error = Error::new(
+                ErrorCode::Internal,
+                format!("the answer exceeds the frame limit of {max} bytes"),
+            );
+            connection
+                .send(DaemonMessage::Error { id, error })
+                .await
+                .is_ok()
+        }
+        Err(error) => {
+            tracing::debug!(%error, "cannot write to client");
+            false
+        }
+    }
+}
+
+/// Sends `Closing(reason)` if the client still listens, then returns so the
+/// caller drops the socket.
+async fn say_goodbye(connection: &mut Connection, reason: Error) {
+    tracing::debug!(code = %reason.code, reason = %reason.message, "closing connection");
+    let _ = tokio::time::timeout(
+        GOODBYE_TIMEOUT,
+        connection.send(DaemonMessage::Closing(reason)),
+    )
+    .await;
+}
+
+/// The error to send for a bad incoming frame; `None` when the socket itself failed.
+fn frame_error(error: &FrameError) -> Option<Error> {
+    match error {
+        FrameError::TooLarge { .. } => {
+            Some(Error::new(ErrorCode::FrameTooLarge, error.to_string()))
+        }
+        FrameError::Malformed(_) | FrameError::Truncated { .. } => {
+            Some(Error::new(ErrorCode::MalformedFrame, error.to_string()))
+        }
+        FrameError::Io(_) | FrameError::Encode(_) => None,
+    }
+}
+
+fn closed_error(error: &FrameError) -> Error {
+    Error::new(ErrorCode::Internal, error.to_string())
+}
+
+fn shutting_down() -> Error {
+    Error::new(ErrorCode::ShuttingDown, "gpuctld is shutting down")
+}

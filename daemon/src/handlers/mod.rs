@@ -1,0 +1,25 @@
+//! One file per request; [`handle`] dispatches with one exhaustive match.
+
+mod models;
+mod ping;
+mod reload;
+mod status;
+
+use gpuctl_protocol::{Error, Request, Response};
+
+use crate::access::{self, Peer};
+use crate::context::Context;
+
+/// The operations this daemon serves, as advertised in `Welcome`.
+pub const CAPABILITIES: [&str; 4] = ["ping", "status", "models", "reload"];
+
+/// Runs one request for `peer`.
+pub async fn handle(request: Request, peer: Peer, ctx: &Context) -> Result<Response, Error> {
+    access::authorize(&request, &peer, &ctx.registry.config())?;
+    match request {
+        Request::Ping(request) => Ok(Response::Ping(ping::handle(request))),
+        Request::Status(request) => status::handle(request, ctx).await.map(Response::Status),
+        Request::Models(request) => Ok(Response::Models(models::handle(request, ctx))),
+        Request::Reload(request) => reload::handle(request, ctx).await.map(Response::Reload),
+    }
+}
