@@ -1,0 +1,7 @@
+//! One file per subcommand, named like the protocol's requests.
+
+pub mod completions;
+pub mod models;
+pub mod ping;
+pub mod reload;
+pub mod status;

@@ -1,0 +1,103 @@
+use gpuctl_protocol::units::format_duration_ms;
+use gpuctl_protocol::{
+    Client, ClientError, ReloadTrigger, Request, Response, StatusRequest, StatusResponse,
+};
+
+use crate::table::Table;
+use crate::{unexpected, Output};
+
+pub async fn run(client: &Client, output: Output) -> Result<(), ClientError> {
+    let status = match client.call(Request::Status(StatusRequest {})).await? {
+        Response::Status(status) => status,
+        other => return Err(unexpected(&other)),
+    };
+    match output {
+        Output::Json => crate::print_json(&status),
+        Output::Human => print!("{}", render(&status, crate::now_unix_ms())),
+    }
+    Ok(())
+}
+
+fn ago(now_ms: u64, then_ms: u64) -> String {
+    let seconds = now_ms.saturating_sub(then_ms) / 1000;
+    format!("{} ago", format_duration_ms(seconds * 1000))
+}
+
+fn render(status: &StatusResponse, now_ms: u64) -> String {
+    let mut table = Table::headless();
+    let config = &status.config;
+    table.row(vec![
+        "daemon".into(),
+        format!("gpuctld {} (pid {})", status.daemon_version, status.pid),
+    ]);
+    table.row(vec![
+        "uptime".into(),
+        format_duration_ms(status.uptime_ms / 1000 * 1000),
+    ]);
+    table.row(vec!["socket".into(), status.socket.clone()]);
+    let path = config
+        .path
+        .clone()
+        .unwrap_or_else(|| "embedded default".into());
+    table.row(vec!["config".into(), path]);
+    table.row(vec![
+        "generation".into(),
+        format!(
+            "{} (applied {})",
+            config.generation,
+            ago(now_ms, config.applied_at_unix_ms)
+        ),
+    ]);
+    let last_reload = match &config.last_reload {
+        None => "none".to_owned(),
+        Some(outcome) => {
+            let trigger = match outcome.trigger {
+                ReloadTrigger::Signal => "SIGHUP",
+                ReloadTrigger::Request => "gpuctl reload",
+            };
+            let when = ago(now_ms, outcome.at_unix_ms);
+            match &outcome.error {
+                None => format!("ok, by {trigger}, {when}"),
+                Some(error) => format!("FAILED, by {trigger}, {when}: {error}"),
+            }
+        }
+    };
+    table.row(vec!["last reload".into(), last_reload]);
+    table.row(vec!["connections".into(), status.connections.to_string()]);
+    table.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use gpuctl_protocol::{ConfigStatus, ReloadOutcome};
+
+    use super::*;
+
+    #[test]
+    fn renders_a_failed_reload() {
+        let status = StatusResponse {
+            daemon_version: "0.1.0".into(),
+            pid: 7,
+            uptime_ms: 61_500,
+            socket: "/s".into(),
+            config: ConfigStatus {
+                path: Some("/etc/g.toml".into()),
+                generation: 2,
+                applied_at_unix_ms: 10_000,
+                last_reload: Some(ReloadOutcome {
+                    at_unix_ms: 40_000,
+                    trigger: ReloadTrigger::Signal,
+                    error: Some("bad key".into()),
+                }),
+            },
+            connections: 1,
+        };
+        let text = render(&status, 70_000);
+        assert!(text.contains("uptime       1m1s\n"), "{text}");
+        assert!(text.contains("generation   2 (applied 1m ago)\n"), "{text}");
+        assert!(
+            text.contains("last reload  FAILED, by SIGHUP, 30s ago: bad key\n"),
+            "{text}"
+        );
+    }
+}

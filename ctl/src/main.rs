@@ -1,0 +1,159 @@
+//! gpuctl: the command line for gpuctld.
+//!
+//! Results go to stdout, diagnostics to stderr. Exit codes: 0 ok, 1 the
+//! daemon returned an error, 2 usage, 3 cannot connect.
+
+mod commands;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gpuctl_protocol::{Client, ClientError, ClientOptions, FrameError, Response, PROTOCOL_VERSION};
+use serde::Serialize;
+
+/// Control gpuctld, the daemon that shares a GPU between models and other programs.
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+pub struct Cli {
+    /// gpuctld's socket [default: $XDG_RUNTIME_DIR/gpuctl/gpuctld.sock if it
+    /// exists, else /run/gpuctl/gpuctld.sock]
+    #[arg(long, global = true, env = "GPUCTL_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print one JSON document (the protocol's own types) on stdout
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the daemon's state: version, uptime, config, last reload, connections
+    Status,
+    /// List the configured models and their settings
+    Models,
+    /// Make the daemon re-read its config file (administrators only)
+    Reload,
+    /// Check that the daemon answers, and print the round-trip time
+    Ping {
+        /// Pings to send, one a second
+        #[arg(short, long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Print a shell completion script
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Aligned tables for people.
+    Human,
+    /// One JSON document.
+    Json,
+}
+
+const EXIT_DAEMON_ERROR: u8 = 1;
+const EXIT_CANNOT_CONNECT: u8 = 3;
+
+fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`gpuctl status | head`) instead of panicking in println!.
+    // SAFETY: restoring the default disposition of a signal has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        commands::completions::run(shell);
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("gpuctl: cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_DAEMON_ERROR);
+        }
+    };
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(gpuctl_protocol::client_default_socket);
+    let output = if cli.json {
+        Output::Json
+    } else {
+        Output::Human
+    };
+    match runtime.block_on(run(cli.command, &socket, output)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => ExitCode::from(report(&error, &socket)),
+    }
+}
+
+async fn run(
+    command: Command,
+    socket: &std::path::Path,
+    output: Output,
+) -> Result<(), ClientError> {
+    let options = ClientOptions {
+        name: format!("gpuctl {}", env!("CARGO_PKG_VERSION")),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect_with(socket, options).await?;
+    match command {
+        Command::Status => commands::status::run(&client, output).await,
+        Command::Models => commands::models::run(&client, output).await,
+        Command::Reload => commands::reload::run(&client, output).await,
+        Command::Ping { count } => commands::ping::run(&client, count, output).await,
+        Command::Completions { .. } => Ok(()),
+    }
+}
+
+/// Prints what went wrong and how to fix it; returns the exit code.
+fn report(error: &ClientError, socket: &std::path::Path) -> u8 {
+    match error {
+        ClientError::Connect { .. } => {
+            eprintln!("gpuctl: {error}");
+            eprintln!(
+                "gpuctl: is gpuctld running? Start it with `systemctl start gpuctld` or `gpuctld --socket {}`, or point gpuctl elsewhere with --socket or GPUCTL_SOCKET",
+                socket.display()
+            );
+            EXIT_CANNOT_CONNECT
+        }
+        ClientError::Frame(FrameError::Malformed(_)) | ClientError::Unexpected(_) => {
+            eprintln!("gpuctl: {error}");
+            eprintln!(
+                "gpuctl: gpuctld's reply was not understood; this gpuctl speaks protocol {PROTOCOL_VERSION}: if gpuctld was upgraded or downgraded, restart it"
+            );
+            EXIT_DAEMON_ERROR
+        }
+        _ => {
+            eprintln!("gpuctl: {error}");
+            EXIT_DAEMON_ERROR
+        }
+    }
+}
+
+fn unexpected(response: &Response) -> ClientError {
+    ClientError::Unexpected(format!("{response:?}"))
+}
+
+fn print_json<T: Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(json) => println!("{json}"),
+        Err(error) => eprintln!("gpuctl: cannot print JSON: {error}"),
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
