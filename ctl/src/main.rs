@@ -62,11 +62,6 @@ const EXIT_DAEMON_ERROR: u8 = 1;
 const EXIT_CANNOT_CONNECT: u8 = 3;
 
 fn main() -> ExitCode {
-    // Die quietly on a closed pipe (`gpuctl status | head`) instead of panicking in println!.
-    // SAFETY: restoring the default disposition of a signal has no preconditions.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
     if let Command::Completions { shell } = cli.command {
         commands::completions::run(shell);
@@ -147,7 +142,7 @@ fn unexpected(response: &Response) -> ClientError {
 
 fn print_json<T: Serialize>(value: &T) {
     match serde_json::to_string_pretty(value) {
-        Ok(json) => println!("{json}"),
+        Ok(json) => emit(&format!("{json}\n")),
         Err(error) => eprintln!("gpuctl: cannot print JSON: {error}"),
     }
 }
@@ -156,4 +151,21 @@ fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Writes results to stdout. A reader that went away (`gpuctl status | head`)
+/// ends gpuctl quietly, as SIGPIPE would; SIGPIPE itself stays ignored so a
+/// daemon hanging up on us is an error we can report, not a silent death.
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("gpuctl: cannot write output: {error}");
+    }
 }

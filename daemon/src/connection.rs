@@ -76,6 +76,10 @@ pub async fn serve(stream: UnixStream, ctx: Arc<Context>, shutdown: Cancellation
 /// Turns away a connection over the limit, telling it why.
 pub async fn refuse(stream: UnixStream, max_frame: usize, reason: Error) {
     let mut connection: Connection = Framed::new(stream, FrameCodec::new(max_frame));
+    // Read the Hello that is usually already on its way: closing a Unix
+    // socket with unread input makes the peer's reads fail with ECONNRESET,
+    // and the client would never see why it was turned away.
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT / 4, connection.next()).await;
     say_goodbye(&mut connection, reason).await;
 }
 

@@ -135,7 +135,14 @@ impl Client {
             protocol: PROTOCOL_VERSION,
             client: options.name.clone(),
         };
-        connection.send(ClientMessage::Hello(hello)).await?;
+        if let Err(error) = connection.send(ClientMessage::Hello(hello)).await {
+            // The daemon may have hung up with a reason (too many
+            // connections, shutting down) before reading our Hello.
+            return match tokio::time::timeout(options.handshake_timeout, connection.next()).await {
+                Ok(Some(Ok(DaemonMessage::Closing(reason)))) => Err(ClientError::Rejected(reason)),
+                _ => Err(error.into()),
+            };
+        }
         let first = tokio::time::timeout(options.handshake_timeout, connection.next())
             .await
             .map_err(|_| ClientError::HandshakeTimeout(options.handshake_timeout))?;

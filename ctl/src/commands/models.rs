@@ -39,6 +39,6 @@ pub async fn run(client: &Client, output: Output) -> Result<(), ClientError> {
             model.path.clone(),
         ]);
     }
-    print!("{}", table.render());
+    crate::emit(&table.render());
     Ok(())
 }

@@ -24,11 +24,11 @@ pub async fn run(client: &Client, count: u32, output: Output) -> Result<(), Clie
         let ms = start.elapsed().as_secs_f64() * 1000.0;
         round_trips.push(ms);
         if output == Output::Human {
-            println!(
-                "pong from gpuctld {} at {}: time={ms:.3} ms",
+            crate::emit(&format!(
+                "pong from gpuctld {} at {}: time={ms:.3} ms\n",
                 client.welcome().daemon_version,
                 client.socket().display()
-            );
+            ));
         }
     }
     if output == Output::Json {

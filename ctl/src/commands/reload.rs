@@ -9,8 +9,8 @@ pub async fn run(client: &Client, output: Output) -> Result<(), ClientError> {
     };
     match output {
         Output::Json => crate::print_json(&reloaded),
-        Output::Human => println!(
-            "reloaded: config generation {} ({}, {} models)",
+        Output::Human => crate::emit(&format!(
+            "reloaded: config generation {} ({}, {} models)\n",
             reloaded.generation,
             if reloaded.changed {
                 "changed"
@@ -18,7 +18,7 @@ pub async fn run(client: &Client, output: Output) -> Result<(), ClientError> {
                 "unchanged"
             },
             reloaded.models
-        ),
+        )),
     }
     Ok(())
 }

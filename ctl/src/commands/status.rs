@@ -13,7 +13,7 @@ pub async fn run(client: &Client, output: Output) -> Result<(), ClientError> {
     };
     match output {
         Output::Json => crate::print_json(&status),
-        Output::Human => print!("{}", render(&status, crate::now_unix_ms())),
+        Output::Human => crate::emit(&render(&status, crate::now_unix_ms())),
     }
     Ok(())
 }

@@ -1,0 +1,139 @@
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use gpuctl_protocol::ErrorCode;
+
+use crate::fixture::*;
+
+#[test]
+fn sigterm_with_a_client_connected_exits_0_and_removes_the_socket() {
+    let mut daemon = Daemon::start("");
+    let mut client = RawClient::handshaken(&daemon.socket);
+    let status = daemon.stop();
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        daemon.log_text()
+    );
+    client.expect_closing(ErrorCode::ShuttingDown);
+    assert!(!daemon.socket.exists(), "socket file left behind");
+    assert!(daemon.log_text().contains("gpuctld stopped"));
+}
+
+#[test]
+fn sigint_stops_too() {
+    let mut daemon = Daemon::start("");
+    daemon.signal(libc::SIGINT);
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success());
+    assert!(!daemon.socket.exists());
+}
+
+#[test]
+fn a_stale_socket_is_replaced() {
+    let dir = open_tempdir();
+    let socket = dir.path().join("gpuctld.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap()); // file stays, nobody listens
+    assert!(socket.exists());
+    let daemon = Daemon::start_in(dir, DaemonSpec::new(""));
+    daemon.assert_serving();
+    assert!(daemon.log_text().contains("replacing a stale socket file"));
+}
+
+#[test]
+fn a_second_daemon_on_a_live_socket_is_refused() {
+    let first = Daemon::start("");
+    let output = std::process::Command::new(bin("gpuctld"))
+        .arg("--socket")
+        .arg(&first.socket)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.contains("another gpuctld is already listening on"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&first.socket.display().to_string()),
+        "{message}"
+    );
+    first.assert_serving();
+}
+
+#[test]
+fn a_file_that_is_not_a_socket_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("precious.txt");
+    std::fs::write(&path, "data").unwrap();
+    let output = std::process::Command::new(bin("gpuctld"))
+        .arg("--socket")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("is not a socket"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
+}
+
+#[test]
+fn socket_mode_and_parent_directory() {
+    let dir = open_tempdir();
+    let socket = dir.path().join("nested/run/gpuctld.sock");
+    let config = format!(
+        "[daemon]\nsocket = \"{}\"\nsocket_mode = \"0600\"\n",
+        socket.display()
+    );
+    let mut spec = DaemonSpec::new(&config);
+    spec.socket_flag = false;
+    spec.wait_ready = false;
+    let daemon = Daemon::start_in(dir, spec);
+    wait_until("the configured socket", Duration::from_secs(10), || {
+        gpuctl_at(&socket, &["ping"]).status.success()
+    });
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    drop(daemon);
+}
+
+#[test]
+fn socket_precedence_flag_then_config_then_environment() {
+    let dir = open_tempdir();
+    let from_env = dir.path().join("env.sock");
+    let mut spec = DaemonSpec::new("").env("GPUCTL_SOCKET", from_env.display().to_string());
+    spec.socket_flag = false;
+    spec.wait_ready = false;
+    let _by_env = Daemon::start_in(dir, spec);
+    wait_until("the $GPUCTL_SOCKET socket", Duration::from_secs(10), || {
+        gpuctl_at(&from_env, &["ping"]).status.success()
+    });
+
+    let dir = open_tempdir();
+    let from_config = dir.path().join("config.sock");
+    let ignored = dir.path().join("ignored.sock");
+    let mut spec = DaemonSpec::new(&format!(
+        "[daemon]\nsocket = \"{}\"\n",
+        from_config.display()
+    ))
+    .env("GPUCTL_SOCKET", ignored.display().to_string());
+    spec.socket_flag = false;
+    spec.wait_ready = false;
+    let _by_config = Daemon::start_in(dir, spec);
+    wait_until("the configured socket", Duration::from_secs(10), || {
+        gpuctl_at(&from_config, &["ping"]).status.success()
+    });
+    assert!(!ignored.exists());
+
+    // --socket beats the config (the fixture passes it).
+    let flagged = Daemon::start(&format!(
+        "[daemon]\nsocket = \"{}\"\n",
+        from_config.display()
+    ));
+    assert_eq!(
+        flagged.status()["socket"],
+        flagged.socket.display().to_string()
+    );
+}
