@@ -85,7 +85,8 @@ impl DaemonSpec {
 /// A running gpuctld, killed when dropped.
 pub struct Daemon {
     pub child: Child,
-    pub dir: tempfile::TempDir,
+    /// Holds the socket, config and log; removed when the daemon is dropped.
+    _dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
