@@ -161,7 +161,7 @@ impl Daemon {
         let child = command.spawn().expect("spawn gpuctld");
         let mut daemon = Daemon {
             child,
-            dir,
+            _dir: dir,
             socket,
             config,
             log,
