@@ -9,6 +9,7 @@ mod hygiene;
 mod lifecycle;
 mod notify;
 mod reload;
+mod systemd;
 
 /// Two models, so `Models` has something to show.
 pub const TWO_MODELS: &str = r#"
