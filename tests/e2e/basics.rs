@@ -184,3 +184,34 @@ fn several_requests_in_flight_on_one_connection() {
     ids.sort();
     assert_eq!(ids, vec![10, 11, 12]);
 }
+
+/// `gpuctl … | head` : a reader that went away ends gpuctl quietly (exit 141,
+/// as SIGPIPE would), without a panic message.
+#[test]
+fn a_closed_stdout_ends_gpuctl_quietly() {
+    use std::os::fd::FromRawFd;
+    let daemon = Daemon::start("");
+    for args in [&["completions", "bash"][..], &["status"][..]] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills two descriptors we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors are fresh and owned here.
+        let (reader, writer) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        drop(reader);
+        let output = std::process::Command::new(bin("gpuctl"))
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(141), "gpuctl {args:?}");
+        assert_eq!(stderr(&output), "", "gpuctl {args:?}");
+    }
+}

@@ -3,5 +3,7 @@ use clap_complete::Shell;
 
 pub fn run(shell: Shell) {
     let mut command = crate::Cli::command();
-    clap_complete::generate(shell, &mut command, "gpuctl", &mut std::io::stdout());
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "gpuctl", &mut script);
+    crate::emit(&String::from_utf8_lossy(&script));
 }
