@@ -24,14 +24,6 @@ fn as_nobody(daemon: &Daemon, args: &[&str]) -> std::process::Output {
         .expect("run setpriv (util-linux)")
 }
 
-fn group_of_gid(gid: u32) -> Option<String> {
-    let groups = std::fs::read_to_string("/etc/group").ok()?;
-    groups.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        (fields.get(2)? == &gid.to_string().as_str()).then(|| fields[0].to_owned())
-    })
-}
-
 fn running_as_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -80,7 +72,7 @@ fn the_admin_group_grants_administration() {
         eprintln!("SKIPPED the_admin_group_grants_administration: needs root to run gpuctl as uid {NOBODY}");
         return;
     }
-    let Some(group) = group_of_gid(NOBODY) else {
+    let Some(group) = group_name(NOBODY) else {
         eprintln!("SKIPPED the_admin_group_grants_administration: no group with gid {NOBODY} in /etc/group");
         return;
     };

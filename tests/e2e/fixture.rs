@@ -360,3 +360,12 @@ impl RawClient {
         }
     }
 }
+
+/// The name /etc/group gives `gid`.
+pub fn group_name(gid: u32) -> Option<String> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.get(2)?.parse::<u32>().ok()? == gid).then(|| fields[0].to_owned())
+    })
+}

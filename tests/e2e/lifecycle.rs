@@ -137,3 +137,39 @@ fn socket_precedence_flag_then_config_then_environment() {
         flagged.socket.display().to_string()
     );
 }
+
+#[test]
+fn socket_group_is_applied() {
+    use std::os::unix::fs::MetadataExt;
+    // The group must differ from the daemon's own, or the test proves nothing;
+    // only root may hand a file to a group it is not in.
+    // SAFETY: geteuid and getegid cannot fail.
+    let (uid, own_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let gid = 65534;
+    let group = match group_name(gid) {
+        Some(group) if uid == 0 && own_gid != gid => group,
+        _ => {
+            eprintln!("SKIPPED socket_group_is_applied: needs root and a group with gid {gid}");
+            return;
+        }
+    };
+    let daemon = Daemon::start(&format!("[daemon]\nsocket_group = \"{group}\"\n"));
+    assert_eq!(std::fs::metadata(&daemon.socket).unwrap().gid(), gid);
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[daemon]\nsocket_group = \"no-such-group-xyz\"\n").unwrap();
+    let output = std::process::Command::new(bin("gpuctld"))
+        .arg("--socket")
+        .arg(dir.path().join("s"))
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("key `daemon.socket_group`: there is no group named"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -3,6 +3,16 @@ use std::time::Duration;
 
 use crate::fixture::*;
 
+/// A datagram socket standing in for systemd's NOTIFY_SOCKET.
+fn notify_socket(dir: &std::path::Path) -> (std::path::PathBuf, UnixDatagram) {
+    let path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    (path, socket)
+}
+
 fn receive(socket: &UnixDatagram) -> String {
     let mut buffer = [0u8; 4096];
     let n = socket
@@ -28,11 +38,7 @@ fn receive_until(socket: &UnixDatagram, wanted: &str) -> String {
 #[test]
 fn ready_reloading_ready_stopping_in_order() {
     let dir = open_tempdir();
-    let notify_path = dir.path().join("notify.sock");
-    let notifications = UnixDatagram::bind(&notify_path).unwrap();
-    notifications
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (notify_path, notifications) = notify_socket(dir.path());
 
     let spec = DaemonSpec::new("").env("NOTIFY_SOCKET", notify_path.display().to_string());
     let mut daemon = Daemon::start_in(dir, spec);
@@ -62,11 +68,7 @@ fn ready_reloading_ready_stopping_in_order() {
 #[test]
 fn watchdog_pings_at_half_the_interval() {
     let dir = open_tempdir();
-    let notify_path = dir.path().join("notify.sock");
-    let notifications = UnixDatagram::bind(&notify_path).unwrap();
-    notifications
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (notify_path, notifications) = notify_socket(dir.path());
     let mut spec = DaemonSpec::new("")
         .env("NOTIFY_SOCKET", notify_path.display().to_string())
         .env("WATCHDOG_USEC", "400000");
