@@ -161,6 +161,7 @@ async fn serve_requests(
                     let span = tracing::debug_span!("request", id, op = request.operation());
                     let task = running.spawn(async move {
                         let started = Instant::now();
+                        tracing::debug!("started");
                         let result = handlers::handle(request, peer, &ctx).await;
                         match &result {
                             Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "done"),

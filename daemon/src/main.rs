@@ -71,7 +71,7 @@ fn start(flags: Flags, source: ConfigSource, config: Config) -> anyhow::Result<(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let (listener, path, socket_file) = listening
             .into_tokio()
             .context("cannot register the socket")?;
@@ -86,5 +86,9 @@ fn start(flags: Flags, source: ConfigSource, config: Config) -> anyhow::Result<(
         })
         .await;
         Ok(())
-    })
+    });
+    // Work past the grace period (a reload stuck reading the file, say) must
+    // not hold the exit: dropping the runtime would wait for it forever.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    served
 }

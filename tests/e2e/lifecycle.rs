@@ -173,3 +173,74 @@ fn socket_group_is_applied() {
         stderr(&output)
     );
 }
+
+/// A config "file" that is a FIFO makes `gpuctl reload` block until the test
+/// writes to it: a request held in flight for as long as the test wants.
+fn reload_in_flight(daemon: &Daemon) -> std::process::Child {
+    std::fs::remove_file(&daemon.config).unwrap();
+    let path = std::ffi::CString::new(daemon.config.display().to_string()).unwrap();
+    // SAFETY: path is a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let reload = std::process::Command::new(bin("gpuctl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("reload")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the reload to be in flight",
+        Duration::from_secs(10),
+        || daemon.log_text().contains("op=\"reload\"") || daemon.log_text().contains("op=reload"),
+    );
+    reload
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish() {
+    let mut daemon = Daemon::start("");
+    let reload = reload_in_flight(&daemon);
+    daemon.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "gpuctld exited with a request in flight"
+    );
+    std::fs::write(&daemon.config, "[policy]\nkeep_alive = \"1m\"\n").unwrap();
+    let output = reload.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the request in flight failed: {}",
+        stderr(&output)
+    );
+    assert!(
+        stdout(&output).starts_with("reloaded: config generation 2"),
+        "{}",
+        stdout(&output)
+    );
+    assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+    assert!(!daemon.socket.exists());
+}
+
+#[test]
+fn the_grace_period_bounds_shutdown() {
+    let mut daemon = Daemon::start("[daemon]\nshutdown_grace = \"300ms\"\n");
+    let reload = reload_in_flight(&daemon);
+    let started = std::time::Instant::now();
+    let status = daemon.stop();
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        daemon.log_text().contains("grace period over"),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(!daemon.socket.exists());
+    let output = reload.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+}
