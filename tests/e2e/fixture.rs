@@ -62,6 +62,9 @@ pub struct DaemonSpec {
     pub inherit_fd3: Option<std::os::fd::RawFd>,
     /// Wait until the socket accepts connections.
     pub wait_ready: bool,
+    /// Set JOURNAL_STREAM to the log file's device:inode, as systemd does
+    /// when it connects stderr to the journal.
+    pub journal_stream: bool,
 }
 
 impl DaemonSpec {
@@ -73,6 +76,7 @@ impl DaemonSpec {
             pid_env: Vec::new(),
             inherit_fd3: None,
             wait_ready: true,
+            journal_stream: false,
         }
     }
 
@@ -137,6 +141,11 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("create log"));
+        if spec.journal_stream {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(&log).expect("log metadata");
+            command.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        }
         for (key, value) in &spec.env {
             command.env(key, value);
         }

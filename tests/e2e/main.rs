@@ -6,6 +6,7 @@ mod activation;
 mod basics;
 mod fixture;
 mod hygiene;
+mod journald;
 mod lifecycle;
 mod notify;
 mod reload;
