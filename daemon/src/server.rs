@@ -46,14 +46,13 @@ pub async fn run(setup: Setup) {
         mut reloads,
         shutdown,
     } = setup;
-    let max_connections = config.daemon.max_connections as usize;
+    let slots = ConnectionSlots::new(config.daemon.max_connections);
     let ctx = Arc::new(Context {
         registry: registry::spawn(source, config),
         started: Instant::now(),
         socket: socket.clone(),
         connections: ConnectionCount::default(),
     });
-    let slots = Arc::new(Semaphore::new(max_connections));
     let connections = TaskTracker::new();
     let stop_connections = CancellationToken::new();
     let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
@@ -93,10 +92,25 @@ pub async fn run(setup: Setup) {
     tracing::info!("gpuctld stopped");
 }
 
+/// The connection limit, fixed at start-up.
+struct ConnectionSlots {
+    free: Arc<Semaphore>,
+    limit: u32,
+}
+
+impl ConnectionSlots {
+    fn new(limit: u32) -> Self {
+        ConnectionSlots {
+            free: Arc::new(Semaphore::new(limit as usize)),
+            limit,
+        }
+    }
+}
+
 async fn admit(
     accepted: io::Result<(UnixStream, tokio::net::unix::SocketAddr)>,
     ctx: &Arc<Context>,
-    slots: &Arc<Semaphore>,
+    slots: &ConnectionSlots,
     connections: &TaskTracker,
     stop: &CancellationToken,
 ) {
@@ -110,7 +124,7 @@ async fn admit(
         }
     };
     let config = ctx.registry.config();
-    match slots.clone().try_acquire_owned() {
+    match slots.free.clone().try_acquire_owned() {
         Ok(slot) => {
             let (ctx, stop) = (ctx.clone(), stop.clone());
             connections.spawn(async move {
@@ -119,7 +133,7 @@ async fn admit(
             });
         }
         Err(_) => {
-            let limit = config.daemon.max_connections;
+            let limit = slots.limit;
             tracing::warn!(limit, "connection refused: too many connections");
             let reason = Error::new(
                 ErrorCode::Busy,
