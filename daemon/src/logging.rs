@@ -7,11 +7,21 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber. `RUST_LOG` wins over `default_filter`.
+/// Installs the global subscriber. A non-empty `RUST_LOG` wins over
+/// `default_filter` (the config's `log_level`); an invalid one is reported
+/// and the config's level used.
 pub fn init(default_filter: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(default_filter))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let filter = match from_env.map(|v| (EnvFilter::try_new(&v), v)) {
+        Some((Ok(filter), _)) => filter,
+        Some((Err(error), value)) => {
+            eprintln!("gpuctld: ignoring RUST_LOG={value:?} ({error}); using log_level {default_filter:?}");
+            EnvFilter::try_new(default_filter).unwrap_or_else(|_| EnvFilter::new("info"))
+        }
+        None => EnvFilter::try_new(default_filter).unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     let registry = tracing_subscriber::registry().with(filter);
     if stderr_is_journal() {
         match tracing_journald::layer() {

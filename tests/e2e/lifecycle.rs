@@ -244,3 +244,24 @@ fn the_grace_period_bounds_shutdown() {
     let output = reload.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
 }
+
+#[test]
+fn log_level_comes_from_rust_log_else_the_config() {
+    let quiet =
+        Daemon::start_with(DaemonSpec::new("[daemon]\nlog_level = \"warn\"\n").env("RUST_LOG", ""));
+    quiet.assert_serving();
+    let chatty = Daemon::start_with(
+        DaemonSpec::new("[daemon]\nlog_level = \"warn\"\n").env("RUST_LOG", "info"),
+    );
+    chatty.assert_serving();
+    assert!(
+        !quiet.log_text().contains("gpuctld ready"),
+        "{}",
+        quiet.log_text()
+    );
+    assert!(
+        chatty.log_text().contains("gpuctld ready"),
+        "{}",
+        chatty.log_text()
+    );
+}
