@@ -128,12 +128,7 @@ fn check_config_validates_without_starting() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
     std::fs::write(&good, crate::TWO_MODELS).unwrap();
-    let output = std::process::Command::new(bin("gpuctld"))
-        .arg("--check-config")
-        .arg("--config")
-        .arg(&good)
-        .output()
-        .unwrap();
+    let output = gpuctld_once(|c| c.arg("--check-config").arg("--config").arg(&good));
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert!(
         stdout(&output).contains("ok (2 models)"),
@@ -147,22 +142,13 @@ fn check_config_validates_without_starting() {
         "[models.x]\npath = \"x.pt\"\nkind = \"image\"\ntile = \"big\"\n",
     )
     .unwrap();
-    let output = std::process::Command::new(bin("gpuctld"))
-        .arg("--check-config")
-        .arg("--config")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let output = gpuctld_once(|c| c.arg("--check-config").arg("--config").arg(&bad));
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
     assert!(message.contains(&bad.display().to_string()), "{message}");
     assert!(message.contains("models.x.tile"), "{message}");
 
-    let output = std::process::Command::new(bin("gpuctld"))
-        .arg("--check-config")
-        .env_remove("GPUCTL_CONFIG")
-        .output()
-        .unwrap();
+    let output = gpuctld_once(|c| c.arg("--check-config"));
     if !std::path::Path::new("/etc/gpuctl/gpuctld.toml").exists() {
         assert!(
             stdout(&output).contains("<embedded default config>: ok"),

@@ -378,3 +378,19 @@ pub fn group_name(gid: u32) -> Option<String> {
         (fields.get(2)?.parse::<u32>().ok()? == gid).then(|| fields[0].to_owned())
     })
 }
+
+/// Runs gpuctld to completion (for runs expected to exit: --check-config,
+/// refusals), with no configuration or socket inherited from our environment.
+pub fn gpuctld_once(configure: impl FnOnce(&mut Command) -> &mut Command) -> Output {
+    let mut command = Command::new(bin("gpuctld"));
+    for variable in [
+        "GPUCTL_CONFIG",
+        "GPUCTL_SOCKET",
+        "NOTIFY_SOCKET",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+    ] {
+        command.env_remove(variable);
+    }
+    configure(&mut command).output().expect("run gpuctld")
+}

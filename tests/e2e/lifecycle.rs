@@ -42,11 +42,7 @@ fn a_stale_socket_is_replaced() {
 #[test]
 fn a_second_daemon_on_a_live_socket_is_refused() {
     let first = Daemon::start("");
-    let output = std::process::Command::new(bin("gpuctld"))
-        .arg("--socket")
-        .arg(&first.socket)
-        .output()
-        .unwrap();
+    let output = gpuctld_once(|c| c.arg("--socket").arg(&first.socket));
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
     assert!(
@@ -65,11 +61,7 @@ fn a_file_that_is_not_a_socket_is_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("precious.txt");
     std::fs::write(&path, "data").unwrap();
-    let output = std::process::Command::new(bin("gpuctld"))
-        .arg("--socket")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = gpuctld_once(|c| c.arg("--socket").arg(&path));
     assert_eq!(output.status.code(), Some(1));
     assert!(
         stderr(&output).contains("is not a socket"),
@@ -159,13 +151,12 @@ fn socket_group_is_applied() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[daemon]\nsocket_group = \"no-such-group-xyz\"\n").unwrap();
-    let output = std::process::Command::new(bin("gpuctld"))
-        .arg("--socket")
-        .arg(dir.path().join("s"))
-        .arg("--config")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let output = gpuctld_once(|c| {
+        c.arg("--socket")
+            .arg(dir.path().join("s"))
+            .arg("--config")
+            .arg(&bad)
+    });
     assert_eq!(output.status.code(), Some(1));
     assert!(
         stderr(&output).contains("key `daemon.socket_group`: there is no group named"),
