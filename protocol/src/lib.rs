@@ -35,8 +35,10 @@ mod codec;
 mod error;
 mod message;
 mod socket;
+mod tensor;
 pub mod units;
 mod version;
+pub mod worker;
 
 pub use client::{Call, Client, ClientError, ClientOptions};
 pub use codec::{
@@ -48,6 +50,7 @@ pub use message::*;
 pub use socket::{
     client_default_socket, daemon_default_socket, user_socket, SOCKET_ENV, SYSTEM_SOCKET,
 };
+pub use tensor::{DType, WireTensor};
 pub use version::{ProtocolVersion, PROTOCOL_VERSION};
 
 impl fmt::Display for KeepAlive {

@@ -222,3 +222,56 @@ fn error_codes_are_stable() {
         );
     }
 }
+
+#[test]
+fn tensors_travel_as_raw_bytes() {
+    let tensor = WireTensor::new(DType::U8, vec![1, 2], vec![0xaa, 0xbb]).unwrap();
+    // dtype U8 (0) | shape: len 2, 1, 2 | data: len 2, aa bb
+    assert_eq!(
+        hex(&encode_payload(&tensor).unwrap()),
+        "00000000 0200000000000000 0100000000000000 0200000000000000 0200000000000000 aabb"
+            .replace(' ', "")
+    );
+    roundtrip(&tensor);
+}
+
+#[test]
+fn worker_messages() {
+    use gpuctl_protocol::worker::*;
+    let load = DaemonToWorker::Load(LoadModel {
+        name: "m".into(),
+        path: "/m.pt".into(),
+        kind: ModelKind::Image,
+        device: "cpu".into(),
+        threads: 2,
+    });
+    assert_eq!(
+        hex(&encode_payload(&load).unwrap()),
+        "00000000 0100000000000000 6d 0500000000000000 2f6d2e7074 00000000 0300000000000000 637075 02000000"
+            .replace(' ', "")
+    );
+    let run = DaemonToWorker::Run {
+        id: 3,
+        job: Job::Tensor {
+            inputs: vec![WireTensor::new(DType::F32, vec![1], vec![0, 0, 128, 63]).unwrap()],
+        },
+    };
+    let failed = WorkerToDaemon::Failed {
+        id: None,
+        error: Error::new(ErrorCode::NotFound, "x"),
+    };
+    assert_eq!(
+        hex(&encode_payload(&failed).unwrap()),
+        "02000000 00 02000000 0100000000000000 78".replace(' ', "")
+    );
+    let loaded = WorkerToDaemon::Loaded(Loaded {
+        device: "cpu".into(),
+        load_ms: 1,
+        parameter_bytes: 2,
+        device_bytes: 3,
+    });
+    roundtrip(&load);
+    roundtrip(&run);
+    roundtrip(&failed);
+    roundtrip(&loaded);
+}

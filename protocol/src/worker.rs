@@ -1,0 +1,119 @@
+//! The private protocol between gpuctld and its `gpuctl-worker` processes,
+//! one per loaded model, over an inherited socketpair with the same framing
+//! as clients use (length prefix + bincode).
+//!
+//! ```text
+//! gpuctld                                  gpuctl-worker
+//!   | -- Load(LoadModel) ---------------->  |  first frame
+//!   | <--------------------- Loaded(..)     |  or Failed { id: None }, then exit
+//!   | -- Run { id, job } ---------------->  |  one at a time per worker
+//!   | <------------ Done { id, outputs }    |  or Failed { id: Some(id) }
+//!   | -- Unload ------------------------->  |  the worker exits, freeing all
+//! ```
+//!
+//! EOF on the socket also makes the worker exit, and the worker dies with
+//! its parent (PR_SET_PDEATHSIG), so no orphan ever holds GPU memory.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, ModelKind, WireTensor};
+
+/// A frame from the daemon to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DaemonToWorker {
+    /// Load this model; always the first frame.
+    Load(LoadModel),
+    /// Run one job on the loaded model.
+    Run {
+        /// Chosen by the daemon; echoed in the answer.
+        id: u64,
+        /// What to compute.
+        job: Job,
+    },
+    /// Exit, releasing everything.
+    Unload,
+}
+
+/// Which model to load, where, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadModel {
+    /// The model's configured name, for error messages.
+    pub name: String,
+    /// The TorchScript file.
+    pub path: String,
+    /// The contract its forward follows.
+    pub kind: ModelKind,
+    /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA if available).
+    pub device: String,
+    /// Intra-op threads for CPU work; 0 leaves libtorch's default.
+    pub threads: u32,
+}
+
+/// One unit of work, shaped by the model's kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Job {
+    /// `image`: `[N,3,H,W]`, float 0..1 or u8 0..255.
+    Image {
+        /// The input batch.
+        input: WireTensor,
+    },
+    /// `generate`: the daemon made `noise` from the seed.
+    Generate(GenerateJob),
+    /// `tensor`: positional tensors.
+    Tensor {
+        /// The forward's arguments, in order.
+        inputs: Vec<WireTensor>,
+    },
+}
+
+/// The inputs of a `generate` forward.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateJob {
+    /// `[1,C,h,w]` float noise.
+    pub noise: WireTensor,
+    /// What to generate.
+    pub prompt: String,
+    /// What to avoid.
+    pub negative: String,
+    /// Sampling steps.
+    pub steps: u32,
+    /// Guidance scale.
+    pub guidance: f32,
+}
+
+/// A frame from a worker to the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerToDaemon {
+    /// The model is loaded and ready.
+    Loaded(Loaded),
+    /// A job's results.
+    Done {
+        /// The job's id.
+        id: u64,
+        /// The forward's outputs (a tuple becomes several).
+        outputs: Vec<WireTensor>,
+        /// Milliseconds spent in the forward, transfers included.
+        run_ms: u64,
+    },
+    /// A job failed (`id: Some`), or loading failed (`id: None`, and the
+    /// worker exits).
+    Failed {
+        /// The job's id; `None` for the load.
+        id: Option<u64>,
+        /// What went wrong, naming the model.
+        error: Error,
+    },
+}
+
+/// What loading cost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Loaded {
+    /// The device the model is on, e.g. `cpu` or `cuda:0`.
+    pub device: String,
+    /// Milliseconds to load.
+    pub load_ms: u64,
+    /// Bytes of parameters.
+    pub parameter_bytes: u64,
+    /// Bytes of parameters and buffers on the device.
+    pub device_bytes: u64,
+}
