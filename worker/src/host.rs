@@ -1,0 +1,279 @@
+//! One loaded TorchScript module and the model contracts of DESIGN.md.
+
+use std::time::Instant;
+
+use gpuctl_protocol::worker::{GenerateJob, Job, LoadModel, Loaded};
+use gpuctl_protocol::{DType, Error, ErrorCode, ModelKind, WireTensor};
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+use crate::tensors::{first_line, from_wire, to_wire};
+
+/// A model, loaded and ready.
+pub struct Host {
+    spec: LoadModel,
+    module: CModule,
+    device: Device,
+}
+
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".to_owned(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+fn parse_device(text: &str) -> Result<Device, String> {
+    match text {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("unknown device {other:?}")),
+    }
+}
+
+impl Host {
+    /// Loads `spec.path` on its device, in eval mode.
+    pub fn load(spec: LoadModel) -> Result<(Host, Loaded), Error> {
+        let started = Instant::now();
+        let fail =
+            |code, problem: String| Error::new(code, format!("model {}: {problem}", spec.name));
+        let device = parse_device(&spec.device).map_err(|p| fail(ErrorCode::InvalidRequest, p))?;
+        if let Device::Cuda(n) = device {
+            let available = tch::Cuda::device_count();
+            if i64::from(n as u32) >= available {
+                return Err(fail(
+                    ErrorCode::InvalidRequest,
+                    format!("device cuda:{n} does not exist (this machine has {available} CUDA devices)"),
+                ));
+            }
+        }
+        match std::fs::metadata(&spec.path) {
+            Ok(meta) if meta.is_file() => {}
+            Ok(_) => {
+                return Err(fail(
+                    ErrorCode::NotFound,
+                    format!("{} is not a file", spec.path),
+                ))
+            }
+            Err(error) => {
+                return Err(fail(
+                    ErrorCode::NotFound,
+                    format!("cannot read {}: {error}", spec.path),
+                ))
+            }
+        }
+        if spec.threads > 0 {
+            tch::set_num_threads(spec.threads as i32);
+        }
+        let mut module = CModule::load_on_device(&spec.path, device).map_err(|e| {
+            fail(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "{} is not a loadable TorchScript file: {}",
+                    spec.path,
+                    first_line(&e)
+                ),
+            )
+        })?;
+        module.set_eval();
+        let parameter_bytes = module
+            .named_parameters()
+            .map_err(|e| {
+                fail(
+                    ErrorCode::Internal,
+                    format!("cannot list parameters: {}", first_line(&e)),
+                )
+            })?
+            .iter()
+            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum();
+        let loaded = Loaded {
+            device: device_name(device),
+            load_ms: started.elapsed().as_millis() as u64,
+            parameter_bytes,
+            // Parameters are what a CPU model holds; on CUDA the daemon
+            // measures the process's real use through NVML instead.
+            device_bytes: parameter_bytes,
+        };
+        Ok((
+            Host {
+                spec,
+                module,
+                device,
+            },
+            loaded,
+        ))
+    }
+
+    fn error(&self, code: ErrorCode, problem: impl std::fmt::Display) -> Error {
+        Error::new(code, format!("model {}: {problem}", self.spec.name))
+    }
+
+    /// Runs one job; the job must match the model's kind.
+    pub fn run(&self, job: Job) -> Result<Vec<WireTensor>, Error> {
+        let _no_grad = tch::no_grad_guard();
+        let outputs = match (self.spec.kind, job) {
+            (ModelKind::Image, Job::Image { input }) => vec![self.run_image(&input)?],
+            (ModelKind::Generate, Job::Generate(job)) => vec![self.run_generate(&job)?],
+            (ModelKind::Tensor, Job::Tensor { inputs }) => self.run_tensor(&inputs)?,
+            (kind, job) => {
+                let got = match job {
+                    Job::Image { .. } => "image",
+                    Job::Generate(_) => "generate",
+                    Job::Tensor { .. } => "tensor",
+                };
+                return Err(self.error(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "is of kind {}, but the request is for a {got} model",
+                        kind.name()
+                    ),
+                ));
+            }
+        };
+        outputs
+            .iter()
+            .map(|t| to_wire(t).map_err(|p| self.error(ErrorCode::Internal, p)))
+            .collect()
+    }
+
+    fn input(&self, wire: &WireTensor, what: &str) -> Result<Tensor, Error> {
+        from_wire(wire, self.device)
+            .map_err(|p| self.error(ErrorCode::InvalidRequest, format!("{what}: {p}")))
+    }
+
+    fn forward_failed(&self, contract: &str, error: &tch::TchError) -> Error {
+        self.error(
+            ErrorCode::InvalidRequest,
+            format!("forward failed ({contract}): {}", first_line(error)),
+        )
+    }
+
+    /// `(x: [N,3,H,W] float 0..1) -> [N,3,sH,sW]`; u8 input is scaled to 0..1.
+    fn run_image(&self, input: &WireTensor) -> Result<Tensor, Error> {
+        let shape = &input.shape;
+        if shape.len() != 4 || shape[1] != 3 {
+            return Err(self.error(
+                ErrorCode::InvalidRequest,
+                format!("image input must be [N,3,H,W], got {shape:?}"),
+            ));
+        }
+        let x = self.input(input, "image input")?;
+        let x = match input.dtype {
+            DType::U8 => x.f_to_kind(Kind::Float).map(|x| x / 255.0),
+            DType::F32 => Ok(x),
+            DType::F16 | DType::BF16 | DType::F64 => x.f_to_kind(Kind::Float),
+            other => {
+                return Err(self.error(
+                    ErrorCode::InvalidRequest,
+                    format!("image input must be u8 or float, got {other:?}"),
+                ))
+            }
+        }
+        .map_err(|e| self.error(ErrorCode::Internal, first_line(&e)))?;
+        let y = self
+            .module
+            .forward_ts(&[x])
+            .map_err(|e| self.forward_failed("image: x[N,3,H,W] -> [N,3,sH,sW]", &e))?;
+        let out = y.size();
+        if out.len() != 4 || out[1] != 3 || out[0] != shape[0] as i64 {
+            return Err(self.error(
+                ErrorCode::InvalidRequest,
+                format!("forward returned {out:?}; an image model must return [N,3,sH,sW] for input {shape:?}"),
+            ));
+        }
+        y.f_to_kind(Kind::Float)
+            .map_err(|e| self.error(ErrorCode::Internal, first_line(&e)))
+    }
+
+    /// `(noise, prompt, negative, steps, guidance) -> [1,3,H,W]`.
+    fn run_generate(&self, job: &GenerateJob) -> Result<Tensor, Error> {
+        if job.noise.shape.len() != 4 || job.noise.shape[0] != 1 || job.noise.dtype != DType::F32 {
+            return Err(self.error(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "noise must be float32 [1,C,h,w], got {:?} {:?}",
+                    job.noise.dtype, job.noise.shape
+                ),
+            ));
+        }
+        let noise = self.input(&job.noise, "noise")?;
+        let inputs = [
+            IValue::Tensor(noise),
+            IValue::String(job.prompt.clone()),
+            IValue::String(job.negative.clone()),
+            IValue::Int(i64::from(job.steps)),
+            IValue::Double(f64::from(job.guidance)),
+        ];
+        let contract = "generate: (noise, prompt: str, negative: str, steps: int, guidance: float) -> [1,3,H,W]";
+        match self
+            .module
+            .forward_is(&inputs)
+            .map_err(|e| self.forward_failed(contract, &e))?
+        {
+            IValue::Tensor(image) if image.dim() == 4 && image.size()[1] == 3 => image
+                .f_to_kind(Kind::Float)
+                .map_err(|e| self.error(ErrorCode::Internal, first_line(&e))),
+            other => Err(self.error(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "forward returned {}; a generate model must return one [1,3,H,W] tensor",
+                    describe(&other)
+                ),
+            )),
+        }
+    }
+
+    /// `(*inputs: Tensor) -> Tensor or tuple of tensors`.
+    fn run_tensor(&self, inputs: &[WireTensor]) -> Result<Vec<Tensor>, Error> {
+        let inputs: Vec<IValue> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, wire)| self.input(wire, &format!("input {i}")).map(IValue::Tensor))
+            .collect::<Result<_, _>>()?;
+        let output = self
+            .module
+            .forward_is(&inputs)
+            .map_err(|e| self.forward_failed("tensor: (*tensors) -> tensors", &e))?;
+        flatten(output).map_err(|what| {
+            self.error(
+                ErrorCode::InvalidRequest,
+                format!("forward returned {what}; a tensor model must return tensors"),
+            )
+        })
+    }
+}
+
+/// A tensor, or a (nested) tuple or list of tensors, as a flat list.
+fn flatten(value: IValue) -> Result<Vec<Tensor>, String> {
+    match value {
+        IValue::Tensor(t) => Ok(vec![t]),
+        IValue::TensorList(ts) => Ok(ts),
+        IValue::Tuple(items) | IValue::GenericList(items) => {
+            let mut out = Vec::new();
+            for item in items {
+                out.extend(flatten(item)?);
+            }
+            Ok(out)
+        }
+        other => Err(describe(&other)),
+    }
+}
+
+fn describe(value: &IValue) -> String {
+    match value {
+        IValue::Tensor(t) => format!("a tensor of shape {:?}", t.size()),
+        IValue::None => "None".to_owned(),
+        IValue::Double(_) => "a float".to_owned(),
+        IValue::Int(_) => "an int".to_owned(),
+        IValue::Bool(_) => "a bool".to_owned(),
+        IValue::String(_) => "a string".to_owned(),
+        IValue::Tuple(items) => format!("a tuple of {} values", items.len()),
+        _ => "a value that is not a tensor".to_owned(),
+    }
+}

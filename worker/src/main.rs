@@ -1,0 +1,158 @@
+//! gpuctl-worker: hosts one TorchScript model for gpuctld, in its own
+//! process, so that unloading is exact (the process exits and the driver
+//! frees everything, CUDA context included) and a crash costs one model.
+//!
+//! `gpuctl-worker --fd N --parent PID`: speaks the private protocol of
+//! `gpuctl_protocol::worker` on the inherited socket N. It exits on
+//! `Unload`, on EOF, and when its parent dies.
+
+mod channel;
+mod host;
+mod tensors;
+
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+
+use gpuctl_protocol::worker::{DaemonToWorker, WorkerToDaemon};
+use gpuctl_protocol::{Error, ErrorCode};
+
+use crate::channel::Channel;
+use crate::host::Host;
+
+struct Args {
+    fd: i32,
+    parent: Option<i32>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        fd: 3,
+        parent: None,
+    };
+    let mut words = std::env::args().skip(1);
+    while let Some(word) = words.next() {
+        let mut value = |name: &str| {
+            words
+                .next()
+                .and_then(|v| v.parse::<i32>().ok())
+                .ok_or_else(|| format!("{name} needs a number"))
+        };
+        match word.as_str() {
+            "--fd" => args.fd = value("--fd")?,
+            "--parent" => args.parent = Some(value("--parent")?),
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?}; usage: gpuctl-worker --fd N [--parent PID]"
+                ))
+            }
+        }
+    }
+    Ok(args)
+}
+
+/// Dies with the daemon: no orphan may keep GPU memory.
+fn die_with_parent(parent: Option<i32>) -> Result<(), String> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(format!(
+            "prctl(PR_SET_PDEATHSIG): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // The parent may have died before prctl took effect.
+    // SAFETY: getppid cannot fail.
+    if parent.is_some_and(|pid| unsafe { libc::getppid() } != pid) {
+        return Err("the daemon exited before the worker started".to_owned());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(error) => {
+            eprintln!("gpuctl-worker: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(error) = die_with_parent(args.parent) {
+        eprintln!("gpuctl-worker: {error}");
+        return ExitCode::FAILURE;
+    }
+    // SAFETY: F_GETFD only inspects the descriptor.
+    if unsafe { libc::fcntl(args.fd, libc::F_GETFD) } < 0 {
+        eprintln!(
+            "gpuctl-worker: fd {} is not open; gpuctl-worker is started by gpuctld",
+            args.fd
+        );
+        return ExitCode::from(2);
+    }
+    // SAFETY: the daemon passed us this socket and nothing else owns it.
+    let stream = unsafe { UnixStream::from_raw_fd(args.fd) };
+    match serve(&mut Channel::new(stream)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("gpuctl-worker: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Load, then run jobs until told to unload or the daemon hangs up.
+fn serve(channel: &mut Channel) -> Result<(), String> {
+    let spec = match channel.receive().map_err(|e| e.to_string())? {
+        Some(DaemonToWorker::Load(spec)) => spec,
+        Some(other) => return Err(format!("the first message must be Load, got {other:?}")),
+        None => return Ok(()),
+    };
+    let host = match Host::load(spec) {
+        Ok((host, loaded)) => {
+            channel
+                .send(&WorkerToDaemon::Loaded(loaded))
+                .map_err(|e| e.to_string())?;
+            host
+        }
+        Err(error) => {
+            let message = error.message.clone();
+            channel
+                .send(&WorkerToDaemon::Failed { id: None, error })
+                .map_err(|e| e.to_string())?;
+            return Err(message);
+        }
+    };
+    loop {
+        match channel.receive().map_err(|e| e.to_string())? {
+            Some(DaemonToWorker::Run { id, job }) => {
+                let started = std::time::Instant::now();
+                let answer = match host.run(job) {
+                    Ok(outputs) => WorkerToDaemon::Done {
+                        id,
+                        outputs,
+                        run_ms: started.elapsed().as_millis() as u64,
+                    },
+                    Err(error) => WorkerToDaemon::Failed {
+                        id: Some(id),
+                        error,
+                    },
+                };
+                if let Err(error) = channel.send(&answer) {
+                    let error = Error::new(
+                        ErrorCode::Internal,
+                        format!("cannot send the result: {error}"),
+                    );
+                    channel
+                        .send(&WorkerToDaemon::Failed {
+                            id: Some(id),
+                            error,
+                        })
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Some(DaemonToWorker::Unload) | None => return Ok(()),
+            Some(DaemonToWorker::Load(_)) => {
+                return Err("a worker loads one model; Load came twice".to_owned())
+            }
+        }
+    }
+}

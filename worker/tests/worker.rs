@@ -1,0 +1,415 @@
+//! gpuctl-worker driven over a socketpair, as gpuctld drives it, with the
+//! models that models/make_models.py builds (scripts/test runs it first).
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gpuctl_protocol::worker::*;
+use gpuctl_protocol::{
+    decode_payload, encode_payload, DType, Error, ErrorCode, ModelKind, WireTensor,
+};
+
+fn models() -> PathBuf {
+    let dir = std::env::var_os("GPUCTL_TEST_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models"));
+    assert!(
+        dir.join("manifest.json").exists(),
+        "no test models in {}: run scripts/test, or models/make_models.py {0}",
+        dir.display()
+    );
+    dir
+}
+
+fn model(name: &str) -> String {
+    models().join(name).display().to_string()
+}
+
+/// Makes `fd` the child's fd 3, clearing close-on-exec.
+fn inherit_as_fd3(command: &mut Command, fd: RawFd) {
+    // SAFETY: dup2 and fcntl are async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            let ok = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(fd, 3) >= 0
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+struct Worker {
+    child: Child,
+    socket: UnixStream,
+}
+
+impl Worker {
+    fn spawn() -> Worker {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gpuctl-worker"));
+        command
+            .args(["--fd", "3", "--parent", &std::process::id().to_string()])
+            .stderr(Stdio::piped());
+        inherit_as_fd3(&mut command, theirs.as_raw_fd());
+        let child = command.spawn().unwrap();
+        drop(theirs);
+        ours.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        Worker {
+            child,
+            socket: ours,
+        }
+    }
+
+    fn send(&mut self, message: &DaemonToWorker) {
+        let payload = encode_payload(message).unwrap();
+        self.socket
+            .write_all(&(payload.len() as u32).to_be_bytes())
+            .unwrap();
+        self.socket.write_all(&payload).unwrap();
+    }
+
+    fn receive(&mut self) -> WorkerToDaemon {
+        let mut header = [0u8; 4];
+        self.socket.read_exact(&mut header).unwrap();
+        let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+        self.socket.read_exact(&mut payload).unwrap();
+        decode_payload(&payload).unwrap()
+    }
+
+    fn load(&mut self, name: &str, path: &str, kind: ModelKind) -> WorkerToDaemon {
+        let spec = LoadModel {
+            name: name.into(),
+            path: path.into(),
+            kind,
+            device: "cpu".into(),
+            threads: 1,
+        };
+        self.send(&DaemonToWorker::Load(spec));
+        self.receive()
+    }
+
+    fn loaded(name: &str, file: &str, kind: ModelKind) -> (Worker, Loaded) {
+        let mut worker = Worker::spawn();
+        match worker.load(name, &model(file), kind) {
+            WorkerToDaemon::Loaded(loaded) => (worker, loaded),
+            other => panic!("loading {file} failed: {other:?}"),
+        }
+    }
+
+    fn run(&mut self, id: u64, job: Job) -> Result<Vec<WireTensor>, Error> {
+        self.send(&DaemonToWorker::Run { id, job });
+        match self.receive() {
+            WorkerToDaemon::Done {
+                id: done, outputs, ..
+            } => {
+                assert_eq!(done, id);
+                Ok(outputs)
+            }
+            WorkerToDaemon::Failed { id: failed, error } => {
+                assert_eq!(failed, Some(id));
+                Err(error)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "worker did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn f32_tensor(shape: &[u64], values: impl Fn(usize) -> f32) -> WireTensor {
+    let n: u64 = shape.iter().product();
+    let data = (0..n as usize)
+        .flat_map(|i| values(i).to_le_bytes())
+        .collect();
+    WireTensor::new(DType::F32, shape.to_vec(), data).unwrap()
+}
+
+fn floats(tensor: &WireTensor) -> Vec<f32> {
+    assert_eq!(tensor.dtype, DType::F32);
+    tensor
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn waifu2x_upscales_by_two() {
+    let (mut worker, loaded) = Worker::loaded("waifu2x", "waifu2x-upconv7-x2.pt", ModelKind::Image);
+    assert_eq!(loaded.device, "cpu");
+    // 3·16·9+16 + 16·32·9+32 + ... + 256·3·16: about 4 MB of float32.
+    assert!(
+        (3_900_000..4_100_000).contains(&loaded.parameter_bytes),
+        "{}",
+        loaded.parameter_bytes
+    );
+
+    let image = f32_tensor(&[1, 3, 20, 28], |i| (i % 97) as f32 / 97.0);
+    let out = worker
+        .run(
+            1,
+            Job::Image {
+                input: image.clone(),
+            },
+        )
+        .unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].shape, vec![1, 3, 40, 56]);
+    assert!(floats(&out[0]).iter().all(|v| v.is_finite()));
+
+    // u8 pixels are scaled to 0..1 first: the same picture gives the same result.
+    let pixels: Vec<u8> = floats(&image)
+        .iter()
+        .map(|v| (v * 255.0).round() as u8)
+        .collect();
+    let as_u8 = WireTensor::new(DType::U8, vec![1, 3, 20, 28], pixels).unwrap();
+    let out_u8 = worker.run(2, Job::Image { input: as_u8 }).unwrap();
+    let largest = floats(&out[0])
+        .iter()
+        .zip(floats(&out_u8[0]))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(largest < 0.02, "u8 and float inputs differ by {largest}");
+
+    worker.send(&DaemonToWorker::Unload);
+    assert!(worker.wait_exit().success());
+}
+
+#[test]
+fn generate_is_deterministic_in_its_inputs() {
+    let (mut worker, _) = Worker::loaded("tiny-gen", "tiny-generate.pt", ModelKind::Generate);
+    let job = |prompt: &str, seed: usize| {
+        Job::Generate(GenerateJob {
+            noise: f32_tensor(&[1, 4, 8, 6], |i| {
+                ((i * 7919 + seed) % 1000) as f32 / 500.0 - 1.0
+            }),
+            prompt: prompt.into(),
+            negative: "blurry".into(),
+            steps: 3,
+            guidance: 7.5,
+        })
+    };
+    let first = worker.run(1, job("a cat", 1)).unwrap();
+    assert_eq!(first[0].shape, vec![1, 3, 64, 48]);
+    assert_eq!(
+        worker.run(2, job("a cat", 1)).unwrap(),
+        first,
+        "same inputs, same image"
+    );
+    assert_ne!(
+        worker.run(3, job("a dog", 1)).unwrap(),
+        first,
+        "the prompt matters"
+    );
+    assert_ne!(
+        worker.run(4, job("a cat", 2)).unwrap(),
+        first,
+        "the noise matters"
+    );
+}
+
+#[test]
+fn tensor_models_take_and_give_several_tensors() {
+    let (mut worker, _) = Worker::loaded("tiny-tensor", "tiny-tensor.pt", ModelKind::Tensor);
+    let a = f32_tensor(&[2, 2], |i| i as f32);
+    let b = f32_tensor(&[2, 2], |_| 1.0);
+    let out = worker.run(1, Job::Tensor { inputs: vec![a, b] }).unwrap();
+    assert_eq!(out.len(), 2);
+    assert_eq!(floats(&out[0]), vec![1.0, 3.0, 5.0, 7.0]);
+    assert_eq!(out[1].shape, Vec::<u64>::new());
+    assert_eq!(floats(&out[1]), vec![6.0]);
+}
+
+#[test]
+fn load_failures_name_the_model_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pt").display().to_string();
+    let corrupt = dir.path().join("corrupt.pt");
+    std::fs::write(&corrupt, b"PK\x03\x04 this is not a TorchScript archive").unwrap();
+    let cases = [
+        (
+            missing.clone(),
+            ErrorCode::NotFound,
+            format!("model broken: cannot read {missing}"),
+        ),
+        (
+            corrupt.display().to_string(),
+            ErrorCode::InvalidRequest,
+            "is not a loadable TorchScript file".to_owned(),
+        ),
+    ];
+    for (path, code, text) in cases {
+        let mut worker = Worker::spawn();
+        match worker.load("broken", &path, ModelKind::Image) {
+            WorkerToDaemon::Failed { id: None, error } => {
+                assert_eq!(error.code, code, "{}", error.message);
+                assert!(error.message.contains(&text), "{}", error.message);
+            }
+            other => panic!("expected a load failure, got {other:?}"),
+        }
+        assert!(
+            !worker.wait_exit().success(),
+            "a worker that failed to load exits with an error"
+        );
+    }
+}
+
+#[test]
+fn bad_jobs_fail_alone_and_the_model_keeps_serving() {
+    let (mut worker, _) = Worker::loaded("waifu2x", "waifu2x-upconv7-x2.pt", ModelKind::Image);
+    let two_channels = f32_tensor(&[1, 2, 8, 8], |_| 0.5);
+    let error = worker
+        .run(
+            1,
+            Job::Image {
+                input: two_channels,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(error.code, ErrorCode::InvalidRequest);
+    assert!(
+        error
+            .message
+            .contains("model waifu2x: image input must be [N,3,H,W], got [1, 2, 8, 8]"),
+        "{}",
+        error.message
+    );
+
+    let short = WireTensor {
+        dtype: DType::F32,
+        shape: vec![1, 3, 8, 8],
+        data: vec![0; 10],
+    };
+    let error = worker.run(2, Job::Image { input: short }).unwrap_err();
+    assert!(
+        error.message.contains("needs 768 bytes, got 10"),
+        "{}",
+        error.message
+    );
+
+    let error = worker.run(3, Job::Tensor { inputs: vec![] }).unwrap_err();
+    assert!(
+        error
+            .message
+            .contains("is of kind image, but the request is for a tensor model"),
+        "{}",
+        error.message
+    );
+
+    let ok = worker
+        .run(
+            4,
+            Job::Image {
+                input: f32_tensor(&[1, 3, 8, 8], |_| 0.5),
+            },
+        )
+        .unwrap();
+    assert_eq!(ok[0].shape, vec![1, 3, 16, 16]);
+}
+
+#[test]
+fn a_forward_that_does_not_fit_the_kind_is_named() {
+    // A tensor model loaded as a generate model: its forward takes two tensors.
+    let (mut worker, _) = Worker::loaded("misfit", "tiny-tensor.pt", ModelKind::Generate);
+    let job = Job::Generate(GenerateJob {
+        noise: f32_tensor(&[1, 4, 2, 2], |_| 0.0),
+        prompt: "x".into(),
+        negative: String::new(),
+        steps: 1,
+        guidance: 1.0,
+    });
+    let error = worker.run(1, job).unwrap_err();
+    assert!(
+        error
+            .message
+            .starts_with("model misfit: forward failed (generate: (noise, prompt: str"),
+        "{}",
+        error.message
+    );
+}
+
+#[test]
+fn the_worker_exits_on_eof_and_with_its_parent() {
+    let (mut worker, _) = Worker::loaded("t", "tiny-tensor.pt", ModelKind::Tensor);
+    worker.socket.shutdown(std::net::Shutdown::Both).unwrap();
+    assert!(worker.wait_exit().success());
+
+    // A shell stands in for the daemon; the worker must die when it does.
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("\"$0\" --fd 3 --parent $$ & echo $!; wait")
+        .arg(env!("CARGO_BIN_EXE_gpuctl-worker"))
+        .stdout(Stdio::piped());
+    inherit_as_fd3(&mut command, theirs.as_raw_fd());
+    let mut shell = command.spawn().unwrap();
+    drop(theirs);
+    let mut line = String::new();
+    let mut stdout = shell.stdout.take().unwrap();
+    let mut byte = [0u8; 1];
+    while stdout.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        line.push(byte[0] as char);
+    }
+    let worker_pid: i32 = line.trim().parse().unwrap();
+    // Once it has loaded a model it is surely past prctl: only then is its
+    // death proof of PR_SET_PDEATHSIG rather than of the start-up check.
+    ours.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut orphan = Worker {
+        child: Command::new("true").spawn().unwrap(),
+        socket: ours,
+    };
+    assert!(matches!(
+        orphan.load("t", &model("tiny-tensor.pt"), ModelKind::Tensor),
+        WorkerToDaemon::Loaded(_)
+    ));
+    shell.kill().unwrap();
+    shell.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status =
+            std::fs::read_to_string(format!("/proc/{worker_pid}/status")).unwrap_or_default();
+        let gone = status.is_empty()
+            || status
+                .lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'));
+        if gone {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker {worker_pid} outlived its parent"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
