@@ -227,6 +227,16 @@ impl Daemon {
         })
     }
 
+    /// Waits until no connection but the asking one is open: the readiness
+    /// probe and earlier gpuctl runs may still hold a slot for a moment.
+    pub fn wait_idle(&self) {
+        wait_until(
+            "earlier connections to close",
+            Duration::from_secs(10),
+            || self.status()["connections"] == 1,
+        );
+    }
+
     pub fn status(&self) -> Value {
         self.gpuctl_json(&["status"])
     }

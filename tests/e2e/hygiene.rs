@@ -106,6 +106,7 @@ fn a_silent_connection_is_closed_after_the_handshake_timeout() {
 #[test]
 fn connections_over_the_limit_are_refused_with_busy() {
     let daemon = Daemon::start("[daemon]\nmax_connections = 2\n");
+    daemon.wait_idle();
     let mut first = RawClient::handshaken(&daemon.socket);
     let _second = RawClient::handshaken(&daemon.socket);
     let mut third = RawClient::connect(&daemon.socket);
