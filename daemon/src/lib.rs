@@ -11,6 +11,7 @@ mod handlers;
 pub mod listener;
 pub mod logging;
 pub mod notify;
+pub mod policy;
 mod registry;
 pub mod server;
 pub mod signals;

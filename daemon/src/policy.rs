@@ -1,0 +1,330 @@
+//! The pure decisions of model life cycles: which models to evict to admit
+//! a load, which idle models have outlived their keep-alive, how long a
+//! client's keep-alive may be. Plain functions over a snapshot, so every
+//! rule is unit-tested without processes, clocks or GPUs.
+
+use std::time::{Duration, Instant};
+
+use gpuctl_protocol::KeepAlive;
+
+/// Where a model is in its life cycle, as far as policy cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Not resident.
+    Unloaded,
+    /// A worker is starting and loading it.
+    Loading,
+    /// Resident; `in_flight` jobs running.
+    Ready { in_flight: u32 },
+    /// Its worker has been told to exit.
+    Unloading,
+}
+
+/// One model as policy sees it.
+#[derive(Debug, Clone)]
+pub struct ModelView {
+    pub name: String,
+    pub phase: Phase,
+    /// Requests waiting for this model.
+    pub queued: usize,
+    /// When its last job ended (or it finished loading).
+    pub last_used: Instant,
+    pub keep_alive: KeepAlive,
+    pub pin: bool,
+    pub group: Option<String>,
+}
+
+impl ModelView {
+    fn resident(&self) -> bool {
+        !matches!(self.phase, Phase::Unloaded)
+    }
+
+    /// Ready, nothing running, nobody waiting: the only models policy may
+    /// take away without hurting a client.
+    fn idle(&self) -> bool {
+        matches!(self.phase, Phase::Ready { in_flight: 0 }) && self.queued == 0
+    }
+}
+
+/// Why a model is unloaded; logged and reported with every unload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnloadReason {
+    /// Idle for longer than its keep-alive.
+    IdleTimeout,
+    /// Evicted to stay within `max_loaded`.
+    Lru,
+    /// Another model of its group was requested.
+    GroupSwitch,
+    /// `gpuctl unload`.
+    Explicit,
+    /// Its configuration changed or it was removed.
+    Reload,
+}
+
+impl UnloadReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            UnloadReason::IdleTimeout => "idle timeout",
+            UnloadReason::Lru => "lru",
+            UnloadReason::GroupSwitch => "group switch",
+            UnloadReason::Explicit => "explicit",
+            UnloadReason::Reload => "reload",
+        }
+    }
+}
+
+/// What to do about a request for a model that is not resident.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Start loading now, after unloading these.
+    Load { evict: Vec<(String, UnloadReason)> },
+    /// Not now: wait for a resident model to become idle or to go.
+    Wait { because: String },
+}
+
+/// Decides whether `wanted` may be loaded now.
+///
+/// Group first: at most one model of a group is resident, and a resident
+/// member is switched out only once it is idle, so its in-flight and queued
+/// work (which came first) finishes before the switch. Then the LRU cap:
+/// idle, unpinned models go least recently used first, only as many as
+/// needed. Busy, loading or pinned models are never evicted here.
+pub fn admit(models: &[ModelView], wanted: &str, max_loaded: usize) -> Admission {
+    let Some(target) = models.iter().find(|m| m.name == wanted) else {
+        return Admission::Wait {
+            because: format!("unknown model {wanted}"),
+        };
+    };
+    let mut evict: Vec<(String, UnloadReason)> = Vec::new();
+    if let Some(group) = &target.group {
+        for member in models
+            .iter()
+            .filter(|m| m.name != wanted && m.resident() && m.group.as_ref() == Some(group))
+        {
+            if !member.idle() {
+                return Admission::Wait {
+                    because: format!("group {group}: {} is still in use", member.name),
+                };
+            }
+            evict.push((member.name.clone(), UnloadReason::GroupSwitch));
+        }
+    }
+    let resident_after = models
+        .iter()
+        .filter(|m| m.resident() && m.name != wanted)
+        .count()
+        - evict.len()
+        + 1;
+    let over = resident_after.saturating_sub(max_loaded.max(1));
+    if over > 0 {
+        let mut candidates: Vec<&ModelView> = models
+            .iter()
+            .filter(|m| {
+                m.name != wanted && m.idle() && !m.pin && !evict.iter().any(|(n, _)| *n == m.name)
+            })
+            .collect();
+        candidates.sort_by_key(|m| m.last_used);
+        if candidates.len() < over {
+            return Admission::Wait {
+                because: format!("max_loaded = {max_loaded} models are resident and none of them is idle and unpinned"),
+            };
+        }
+        evict.extend(
+            candidates
+                .iter()
+                .take(over)
+                .map(|m| (m.name.clone(), UnloadReason::Lru)),
+        );
+    }
+    Admission::Load { evict }
+}
+
+/// Idle, unpinned models whose keep-alive has run out at `now`.
+pub fn expired(models: &[ModelView], now: Instant) -> Vec<String> {
+    models
+        .iter()
+        .filter(|m| m.idle() && !m.pin)
+        .filter(|m| idle_deadline(m).is_some_and(|deadline| deadline <= now))
+        .map(|m| m.name.clone())
+        .collect()
+}
+
+/// When the next idle model will expire, to sleep until then.
+pub fn next_expiry(models: &[ModelView]) -> Option<Instant> {
+    models
+        .iter()
+        .filter(|m| m.idle() && !m.pin)
+        .filter_map(idle_deadline)
+        .min()
+}
+
+fn idle_deadline(model: &ModelView) -> Option<Instant> {
+    match model.keep_alive {
+        KeepAlive::Millis(ms) => Some(model.last_used + Duration::from_millis(ms)),
+        KeepAlive::Forever => None,
+    }
+}
+
+/// The keep-alive that applies after a request: the request's own if it set
+/// one, else the model's; never longer than the operator's `max_keep_alive`,
+/// so a client cannot pin VRAM against the configured policy.
+pub fn keep_alive(model: KeepAlive, requested: Option<KeepAlive>, max: KeepAlive) -> KeepAlive {
+    let wanted = requested.unwrap_or(model);
+    match (wanted, max) {
+        (_, KeepAlive::Forever) => wanted,
+        (KeepAlive::Forever, limit) => limit,
+        (KeepAlive::Millis(a), KeepAlive::Millis(b)) => KeepAlive::Millis(a.min(b)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(t0: Instant, secs: u64) -> Instant {
+        t0 + Duration::from_secs(secs)
+    }
+
+    fn model(name: &str, phase: Phase, last_used: Instant) -> ModelView {
+        ModelView {
+            name: name.into(),
+            phase,
+            queued: 0,
+            last_used,
+            keep_alive: KeepAlive::Millis(300_000),
+            pin: false,
+            group: None,
+        }
+    }
+
+    const IDLE: Phase = Phase::Ready { in_flight: 0 };
+
+    #[test]
+    fn loads_at_once_under_the_cap() {
+        let t0 = Instant::now();
+        let models = [model("a", IDLE, t0), model("b", Phase::Unloaded, t0)];
+        assert_eq!(admit(&models, "b", 3), Admission::Load { evict: vec![] });
+    }
+
+    #[test]
+    fn the_cap_evicts_least_recently_used_idle_unpinned_only_as_many_as_needed() {
+        let t0 = Instant::now();
+        let mut pinned = model("pinned", IDLE, at(t0, 0));
+        pinned.pin = true;
+        let models = [
+            pinned,
+            model("old", IDLE, at(t0, 1)),
+            model("busy", Phase::Ready { in_flight: 1 }, at(t0, 0)),
+            model("new", IDLE, at(t0, 5)),
+            model("want", Phase::Unloaded, t0),
+        ];
+        assert_eq!(
+            admit(&models, "want", 4),
+            Admission::Load {
+                evict: vec![("old".into(), UnloadReason::Lru)]
+            }
+        );
+        assert_eq!(
+            admit(&models, "want", 3),
+            Admission::Load {
+                evict: vec![
+                    ("old".into(), UnloadReason::Lru),
+                    ("new".into(), UnloadReason::Lru)
+                ]
+            }
+        );
+        match admit(&models, "want", 1) {
+            Admission::Wait { because } => assert!(because.contains("max_loaded = 1"), "{because}"),
+            other => panic!("expected Wait, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_model_with_waiters_is_not_idle() {
+        let t0 = Instant::now();
+        let mut waited_for = model("a", IDLE, t0);
+        waited_for.queued = 1;
+        let models = [waited_for, model("b", Phase::Unloaded, t0)];
+        assert!(matches!(admit(&models, "b", 1), Admission::Wait { .. }));
+        assert!(expired(&models, at(t0, 10_000)).is_empty());
+    }
+
+    #[test]
+    fn a_group_switches_only_when_its_member_is_idle() {
+        let t0 = Instant::now();
+        let mut busy = model("portrait", Phase::Ready { in_flight: 1 }, t0);
+        busy.group = Some("diffusion".into());
+        let mut wanted = model("landscape", Phase::Unloaded, t0);
+        wanted.group = Some("diffusion".into());
+        let models = [busy.clone(), wanted.clone()];
+        match admit(&models, "landscape", 3) {
+            Admission::Wait { because } => {
+                assert!(because.contains("portrait is still in use"), "{because}")
+            }
+            other => panic!("expected Wait, got {other:?}"),
+        }
+        busy.phase = IDLE;
+        let models = [busy, wanted, model("other", IDLE, t0)];
+        assert_eq!(
+            admit(&models, "landscape", 2),
+            Admission::Load {
+                evict: vec![("portrait".into(), UnloadReason::GroupSwitch)]
+            },
+            "the group switch also makes room under the cap"
+        );
+    }
+
+    #[test]
+    fn idle_models_expire_after_their_keep_alive_unless_pinned_or_forever() {
+        let t0 = Instant::now();
+        let mut short = model("short", IDLE, t0);
+        short.keep_alive = KeepAlive::Millis(1_000);
+        let mut zero = model("zero", IDLE, t0);
+        zero.keep_alive = KeepAlive::Millis(0);
+        let mut forever = model("forever", IDLE, t0);
+        forever.keep_alive = KeepAlive::Forever;
+        let mut pinned = model("pinned", IDLE, t0);
+        pinned.keep_alive = KeepAlive::Millis(0);
+        pinned.pin = true;
+        let busy = ModelView {
+            keep_alive: KeepAlive::Millis(0),
+            ..model("busy", Phase::Ready { in_flight: 2 }, t0)
+        };
+        let models = [
+            short,
+            zero,
+            forever,
+            pinned,
+            busy,
+            model("default", IDLE, t0),
+        ];
+        assert_eq!(expired(&models, t0), vec!["zero"]);
+        assert_eq!(expired(&models, at(t0, 1)), vec!["short", "zero"]);
+        assert_eq!(
+            expired(&models, at(t0, 300)),
+            vec!["short", "zero", "default"]
+        );
+        assert_eq!(next_expiry(&models), Some(t0));
+    }
+
+    #[test]
+    fn a_client_keep_alive_is_clamped_by_max_keep_alive() {
+        let five_min = KeepAlive::Millis(300_000);
+        let hour = KeepAlive::Millis(3_600_000);
+        assert_eq!(keep_alive(five_min, None, KeepAlive::Forever), five_min);
+        assert_eq!(
+            keep_alive(five_min, Some(KeepAlive::Forever), KeepAlive::Forever),
+            KeepAlive::Forever
+        );
+        assert_eq!(keep_alive(five_min, Some(KeepAlive::Forever), hour), hour);
+        assert_eq!(
+            keep_alive(five_min, Some(KeepAlive::Millis(7_200_000)), hour),
+            hour
+        );
+        assert_eq!(
+            keep_alive(five_min, Some(KeepAlive::Millis(0)), hour),
+            KeepAlive::Millis(0)
+        );
+        assert_eq!(keep_alive(KeepAlive::Forever, None, hour), hour);
+    }
+}
