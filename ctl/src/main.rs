@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gpuctl_protocol::{Client, ClientError, ClientOptions, FrameError, Response, PROTOCOL_VERSION};
+use gpuctl_protocol::{
+    Client, ClientError, ClientOptions, FrameError, KeepAlive, Response, PROTOCOL_VERSION,
+};
 use serde::Serialize;
 
 /// Control gpuctld, the daemon that shares a GPU between models and other programs.
@@ -30,8 +32,30 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show the daemon's state: version, uptime, config, last reload, connections
+    /// Show the daemon's state and every model's: loaded or not, memory,
+    /// queue, time left before an idle unload, loads, last error
+    #[command(visible_alias = "ps")]
     Status,
+    /// Load a model now instead of on its first request (administrators only)
+    Load {
+        /// The configured model's name
+        model: String,
+        /// Keep it this long once idle: a duration ("10m", "0s") or "forever"
+        #[arg(long, value_parser = parse_keep_alive)]
+        keep_alive: Option<KeepAlive>,
+    },
+    /// Unload a model, or all of them, once their work is done (administrators only)
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["model", "all"])))]
+    Unload {
+        /// The model to unload
+        model: Option<String>,
+        /// Unload every model
+        #[arg(long)]
+        all: bool,
+        /// Cancel work in flight instead of waiting for it
+        #[arg(long)]
+        force: bool,
+    },
     /// List the configured models and their settings
     Models,
     /// Make the daemon re-read its config file (administrators only)
@@ -107,6 +131,14 @@ async fn run(
         Command::Models => commands::models::run(&client, output).await,
         Command::Reload => commands::reload::run(&client, output).await,
         Command::Ping { count } => commands::ping::run(&client, count, output).await,
+        Command::Load { model, keep_alive } => {
+            commands::load::run(&client, model, keep_alive, output).await
+        }
+        Command::Unload {
+            model,
+            all: _,
+            force,
+        } => commands::unload::run(&client, model, force, output).await,
         Command::Completions { .. } => Ok(()),
     }
 }
@@ -168,4 +200,13 @@ pub fn emit(text: &str) {
         }
         eprintln!("gpuctl: cannot write output: {error}");
     }
+}
+
+/// `--keep-alive`: a duration such as "10m" or "0s", or "forever".
+fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
+    if text == "forever" {
+        return Ok(KeepAlive::Forever);
+    }
+    let duration = gpuctl_protocol::units::parse_duration(text)?;
+    Ok(KeepAlive::Millis(duration.as_millis() as u64))
 }

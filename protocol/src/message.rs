@@ -88,6 +88,12 @@ pub enum Request {
     Models(ModelsRequest),
     /// Re-read the configuration file (administrative).
     Reload(ReloadRequest),
+    /// Run a model, loading it first if needed.
+    Generate(GenerateRequest),
+    /// Load a model now (administrative).
+    Load(LoadRequest),
+    /// Unload one model or all (administrative).
+    Unload(UnloadRequest),
 }
 
 impl Request {
@@ -98,6 +104,9 @@ impl Request {
             Request::Status(_) => "status",
             Request::Models(_) => "models",
             Request::Reload(_) => "reload",
+            Request::Generate(_) => "generate",
+            Request::Load(_) => "load",
+            Request::Unload(_) => "unload",
         }
     }
 }
@@ -113,6 +122,12 @@ pub enum Response {
     Models(ModelsResponse),
     /// Answer to [`Request::Reload`].
     Reload(ReloadResponse),
+    /// Answer to [`Request::Generate`].
+    Generate(GenerateResponse),
+    /// Answer to [`Request::Load`].
+    Load(LoadResponse),
+    /// Answer to [`Request::Unload`].
+    Unload(UnloadResponse),
 }
 
 /// Something that happened while a request runs.
@@ -160,6 +175,59 @@ pub struct StatusResponse {
     pub config: ConfigStatus,
     /// Client connections open now, this one included.
     pub connections: u32,
+    /// Every configured model's state, sorted by name.
+    pub models: Vec<ModelStatus>,
+}
+
+/// One model's life-cycle state and history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    /// The model's name.
+    pub name: String,
+    /// Where it is in its life cycle.
+    pub state: ModelState,
+    /// The device it is loaded on.
+    pub device: Option<String>,
+    /// The worker process hosting it.
+    pub pid: Option<u32>,
+    /// Bytes it holds on its device, as its worker reported.
+    pub device_bytes: u64,
+    /// Requests waiting for it.
+    pub queued: u32,
+    /// Requests running on it.
+    pub in_flight: u32,
+    /// Milliseconds since its last request ended.
+    pub idle_ms: Option<u64>,
+    /// Milliseconds until it is unloaded for being idle; `None`: not counting down.
+    pub unload_in_ms: Option<u64>,
+    /// The keep-alive in force (a request may have changed it).
+    pub keep_alive: KeepAlive,
+    /// Times it has been loaded since the daemon started.
+    pub loads: u64,
+    /// How long its last load took.
+    pub last_load_ms: Option<u64>,
+    /// Its last failure, if any.
+    pub last_error: Option<String>,
+}
+
+/// The life-cycle states of DESIGN.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelState {
+    /// Not resident.
+    Unloaded,
+    /// Its worker is starting.
+    Loading,
+    /// Resident and serving.
+    Ready,
+    /// Finishing its work before it is unloaded.
+    Draining,
+    /// Its worker is exiting.
+    Unloading,
+    /// The last load failed; a request after `retry_in_ms` tries again.
+    Failed {
+        /// Milliseconds until a new load may be tried.
+        retry_in_ms: u64,
+    },
 }
 
 /// Which configuration is in force and how the last reload went.
@@ -292,4 +360,84 @@ pub struct ReloadResponse {
     pub changed: bool,
     /// Models configured now.
     pub models: u32,
+}
+
+/// Run `model` once. Fields that do not apply to its kind must be empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// The configured model's name.
+    pub model: String,
+    /// `image` models: the picture, `[N,3,H,W]` u8 0..255 or float 0..1.
+    pub input: Option<crate::WireTensor>,
+    /// `tensor` models: the forward's arguments.
+    pub inputs: Vec<crate::WireTensor>,
+    /// `generate` models: what to make.
+    pub prompt: String,
+    /// `generate` models: what to avoid.
+    pub negative: String,
+    /// `generate` models: the noise seed; `None` picks one and reports it.
+    pub seed: Option<u64>,
+    /// `generate` models: sampling steps (default: the model's `defaults`).
+    pub steps: Option<u32>,
+    /// `generate` models: guidance scale.
+    pub guidance: Option<f32>,
+    /// `generate` models: output width and height.
+    pub size: Option<(u32, u32)>,
+    /// Keep the model this long once idle (clamped by `max_keep_alive`).
+    pub keep_alive: Option<KeepAlive>,
+}
+
+/// What ran and what it made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateResponse {
+    /// The model that ran.
+    pub model: String,
+    /// Where it ran.
+    pub device: String,
+    /// The seed used (`generate` models).
+    pub seed: Option<u64>,
+    /// The forward's outputs.
+    pub outputs: Vec<crate::WireTensor>,
+    /// Milliseconds spent waiting (for a load, a queue, a group switch).
+    pub queue_ms: u64,
+    /// The load this request waited for, if any.
+    pub load_ms: Option<u64>,
+    /// Milliseconds in the model.
+    pub run_ms: u64,
+}
+
+/// Load `model` now, ahead of requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadRequest {
+    /// The configured model's name.
+    pub model: String,
+    /// Keep it this long once idle (clamped by `max_keep_alive`).
+    pub keep_alive: Option<KeepAlive>,
+}
+
+/// A model that is resident.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadResponse {
+    /// The model.
+    pub model: String,
+    /// Where it is.
+    pub device: String,
+    /// How long the load took; `None` when it was already loaded.
+    pub load_ms: Option<u64>,
+}
+
+/// Unload a model, or every model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnloadRequest {
+    /// The model; `None` for all of them.
+    pub model: Option<String>,
+    /// Cancel work in flight instead of waiting for it.
+    pub force: bool,
+}
+
+/// What was unloaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnloadResponse {
+    /// Models whose workers have exited, by name.
+    pub unloaded: Vec<String>,
 }

@@ -165,6 +165,21 @@ fn status_and_models_roundtrip() {
                 }),
             },
             connections: 2,
+            models: vec![ModelStatus {
+                name: "m".into(),
+                state: ModelState::Failed { retry_in_ms: 5 },
+                device: None,
+                pid: None,
+                device_bytes: 0,
+                queued: 1,
+                in_flight: 0,
+                idle_ms: None,
+                unload_in_ms: None,
+                keep_alive: KeepAlive::Millis(1),
+                loads: 2,
+                last_load_ms: Some(3),
+                last_error: Some("e".into()),
+            }],
         }),
     );
     roundtrip(&status);

@@ -1,7 +1,9 @@
 //! One file per subcommand, named like the protocol's requests.
 
 pub mod completions;
+pub mod load;
 pub mod models;
 pub mod ping;
 pub mod reload;
 pub mod status;
+pub mod unload;

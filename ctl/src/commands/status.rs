@@ -1,6 +1,7 @@
-use gpuctl_protocol::units::format_duration_ms;
+use gpuctl_protocol::units::{format_bytes, format_duration_ms};
 use gpuctl_protocol::{
-    Client, ClientError, ReloadTrigger, Request, Response, StatusRequest, StatusResponse,
+    Client, ClientError, KeepAlive, ModelState, ModelStatus, ReloadTrigger, Request, Response,
+    StatusRequest, StatusResponse,
 };
 
 use crate::table::Table;
@@ -64,6 +65,72 @@ fn render(status: &StatusResponse, now_ms: u64) -> String {
     };
     table.row(vec!["last reload".into(), last_reload]);
     table.row(vec!["connections".into(), status.connections.to_string()]);
+    let mut text = table.render();
+    if !status.models.is_empty() {
+        text.push('\n');
+        text.push_str(&render_models(&status.models));
+    }
+    text
+}
+
+fn render_models(models: &[ModelStatus]) -> String {
+    let mut table = Table::new(&[
+        "MODEL",
+        "STATE",
+        "DEVICE",
+        "PID",
+        "MEMORY",
+        "QUEUED",
+        "RUNNING",
+        "LAST USED",
+        "UNLOAD IN",
+        "LOADS",
+        "LAST LOAD",
+        "LAST ERROR",
+    ]);
+    let dash = || "-".to_owned();
+    let seconds = |ms: u64| format_duration_ms(ms / 1000 * 1000);
+    for model in models {
+        let state = match model.state {
+            ModelState::Unloaded => "unloaded".to_owned(),
+            ModelState::Loading => "loading".to_owned(),
+            ModelState::Ready if model.in_flight > 0 => "busy".to_owned(),
+            ModelState::Ready => "idle".to_owned(),
+            ModelState::Draining => "draining".to_owned(),
+            ModelState::Unloading => "unloading".to_owned(),
+            ModelState::Failed { retry_in_ms } => {
+                format!("failed (retry in {})", seconds(retry_in_ms + 999))
+            }
+        };
+        table.row(vec![
+            model.name.clone(),
+            state,
+            model.device.clone().unwrap_or_else(dash),
+            model.pid.map_or_else(dash, |p| p.to_string()),
+            if model.device_bytes > 0 {
+                format_bytes(model.device_bytes)
+            } else {
+                dash()
+            },
+            model.queued.to_string(),
+            model.in_flight.to_string(),
+            model
+                .idle_ms
+                .map_or_else(dash, |ms| format!("{} ago", seconds(ms))),
+            match (model.unload_in_ms, model.keep_alive) {
+                (Some(ms), _) => seconds(ms),
+                (None, KeepAlive::Forever) if model.state == ModelState::Ready => {
+                    "never".to_owned()
+                }
+                _ => dash(),
+            },
+            model.loads.to_string(),
+            model
+                .last_load_ms
+                .map_or_else(dash, |ms| format!("{ms} ms")),
+            model.last_error.clone().unwrap_or_else(dash),
+        ]);
+    }
     table.render()
 }
 
@@ -91,6 +158,7 @@ mod tests {
                 }),
             },
             connections: 1,
+            models: vec![],
         };
         let text = render(&status, 70_000);
         assert!(text.contains("uptime       1m1s\n"), "{text}");

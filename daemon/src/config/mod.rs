@@ -60,6 +60,8 @@ pub struct DaemonConfig {
     pub handshake_timeout: Duration,
     /// On SIGTERM, in-flight requests get this long to finish.
     pub shutdown_grace: Duration,
+    /// The gpuctl-worker binary; empty: next to gpuctld.
+    pub worker: String,
 }
 
 /// `[policy]`.
@@ -68,6 +70,15 @@ pub struct DaemonConfig {
 pub struct PolicyConfig {
     /// How long an idle model stays loaded unless it sets its own.
     pub keep_alive: KeepAliveSetting,
+    /// The longest keep-alive a request may ask for.
+    pub max_keep_alive: KeepAliveSetting,
+    /// At most this many models are resident at once (LRU beyond).
+    pub max_loaded: u32,
+    /// Requests waiting per model; beyond it, `QueueFull` at once.
+    pub queue_max: u32,
+    /// After a failed load, requests fail at once for this long, then the
+    /// next one tries again; each further failure doubles it (up to 10m).
+    pub load_retry: Duration,
 }
 
 /// `[models.NAME]`.
@@ -108,6 +119,20 @@ pub struct ModelConfig {
     /// Request defaults (`generate`).
     #[serde(default)]
     pub defaults: ModelDefaults,
+    /// Channels of the noise a `generate` model takes.
+    #[serde(default = "four")]
+    pub noise_channels: u32,
+    /// Output size / noise size of a `generate` model.
+    #[serde(default = "eight")]
+    pub latent_scale: u32,
+}
+
+fn four() -> u32 {
+    4
+}
+
+fn eight() -> u32 {
+    8
 }
 
 fn one() -> u32 {
@@ -171,6 +196,7 @@ impl Default for DaemonConfig {
             max_frame: Bytes(gpuctl_protocol::DEFAULT_MAX_FRAME as u64),
             handshake_timeout: Duration(std::time::Duration::from_secs(5)),
             shutdown_grace: Duration(std::time::Duration::from_secs(10)),
+            worker: String::new(),
         }
     }
 }
@@ -179,6 +205,10 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
             keep_alive: KeepAliveSetting(KeepAlive::Millis(5 * 60 * 1000)),
+            max_keep_alive: KeepAliveSetting(KeepAlive::Forever),
+            max_loaded: 3,
+            queue_max: 64,
+            load_retry: Duration(std::time::Duration::from_secs(10)),
         }
     }
 }
@@ -262,6 +292,12 @@ impl Config {
                     gpuctl_protocol::units::format_bytes(ceiling)
                 ),
             );
+        }
+        if self.policy.max_loaded == 0 {
+            return invalid("policy.max_loaded", "must be at least 1".into());
+        }
+        if self.policy.queue_max == 0 {
+            return invalid("policy.queue_max", "must be at least 1".into());
         }
         if daemon.handshake_timeout.0.is_zero() {
             return invalid("daemon.handshake_timeout", "must be longer than 0s".into());
@@ -370,6 +406,12 @@ impl ModelConfig {
             if overlap.saturating_mul(2) >= tile {
                 return Err(("overlap", format!("{overlap} is too large for tile {tile}: twice the overlap must be less than the tile")));
             }
+        }
+        if self.kind == Kind::Generate && self.noise_channels == 0 {
+            return Err(("noise_channels", "must be at least 1".into()));
+        }
+        if self.kind == Kind::Generate && self.latent_scale == 0 {
+            return Err(("latent_scale", "must be at least 1".into()));
         }
         if self.defaults.steps == Some(0) {
             return Err(("defaults.steps", "must be at least 1".into()));

@@ -1,9 +1,12 @@
 //! One file per request; [`handle`] dispatches with one exhaustive match.
 
+mod generate;
+mod load;
 mod models;
 mod ping;
 mod reload;
 mod status;
+mod unload;
 
 use gpuctl_protocol::{Error, Request, Response};
 
@@ -11,7 +14,9 @@ use crate::access::{self, Peer};
 use crate::context::Context;
 
 /// The operations this daemon serves, as advertised in `Welcome`.
-pub const CAPABILITIES: [&str; 4] = ["ping", "status", "models", "reload"];
+pub const CAPABILITIES: [&str; 7] = [
+    "ping", "status", "models", "reload", "generate", "load", "unload",
+];
 
 /// Runs one request for `peer`.
 pub async fn handle(request: Request, peer: Peer, ctx: &Context) -> Result<Response, Error> {
@@ -21,5 +26,8 @@ pub async fn handle(request: Request, peer: Peer, ctx: &Context) -> Result<Respo
         Request::Status(request) => status::handle(request, ctx).await.map(Response::Status),
         Request::Models(request) => Ok(Response::Models(models::handle(request, ctx))),
         Request::Reload(request) => reload::handle(request, ctx).await.map(Response::Reload),
+        Request::Generate(request) => generate::handle(request, ctx).await.map(Response::Generate),
+        Request::Load(request) => load::handle(request, ctx).await.map(Response::Load),
+        Request::Unload(request) => unload::handle(request, ctx).await.map(Response::Unload),
     }
 }

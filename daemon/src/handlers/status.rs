@@ -10,5 +10,6 @@ pub async fn handle(_request: StatusRequest, ctx: &Context) -> Result<StatusResp
         socket: ctx.socket.clone(),
         config: ctx.registry.config_status().await?,
         connections: ctx.connections.current(),
+        models: ctx.registry.model_status().await?,
     })
 }

@@ -1,17 +1,35 @@
-//! The one owner of the daemon's state. Everything else sends it commands
-//! and awaits replies; the configuration in force is published read-only
-//! through a `watch` channel.
+//! The one owner of the daemon's state: the configuration in force and
+//! every model's life cycle. Everything else sends it commands and awaits
+//! replies; the configuration is also published read-only through a
+//! `watch` channel. Decisions come from [`crate::policy`]; this module
+//! carries them out.
 
+mod models;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use gpuctl_protocol::worker::Job;
 use gpuctl_protocol::{
-    ConfigStatus, Error, ErrorCode, ReloadOutcome, ReloadResponse, ReloadTrigger,
+    ConfigStatus, Error, ErrorCode, GenerateResponse, KeepAlive, LoadResponse, ModelStatus,
+    ReloadOutcome, ReloadResponse, ReloadTrigger, UnloadResponse,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, ConfigSource};
 use crate::notify;
+pub use models::not_found;
+use models::{Event, ModelEntry};
+
+/// A job ready for a worker, prepared (validated, noise made) by its handler.
+pub struct PreparedJob {
+    pub model: String,
+    pub job: Job,
+    pub seed: Option<u64>,
+    pub keep_alive: Option<KeepAlive>,
+}
 
 enum Command {
     ConfigStatus {
@@ -20,6 +38,23 @@ enum Command {
     Reload {
         trigger: ReloadTrigger,
         reply: Option<oneshot::Sender<Result<ReloadResponse, Error>>>,
+    },
+    Run {
+        job: PreparedJob,
+        reply: oneshot::Sender<Result<GenerateResponse, Error>>,
+    },
+    Load {
+        model: String,
+        keep_alive: Option<KeepAlive>,
+        reply: oneshot::Sender<Result<LoadResponse, Error>>,
+    },
+    Unload {
+        model: Option<String>,
+        force: bool,
+        reply: oneshot::Sender<Result<UnloadResponse, Error>>,
+    },
+    ModelStatus {
+        reply: oneshot::Sender<Vec<ModelStatus>>,
     },
 }
 
@@ -38,20 +73,21 @@ impl RegistryHandle {
 
     /// Which configuration is in force and how the last reload went.
     pub async fn config_status(&self) -> Result<ConfigStatus, Error> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::ConfigStatus { reply }).await?;
-        answer.await.map_err(|_| gone())
+        self.ask(|reply| Command::ConfigStatus { reply }).await
+    }
+
+    /// Every configured model's state.
+    pub async fn model_status(&self) -> Result<Vec<ModelStatus>, Error> {
+        self.ask(|reply| Command::ModelStatus { reply }).await
     }
 
     /// Re-reads the configuration and waits for the outcome.
     pub async fn reload(&self, trigger: ReloadTrigger) -> Result<ReloadResponse, Error> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Reload {
+        self.ask(|reply| Command::Reload {
             trigger,
             reply: Some(reply),
         })
-        .await?;
-        answer.await.map_err(|_| gone())?
+        .await?
     }
 
     /// Asks for a reload without waiting (SIGHUP): the outcome is logged
@@ -69,8 +105,49 @@ impl RegistryHandle {
         }
     }
 
-    async fn send(&self, command: Command) -> Result<(), Error> {
-        self.commands.send(command).await.map_err(|_| gone())
+    /// Runs a job, loading its model first if needed.
+    pub async fn run(&self, job: PreparedJob) -> Result<GenerateResponse, Error> {
+        self.ask(|reply| Command::Run { job, reply }).await?
+    }
+
+    /// Loads a model now.
+    pub async fn load(
+        &self,
+        model: String,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<LoadResponse, Error> {
+        self.ask(|reply| Command::Load {
+            model,
+            keep_alive,
+            reply,
+        })
+        .await?
+    }
+
+    /// Unloads one model or all, once their work is done (or at once with `force`).
+    pub async fn unload(
+        &self,
+        model: Option<String>,
+        force: bool,
+    ) -> Result<UnloadResponse, Error> {
+        self.ask(|reply| Command::Unload {
+            model,
+            force,
+            reply,
+        })
+        .await?
+    }
+
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())
     }
 }
 
@@ -89,21 +166,34 @@ struct Registry {
     generation: u64,
     applied_at: SystemTime,
     last_reload: Option<ReloadOutcome>,
+    models: BTreeMap<String, ModelEntry>,
+    worker_program: PathBuf,
+    events: mpsc::UnboundedSender<Event>,
 }
 
 /// Starts the registry with the configuration loaded at start-up. It runs
 /// until every handle is dropped.
 pub fn spawn(source: ConfigSource, config: Config) -> RegistryHandle {
+    let worker_program = crate::worker::worker_program(&config.daemon.worker);
+    let models = config
+        .models
+        .keys()
+        .map(|name| (name.clone(), ModelEntry::new()))
+        .collect();
     let (published, receiver) = watch::channel(Arc::new(config));
     let (commands, inbox) = mpsc::channel(64);
+    let (events, event_inbox) = mpsc::unbounded_channel();
     let registry = Registry {
         source,
         published,
         generation: 1,
         applied_at: SystemTime::now(),
         last_reload: None,
+        models,
+        worker_program,
+        events,
     };
-    tokio::spawn(registry.run(inbox));
+    tokio::spawn(registry.run(inbox, event_inbox));
     RegistryHandle {
         commands,
         config: receiver,
@@ -111,18 +201,53 @@ pub fn spawn(source: ConfigSource, config: Config) -> RegistryHandle {
 }
 
 impl Registry {
-    async fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
-        while let Some(command) = inbox.recv().await {
-            match command {
-                Command::ConfigStatus { reply } => {
-                    let _ = reply.send(self.config_status());
+    fn config(&self) -> Arc<Config> {
+        self.published.borrow().clone()
+    }
+
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Command>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) {
+        self.preload();
+        loop {
+            let expiry = self.next_expiry();
+            tokio::select! {
+                command = inbox.recv() => match command {
+                    Some(command) => self.handle(command).await,
+                    None => return,
+                },
+                Some(event) = events.recv() => self.on_event(event),
+                _ = sleep_until(expiry) => self.expire_idle(),
+            }
+        }
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::ConfigStatus { reply } => {
+                let _ = reply.send(self.config_status());
+            }
+            Command::Reload { trigger, reply } => {
+                let outcome = self.reload(trigger).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(outcome);
                 }
-                Command::Reload { trigger, reply } => {
-                    let outcome = self.reload(trigger).await;
-                    if let Some(reply) = reply {
-                        let _ = reply.send(outcome);
-                    }
-                }
+            }
+            Command::Run { job, reply } => self.submit_job(job, reply),
+            Command::Load {
+                model,
+                keep_alive,
+                reply,
+            } => self.submit_load(model, keep_alive, reply),
+            Command::Unload {
+                model,
+                force,
+                reply,
+            } => self.unload_request(model, force, reply),
+            Command::ModelStatus { reply } => {
+                let _ = reply.send(self.model_status());
             }
         }
     }
@@ -186,15 +311,24 @@ impl Registry {
                 )
             })?;
         let config = loaded.map_err(|e| Error::new(ErrorCode::InvalidConfig, e.to_string()))?;
-        let changed = **self.published.borrow() != config;
+        let old = self.config();
+        let changed = *old != config;
         let models = config.models.len() as u32;
         self.published.send_replace(Arc::new(config));
         self.generation += 1;
         self.applied_at = SystemTime::now();
+        self.apply_model_changes(&old);
         Ok(ReloadResponse {
             generation: self.generation,
             changed,
             models,
         })
+    }
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
     }
 }

@@ -1,0 +1,117 @@
+use gpuctl_protocol::worker::{GenerateJob, Job};
+use gpuctl_protocol::{Error, ErrorCode, GenerateRequest, GenerateResponse};
+
+use crate::config::{Kind, ModelConfig};
+use crate::context::Context;
+use crate::noise;
+use crate::registry::{not_found, PreparedJob};
+
+/// Defaults when neither the request nor the model's `defaults` say.
+const DEFAULT_SIZE: (u32, u32) = (512, 512);
+const DEFAULT_STEPS: u32 = 20;
+const DEFAULT_GUIDANCE: f32 = 7.5;
+
+pub async fn handle(request: GenerateRequest, ctx: &Context) -> Result<GenerateResponse, Error> {
+    let config = ctx.registry.config();
+    let model = config
+        .models
+        .get(&request.model)
+        .ok_or_else(|| not_found(&request.model, &config))?;
+    let (job, seed) = prepare(&request, model)?;
+    let job = PreparedJob {
+        model: request.model,
+        job,
+        seed,
+        keep_alive: request.keep_alive,
+    };
+    ctx.registry.run(job).await
+}
+
+/// Checks the request against the model's kind and builds the worker's job.
+fn prepare(request: &GenerateRequest, model: &ModelConfig) -> Result<(Job, Option<u64>), Error> {
+    let name = &request.model;
+    let invalid = |problem: String| {
+        Error::new(
+            ErrorCode::InvalidRequest,
+            format!("model {name}: {problem}"),
+        )
+    };
+    let text_given = !request.prompt.is_empty() || !request.negative.is_empty();
+    let generate_given = text_given
+        || request.seed.is_some()
+        || request.steps.is_some()
+        || request.guidance.is_some()
+        || request.size.is_some();
+    match model.kind {
+        Kind::Image => {
+            let input = request
+                .input
+                .clone()
+                .ok_or_else(|| invalid("is an image model: send an input image".into()))?;
+            if !request.inputs.is_empty() || generate_given {
+                return Err(invalid(
+                    "is an image model: it takes one input image and nothing else".into(),
+                ));
+            }
+            input.check().map_err(invalid)?;
+            Ok((Job::Image { input }, None))
+        }
+        Kind::Tensor => {
+            if request.input.is_some() || generate_given {
+                return Err(invalid(
+                    "is a tensor model: it takes input tensors only".into(),
+                ));
+            }
+            for tensor in &request.inputs {
+                tensor.check().map_err(invalid)?;
+            }
+            Ok((
+                Job::Tensor {
+                    inputs: request.inputs.clone(),
+                },
+                None,
+            ))
+        }
+        Kind::Generate => {
+            if request.input.is_some() || !request.inputs.is_empty() {
+                return Err(invalid(
+                    "is a generate model: it takes a prompt, not input images or tensors".into(),
+                ));
+            }
+            let defaults = &model.defaults;
+            let (width, height) = request
+                .size
+                .or(defaults.size.map(|s| (s.width, s.height)))
+                .unwrap_or(DEFAULT_SIZE);
+            let scale = model.latent_scale;
+            if width == 0 || height == 0 || width % scale != 0 || height % scale != 0 {
+                return Err(invalid(format!(
+                    "size {width}x{height} must be positive multiples of {scale} (latent_scale)"
+                )));
+            }
+            let steps = request.steps.or(defaults.steps).unwrap_or(DEFAULT_STEPS);
+            if steps == 0 {
+                return Err(invalid("steps must be at least 1".into()));
+            }
+            let guidance = request
+                .guidance
+                .or(defaults.guidance)
+                .unwrap_or(DEFAULT_GUIDANCE);
+            if !guidance.is_finite() || guidance < 0.0 {
+                return Err(invalid(format!(
+                    "guidance {guidance} must be a finite number ≥ 0"
+                )));
+            }
+            let seed = request.seed.unwrap_or_else(noise::random_seed);
+            let noise = noise::gaussian(seed, model.noise_channels, height / scale, width / scale);
+            let job = GenerateJob {
+                noise,
+                prompt: request.prompt.clone(),
+                negative: request.negative.clone(),
+                steps,
+                guidance,
+            };
+            Ok((Job::Generate(job), Some(seed)))
+        }
+    }
+}

@@ -1,0 +1,737 @@
+//! Model life cycles inside the registry: queues, loads, jobs, unloads.
+//!
+//! `Unloaded → Loading → Ready → Unloading → Unloaded`, and a failed load
+//! back to `Unloaded` with a retry time. Loads and jobs run in their own
+//! tasks and report back as [`Event`]s, so the registry never waits.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use gpuctl_protocol::worker::LoadModel;
+use gpuctl_protocol::{
+    Error, ErrorCode, GenerateResponse, KeepAlive, LoadResponse, ModelState, ModelStatus,
+    UnloadResponse,
+};
+use tokio::sync::oneshot;
+
+use super::{PreparedJob, Registry};
+use crate::config::{Config, ModelConfig};
+use crate::policy::{self, Admission, ModelView, Phase, UnloadReason};
+use crate::worker::{self, Exit, JobOutput, WorkerHandle, WorkerJob};
+
+/// The longest wait between load retries.
+const MAX_RETRY: Duration = Duration::from_secs(600);
+
+/// What load and job tasks report back.
+pub enum Event {
+    Loaded {
+        model: String,
+        load: u64,
+        result: Result<WorkerHandle, Error>,
+    },
+    JobDone {
+        model: String,
+        load: u64,
+        succeeded: bool,
+    },
+    Exited {
+        model: String,
+        load: u64,
+        exit: Exit,
+    },
+}
+
+enum Life {
+    Unloaded,
+    Loading { since: Instant },
+    Ready { worker: WorkerHandle },
+    Unloading { pid: u32 },
+}
+
+enum Waiter {
+    Job {
+        job: PreparedJob,
+        reply: oneshot::Sender<Result<GenerateResponse, Error>>,
+        since: Instant,
+    },
+    Load {
+        reply: oneshot::Sender<Result<LoadResponse, Error>>,
+        since: Instant,
+    },
+}
+
+/// One configured model's state.
+pub struct ModelEntry {
+    life: Life,
+    queue: VecDeque<Waiter>,
+    in_flight: u32,
+    last_used: Instant,
+    /// Set by a request's keep-alive; otherwise the config decides.
+    keep_alive: Option<KeepAlive>,
+    /// Numbers each load, so events of an older worker are recognised.
+    load: u64,
+    loads: u64,
+    last_load_ms: Option<u64>,
+    last_error: Option<String>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    /// When the current worker finished loading: waiters older than this
+    /// waited for the load, and are told how long it took.
+    loaded_at: Option<Instant>,
+    /// Unload once the current load finishes.
+    unload_when_loaded: bool,
+    /// Told when the worker has exited.
+    unload_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl ModelEntry {
+    pub fn new() -> ModelEntry {
+        ModelEntry {
+            life: Life::Unloaded,
+            queue: VecDeque::new(),
+            in_flight: 0,
+            last_used: Instant::now(),
+            keep_alive: None,
+            load: 0,
+            loads: 0,
+            last_load_ms: None,
+            last_error: None,
+            failures: 0,
+            retry_at: None,
+            loaded_at: None,
+            unload_when_loaded: false,
+            unload_waiters: Vec::new(),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        match self.life {
+            Life::Unloaded => Phase::Unloaded,
+            Life::Loading { .. } => Phase::Loading,
+            Life::Ready { .. } => Phase::Ready {
+                in_flight: self.in_flight,
+            },
+            Life::Unloading { .. } => Phase::Unloading,
+        }
+    }
+}
+
+/// The error for a model name that is not configured, listing those that are.
+pub fn not_found(model: &str, config: &Config) -> Error {
+    let known: Vec<&str> = config.models.keys().map(String::as_str).collect();
+    let known = if known.is_empty() {
+        "none is configured".to_owned()
+    } else {
+        format!("configured: {}", known.join(", "))
+    };
+    Error::new(
+        ErrorCode::NotFound,
+        format!("no model named {model:?} ({known})"),
+    )
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+impl Registry {
+    fn keep_alive_of(&self, name: &str, config: &Config) -> KeepAlive {
+        let configured = config
+            .models
+            .get(name)
+            .map(|m| m.keep_alive.unwrap_or(config.policy.keep_alive).0)
+            .unwrap_or(config.policy.keep_alive.0);
+        let requested = self.models.get(name).and_then(|e| e.keep_alive);
+        policy::keep_alive(configured, requested, config.policy.max_keep_alive.0)
+    }
+
+    fn views(&self, config: &Config) -> Vec<ModelView> {
+        self.models
+            .iter()
+            .map(|(name, entry)| {
+                let model = config.models.get(name);
+                ModelView {
+                    name: name.clone(),
+                    phase: entry.phase(),
+                    queued: entry.queue.len(),
+                    last_used: entry.last_used,
+                    keep_alive: self.keep_alive_of(name, config),
+                    pin: model.is_some_and(|m| m.pin),
+                    group: model.and_then(|m| m.group.clone()),
+                }
+            })
+            .collect()
+    }
+
+    pub(super) fn next_expiry(&self) -> Option<Instant> {
+        policy::next_expiry(&self.views(&self.config()))
+    }
+
+    pub(super) fn expire_idle(&mut self) {
+        let config = self.config();
+        for name in policy::expired(&self.views(&config), Instant::now()) {
+            self.unload(&name, UnloadReason::IdleTimeout, false);
+        }
+    }
+
+    pub(super) fn preload(&mut self) {
+        let config = self.config();
+        for (name, model) in &config.models {
+            if model.preload {
+                tracing::info!(model = %name, "preloading");
+                self.enqueue_preload(name);
+            }
+        }
+    }
+
+    fn enqueue_preload(&mut self, name: &str) {
+        let (reply, answer) = oneshot::channel();
+        if let Some(entry) = self.models.get_mut(name) {
+            entry.queue.push_back(Waiter::Load {
+                reply,
+                since: Instant::now(),
+            });
+        }
+        let model = name.to_owned();
+        tokio::spawn(async move {
+            if let Ok(Err(error)) = answer.await {
+                tracing::warn!(model, error = %error.message, "preload failed");
+            }
+        });
+        self.pump(name);
+    }
+
+    /// Queues a job (bounded by `queue_max`) and moves things along.
+    pub(super) fn submit_job(
+        &mut self,
+        job: PreparedJob,
+        reply: oneshot::Sender<Result<GenerateResponse, Error>>,
+    ) {
+        let config = self.config();
+        let name = job.model.clone();
+        let queue_max = config.policy.queue_max as usize;
+        let Some(entry) = self.models.get_mut(&name) else {
+            let _ = reply.send(Err(not_found(&name, &config)));
+            return;
+        };
+        if entry.queue.len() + entry.in_flight as usize >= queue_max {
+            let error = Error::new(
+                ErrorCode::QueueFull,
+                format!("model {name} has {queue_max} requests queued or running (policy.queue_max); try again later"),
+            );
+            let _ = reply.send(Err(error));
+            return;
+        }
+        if job.keep_alive.is_some() {
+            entry.keep_alive = job.keep_alive;
+        }
+        entry.queue.push_back(Waiter::Job {
+            job,
+            reply,
+            since: Instant::now(),
+        });
+        self.pump(&name);
+    }
+
+    pub(super) fn submit_load(
+        &mut self,
+        name: String,
+        keep_alive: Option<KeepAlive>,
+        reply: oneshot::Sender<Result<LoadResponse, Error>>,
+    ) {
+        let config = self.config();
+        let Some(entry) = self.models.get_mut(&name) else {
+            let _ = reply.send(Err(not_found(&name, &config)));
+            return;
+        };
+        if keep_alive.is_some() {
+            entry.keep_alive = keep_alive;
+        }
+        entry.queue.push_back(Waiter::Load {
+            reply,
+            since: Instant::now(),
+        });
+        self.pump(&name);
+    }
+
+    /// Serves what can be served: dispatches jobs to a ready worker, or
+    /// starts a load (evicting what policy says) for a model with waiters.
+    fn pump(&mut self, name: &str) {
+        let config = self.config();
+        let Some(model) = config.models.get(name) else {
+            return;
+        };
+        let Some(entry) = self.models.get_mut(name) else {
+            return;
+        };
+        match entry.life {
+            Life::Ready { .. } => return self.dispatch(name, model),
+            Life::Unloaded if !entry.queue.is_empty() => {}
+            _ => return,
+        }
+        let now = Instant::now();
+        if let Some(retry_at) = entry.retry_at.filter(|t| *t > now) {
+            let reason = entry.last_error.clone().unwrap_or_default();
+            let wait =
+                gpuctl_protocol::units::format_duration_ms((ms(retry_at - now) / 1000 + 1) * 1000);
+            let error = Error::new(
+                ErrorCode::Internal,
+                format!("{reason}; the next attempt is allowed in {wait}"),
+            );
+            fail_all(&mut entry.queue, &error);
+            return;
+        }
+        match policy::admit(
+            &self.views(&config),
+            name,
+            config.policy.max_loaded as usize,
+        ) {
+            Admission::Load { evict } => {
+                for (victim, reason) in evict {
+                    self.unload(&victim, reason, false);
+                }
+                self.start_load(name, model, &config);
+            }
+            Admission::Wait { because } => tracing::debug!(model = name, because, "load waits"),
+        }
+    }
+
+    /// Pumps every model with waiters: an unload may have made room.
+    fn pump_all(&mut self) {
+        let waiting: Vec<String> = self
+            .models
+            .iter()
+            .filter(|(_, e)| !e.queue.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in waiting {
+            self.pump(&name);
+        }
+    }
+
+    fn dispatch(&mut self, name: &str, model: &ModelConfig) {
+        let events = self.events.clone();
+        let Some(entry) = self.models.get_mut(name) else {
+            return;
+        };
+        let Life::Ready { worker } = &entry.life else {
+            return;
+        };
+        let device = worker.loaded.device.clone();
+        // The load time, for waiters that arrived before the load finished.
+        let (loaded_at, last_load_ms) = (entry.loaded_at, entry.last_load_ms);
+        let load_ms_since =
+            move |since: Instant| loaded_at.filter(|at| since < *at).and(last_load_ms);
+        while entry.in_flight < model.concurrency {
+            let Some(waiter) = entry.queue.pop_front() else {
+                break;
+            };
+            match waiter {
+                Waiter::Load { reply, since } => {
+                    let answer = LoadResponse {
+                        model: name.to_owned(),
+                        device: device.clone(),
+                        load_ms: load_ms_since(since),
+                    };
+                    let _ = reply.send(Ok(answer));
+                    entry.last_used = Instant::now();
+                }
+                Waiter::Job { job, reply, since } => {
+                    let (done, result) = oneshot::channel();
+                    let queue_ms = ms(since.elapsed());
+                    let PreparedJob {
+                        model: model_name,
+                        job,
+                        seed,
+                        ..
+                    } = job;
+                    if let Err(WorkerJob { reply: done, .. }) =
+                        worker.run(WorkerJob { job, reply: done })
+                    {
+                        let _ = done.send(Err(Error::new(
+                            ErrorCode::Internal,
+                            format!("model {name}: its worker is gone"),
+                        )));
+                    }
+                    entry.in_flight += 1;
+                    let (events, device, load) = (events.clone(), device.clone(), entry.load);
+                    let waited_for_load = load_ms_since(since);
+                    tokio::spawn(async move {
+                        let outcome = result.await.unwrap_or_else(|_| {
+                            Err(Error::new(
+                                ErrorCode::Internal,
+                                format!("model {model_name}: its worker is gone"),
+                            ))
+                        });
+                        let succeeded = outcome.is_ok();
+                        let answer =
+                            outcome.map(|JobOutput { outputs, run_ms }| GenerateResponse {
+                                model: model_name.clone(),
+                                device,
+                                seed,
+                                outputs,
+                                queue_ms,
+                                load_ms: waited_for_load,
+                                run_ms,
+                            });
+                        let _ = reply.send(answer);
+                        let _ = events.send(Event::JobDone {
+                            model: model_name,
+                            load,
+                            succeeded,
+                        });
+                    });
+                }
+            }
+        }
+    }
+
+    fn start_load(&mut self, name: &str, model: &ModelConfig, config: &Config) {
+        let Some(entry) = self.models.get_mut(name) else {
+            return;
+        };
+        entry.load += 1;
+        entry.life = Life::Loading {
+            since: Instant::now(),
+        };
+        let load = entry.load;
+        let spec = LoadModel {
+            name: name.to_owned(),
+            path: config.model_path(model).display().to_string(),
+            kind: model.kind.into(),
+            device: model.device.to_string(),
+            threads: worker_threads(),
+        };
+        tracing::info!(model = name, path = %spec.path, device = %spec.device, "loading");
+        let program = self.worker_program.clone();
+        let events = self.events.clone();
+        let model_name = name.to_owned();
+        tokio::spawn(async move {
+            let on_exit = {
+                let (events, model) = (events.clone(), model_name.clone());
+                move |exit| {
+                    let _ = events.send(Event::Exited { model, load, exit });
+                }
+            };
+            let result = worker::start(&program, spec, on_exit).await;
+            let _ = events.send(Event::Loaded {
+                model: model_name,
+                load,
+                result,
+            });
+        });
+    }
+
+    pub(super) fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Loaded {
+                model,
+                load,
+                result,
+            } => self.on_loaded(&model, load, result),
+            Event::JobDone {
+                model,
+                load,
+                succeeded,
+            } => {
+                if let Some(entry) = self.models.get_mut(&model).filter(|e| e.load == load) {
+                    entry.in_flight = entry.in_flight.saturating_sub(1);
+                    entry.last_used = Instant::now();
+                    if succeeded {
+                        entry.failures = 0;
+                    }
+                }
+                self.pump(&model);
+            }
+            Event::Exited { model, load, exit } => self.on_exited(&model, load, exit),
+        }
+    }
+
+    fn on_loaded(&mut self, name: &str, load: u64, result: Result<WorkerHandle, Error>) {
+        let retry_base = self.config().policy.load_retry.0;
+        let Some(entry) = self.models.get_mut(name).filter(|e| e.load == load) else {
+            return;
+        };
+        let since = match entry.life {
+            Life::Loading { since } => since,
+            _ => return,
+        };
+        match result {
+            Ok(worker) => {
+                let took = ms(since.elapsed());
+                tracing::info!(model = name, pid = worker.pid, device = %worker.loaded.device, load_ms = took, parameter_bytes = worker.loaded.parameter_bytes, "loaded");
+                entry.loads += 1;
+                entry.last_load_ms = Some(took);
+                entry.last_error = None;
+                entry.retry_at = None;
+                entry.last_used = Instant::now();
+                entry.loaded_at = Some(Instant::now());
+                entry.life = Life::Ready { worker };
+                if std::mem::take(&mut entry.unload_when_loaded) {
+                    self.unload(name, UnloadReason::Explicit, false);
+                } else {
+                    self.pump(name);
+                }
+            }
+            Err(error) => {
+                entry.failures += 1;
+                let backoff = retry_base
+                    .saturating_mul(1 << (entry.failures - 1).min(10))
+                    .min(MAX_RETRY);
+                tracing::error!(model = name, error = %error.message, retry_in_ms = ms(backoff), "load failed");
+                entry.retry_at = Some(Instant::now() + backoff);
+                entry.last_error = Some(error.message.clone());
+                entry.life = Life::Unloaded;
+                entry.unload_when_loaded = false;
+                fail_all(&mut entry.queue, &error);
+                for waiter in entry.unload_waiters.drain(..) {
+                    let _ = waiter.send(());
+                }
+                self.pump_all();
+            }
+        }
+    }
+
+    fn on_exited(&mut self, name: &str, load: u64, exit: Exit) {
+        let retry_base = self.config().policy.load_retry.0;
+        let Some(entry) = self.models.get_mut(name).filter(|e| e.load == load) else {
+            return;
+        };
+        if matches!(entry.life, Life::Loading { .. }) {
+            return; // a failed load; on_loaded reports it
+        }
+        if exit.expected {
+            tracing::info!(model = name, pid = exit.pid, status = %exit.description, "worker exited");
+        } else {
+            entry.failures += 1;
+            let message = format!(
+                "model {name}: its worker (pid {}) died: {}",
+                exit.pid, exit.description
+            );
+            tracing::error!(model = name, pid = exit.pid, status = %exit.description, failures = entry.failures, "worker crashed");
+            entry.last_error = Some(message);
+            // One crash reloads on the next request; repeated ones back off.
+            if entry.failures > 1 {
+                let backoff = retry_base
+                    .saturating_mul(1 << (entry.failures - 2).min(10))
+                    .min(MAX_RETRY);
+                entry.retry_at = Some(Instant::now() + backoff);
+            }
+        }
+        entry.life = Life::Unloaded;
+        entry.in_flight = 0;
+        for waiter in entry.unload_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        self.pump(name);
+        self.pump_all();
+    }
+
+    /// Starts unloading `name`: its worker finishes its jobs (or is killed
+    /// with `force`) and exits. Returns a receiver told when it is gone.
+    pub(super) fn unload(
+        &mut self,
+        name: &str,
+        reason: UnloadReason,
+        force: bool,
+    ) -> Option<oneshot::Receiver<()>> {
+        let entry = self.models.get_mut(name)?;
+        let (done, gone) = oneshot::channel();
+        match std::mem::replace(&mut entry.life, Life::Unloaded) {
+            Life::Unloaded => {
+                let _ = done.send(());
+            }
+            Life::Loading { since } => {
+                entry.life = Life::Loading { since };
+                entry.unload_when_loaded = true;
+                entry.unload_waiters.push(done);
+            }
+            Life::Ready { worker } => {
+                tracing::info!(
+                    model = name,
+                    pid = worker.pid,
+                    reason = reason.name(),
+                    in_flight = entry.in_flight,
+                    force,
+                    "unloading"
+                );
+                entry.life = Life::Unloading { pid: worker.pid };
+                if force {
+                    worker.kill();
+                    let cancelled = Error::new(
+                        ErrorCode::Cancelled,
+                        format!("model {name} was unloaded with --force"),
+                    );
+                    fail_all(&mut entry.queue, &cancelled);
+                } else {
+                    worker.unload();
+                }
+                entry.unload_waiters.push(done);
+            }
+            Life::Unloading { pid } => {
+                entry.life = Life::Unloading { pid };
+                entry.unload_waiters.push(done);
+            }
+        }
+        Some(gone)
+    }
+
+    pub(super) fn unload_request(
+        &mut self,
+        model: Option<String>,
+        force: bool,
+        reply: oneshot::Sender<Result<UnloadResponse, Error>>,
+    ) {
+        let config = self.config();
+        let names: Vec<String> = match model {
+            Some(name) if self.models.contains_key(&name) => vec![name],
+            Some(name) => {
+                let _ = reply.send(Err(not_found(&name, &config)));
+                return;
+            }
+            None => self.models.keys().cloned().collect(),
+        };
+        let mut gone = Vec::new();
+        for name in names {
+            let resident = !matches!(
+                self.models.get(&name).map(|e| &e.life),
+                Some(Life::Unloaded) | None
+            );
+            if let Some(waiter) = self.unload(&name, UnloadReason::Explicit, force) {
+                if resident {
+                    gone.push((name, waiter));
+                }
+            }
+        }
+        tokio::spawn(async move {
+            let mut unloaded = Vec::new();
+            for (name, waiter) in gone {
+                let _ = waiter.await;
+                unloaded.push(name);
+            }
+            let _ = reply.send(Ok(UnloadResponse { unloaded }));
+        });
+    }
+
+    /// After a reload: models removed or changed are unloaded once their
+    /// work is done (the next request loads the new version); new ones appear.
+    pub(super) fn apply_model_changes(&mut self, old: &Config) {
+        let new = self.config();
+        for name in new.models.keys() {
+            self.models
+                .entry(name.clone())
+                .or_insert_with(ModelEntry::new);
+        }
+        let stale: Vec<String> = self
+            .models
+            .keys()
+            .filter(|name| {
+                let before = old.models.get(*name).map(|m| (m, old.model_path(m)));
+                let after = new.models.get(*name).map(|m| (m, new.model_path(m)));
+                before != after
+            })
+            .cloned()
+            .collect();
+        for name in &stale {
+            self.unload(name, UnloadReason::Reload, false);
+            let removed = !new.models.contains_key(name);
+            if let Some(entry) = self.models.get_mut(name) {
+                if removed {
+                    let error = Error::new(
+                        ErrorCode::NotFound,
+                        format!("model {name} was removed from the configuration"),
+                    );
+                    fail_all(&mut entry.queue, &error);
+                }
+                entry.retry_at = None;
+                entry.failures = 0;
+            }
+        }
+        self.models.retain(|name, entry| {
+            new.models.contains_key(name) || !matches!(entry.life, Life::Unloaded)
+        });
+    }
+
+    pub(super) fn model_status(&self) -> Vec<ModelStatus> {
+        let config = self.config();
+        let now = Instant::now();
+        self.models
+            .iter()
+            .map(|(name, entry)| {
+                let keep_alive = self.keep_alive_of(name, &config);
+                let pinned = config.models.get(name).is_some_and(|m| m.pin);
+                let idle = matches!(entry.life, Life::Ready { .. })
+                    && entry.in_flight == 0
+                    && entry.queue.is_empty();
+                let (state, device, pid, device_bytes) = match &entry.life {
+                    Life::Unloaded => match entry.retry_at.filter(|t| *t > now) {
+                        Some(t) => (
+                            ModelState::Failed {
+                                retry_in_ms: ms(t - now),
+                            },
+                            None,
+                            None,
+                            0,
+                        ),
+                        None => (ModelState::Unloaded, None, None, 0),
+                    },
+                    Life::Loading { .. } => (ModelState::Loading, None, None, 0),
+                    Life::Ready { worker } => (
+                        ModelState::Ready,
+                        Some(worker.loaded.device.clone()),
+                        Some(worker.pid),
+                        worker.loaded.device_bytes,
+                    ),
+                    Life::Unloading { pid } => {
+                        let state = if entry.in_flight > 0 {
+                            ModelState::Draining
+                        } else {
+                            ModelState::Unloading
+                        };
+                        (state, None, Some(*pid), 0)
+                    }
+                };
+                let unload_in_ms = match keep_alive {
+                    KeepAlive::Millis(keep) if idle && !pinned => Some(
+                        keep.saturating_sub(ms(now.saturating_duration_since(entry.last_used))),
+                    ),
+                    _ => None,
+                };
+                ModelStatus {
+                    name: name.clone(),
+                    state,
+                    device,
+                    pid,
+                    device_bytes,
+                    queued: entry.queue.len() as u32,
+                    in_flight: entry.in_flight,
+                    idle_ms: idle.then(|| ms(now.saturating_duration_since(entry.last_used))),
+                    unload_in_ms,
+                    keep_alive,
+                    loads: entry.loads,
+                    last_load_ms: entry.last_load_ms,
+                    last_error: entry.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+fn fail_all(queue: &mut VecDeque<Waiter>, error: &Error) {
+    for waiter in queue.drain(..) {
+        match waiter {
+            Waiter::Job { reply, .. } => {
+                let _ = reply.send(Err(error.clone()));
+            }
+            Waiter::Load { reply, .. } => {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+/// Intra-op threads per worker: the machine's cores, so that one busy model
+/// uses the CPU fully without each worker oversubscribing it.
+fn worker_threads() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}

@@ -1,0 +1,310 @@
+//! gpuctl-worker processes, seen from the daemon: start one per loaded
+//! model, hand it jobs, notice when it exits. The worker dies with the
+//! daemon (PR_SET_PDEATHSIG, armed against the thread that spawns it, so
+//! workers are spawned from the runtime's long-lived threads, never from
+//! `spawn_blocking`).
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use gpuctl_protocol::worker::{DaemonToWorker, Job, LoadModel, Loaded, WorkerToDaemon};
+use gpuctl_protocol::{Error, ErrorCode, FrameCodec, WireTensor, MAX_FRAME_CEILING};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::Framed;
+
+type Channel = Framed<UnixStream, FrameCodec<WorkerToDaemon, DaemonToWorker>>;
+
+/// How long a worker gets to exit after `Unload` before it is killed.
+pub const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// What one job returns.
+pub struct JobOutput {
+    pub outputs: Vec<WireTensor>,
+    pub run_ms: u64,
+}
+
+/// A job on its way to a worker, with where its answer goes.
+pub struct WorkerJob {
+    pub job: Job,
+    pub reply: oneshot::Sender<Result<JobOutput, Error>>,
+}
+
+/// The daemon's handle on a running worker. Dropping `jobs` (or calling
+/// [`WorkerHandle::unload`]) makes it finish what it has and exit.
+pub struct WorkerHandle {
+    pub pid: u32,
+    pub loaded: Loaded,
+    jobs: mpsc::UnboundedSender<WorkerJob>,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+impl WorkerHandle {
+    /// Queues a job; `false` if the worker is already gone.
+    pub fn run(&self, job: WorkerJob) -> Result<(), WorkerJob> {
+        self.jobs.send(job).map_err(|e| e.0)
+    }
+
+    /// Lets queued jobs finish, then asks the worker to exit.
+    pub fn unload(self) {}
+
+    /// Kills the worker now; its jobs fail with `Cancelled`.
+    pub fn kill(mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+    }
+}
+
+/// How a worker ended, for logs and errors.
+#[derive(Debug, Clone)]
+pub struct Exit {
+    pub pid: u32,
+    pub description: String,
+    /// It exited because it was told to (or killed by us).
+    pub expected: bool,
+}
+
+/// The worker binary: configured, else `gpuctl-worker` beside gpuctld.
+pub fn worker_program(configured: &str) -> PathBuf {
+    if !configured.is_empty() {
+        return PathBuf::from(configured);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("gpuctl-worker")))
+        .unwrap_or_else(|| PathBuf::from("gpuctl-worker"))
+}
+
+/// Starts a worker and waits until its model is loaded. `exited` receives
+/// one message when the worker ends, whenever that is.
+pub async fn start(
+    program: &Path,
+    spec: LoadModel,
+    exited: impl FnOnce(Exit) + Send + 'static,
+) -> Result<WorkerHandle, Error> {
+    let name = spec.name.clone();
+    let fail =
+        |problem: String| Error::new(ErrorCode::Internal, format!("model {name}: {problem}"));
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
+    let mut command = Command::new(program);
+    command
+        .args(["--fd", "3", "--parent", &std::process::id().to_string()])
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let fd = theirs.as_raw_fd();
+    // SAFETY: dup2 and fcntl are async-signal-safe; nothing else runs
+    // between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let ok = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(fd, 3) >= 0
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {}: {e}", program.display())))?;
+    drop(theirs);
+    let pid = child.id().unwrap_or(0);
+    ours.set_nonblocking(true)
+        .map_err(|e| fail(e.to_string()))?;
+    let stream = UnixStream::from_std(ours).map_err(|e| fail(e.to_string()))?;
+    let mut channel: Channel = Framed::new(stream, FrameCodec::new(MAX_FRAME_CEILING));
+
+    let loaded = async {
+        channel
+            .send(DaemonToWorker::Load(spec))
+            .await
+            .map_err(|e| fail(format!("cannot talk to its worker: {e}")))?;
+        match channel.next().await {
+            Some(Ok(WorkerToDaemon::Loaded(loaded))) => Ok(loaded),
+            Some(Ok(WorkerToDaemon::Failed { error, .. })) => Err(error),
+            Some(Ok(other)) => Err(fail(format!(
+                "unexpected first message from its worker: {other:?}"
+            ))),
+            Some(Err(e)) => Err(fail(format!("worker protocol error: {e}"))),
+            None => Err(fail("its worker exited while loading".to_owned())),
+        }
+    }
+    .await;
+    let loaded = match loaded {
+        Ok(loaded) => loaded,
+        Err(mut error) => {
+            let status = wait_briefly(&mut child).await;
+            if let Some(status) = status.filter(|s| s.signal().is_some()) {
+                error.message = format!("{} ({})", error.message, describe(status));
+            }
+            exited(Exit {
+                pid,
+                description: status.map_or("killed".into(), describe),
+                expected: true,
+            });
+            return Err(error);
+        }
+    };
+    let (jobs, queue) = mpsc::unbounded_channel();
+    let (kill, killed) = oneshot::channel();
+    tokio::spawn(supervise(name, channel, child, queue, killed, exited));
+    Ok(WorkerHandle {
+        pid,
+        loaded,
+        jobs,
+        kill: Some(kill),
+    })
+}
+
+async fn wait_briefly(child: &mut Child) -> Option<ExitStatus> {
+    match tokio::time::timeout(EXIT_GRACE, child.wait()).await {
+        Ok(Ok(status)) => Some(status),
+        _ => {
+            let _ = child.kill().await;
+            None
+        }
+    }
+}
+
+/// Describes an exit status: "exit status 1", "signal 9 (SIGKILL)".
+pub fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => {
+            let name = match signal {
+                libc::SIGKILL => " (SIGKILL, e.g. the OOM killer)",
+                libc::SIGSEGV => " (SIGSEGV)",
+                libc::SIGABRT => " (SIGABRT)",
+                libc::SIGBUS => " (SIGBUS)",
+                libc::SIGTERM => " (SIGTERM)",
+                _ => "",
+            };
+            format!("signal {signal}{name}")
+        }
+        _ => "unknown exit".to_owned(),
+    }
+}
+
+/// Feeds jobs to the worker, matches answers to them, and reports its exit.
+async fn supervise(
+    model: String,
+    mut channel: Channel,
+    mut child: Child,
+    mut queue: mpsc::UnboundedReceiver<WorkerJob>,
+    mut killed: oneshot::Receiver<()>,
+    exited: impl FnOnce(Exit) + Send + 'static,
+) {
+    let pid = child.id().unwrap_or(0);
+    let mut pending: HashMap<u64, oneshot::Sender<Result<JobOutput, Error>>> = HashMap::new();
+    let mut next_id = 0u64;
+    let mut unloading = false;
+    let mut kill_settled = false;
+    let ending: Result<ExitStatus, String> = loop {
+        tokio::select! {
+            // A kill must win over the closed job queue that comes with it.
+            biased;
+            kill = &mut killed, if !kill_settled => {
+                kill_settled = true;
+                if kill.is_err() {
+                    // The handle was dropped: a plain unload, seen through `queue`.
+                    continue;
+                }
+                let _ = child.start_kill();
+                for (_, reply) in pending.drain() {
+                    let _ = reply.send(Err(Error::new(ErrorCode::Cancelled, format!("model {model} was unloaded with --force"))));
+                }
+                unloading = true;
+            }
+            job = queue.recv(), if !unloading => match job {
+                Some(WorkerJob { job, reply }) => {
+                    next_id += 1;
+                    if let Err(error) = channel.send(DaemonToWorker::Run { id: next_id, job }).await {
+                        let _ = reply.send(Err(Error::new(ErrorCode::Internal, format!("model {model}: cannot send the job to its worker: {error}"))));
+                    } else {
+                        pending.insert(next_id, reply);
+                    }
+                }
+                None => {
+                    // Every handle is gone: finish what is running, then exit.
+                    unloading = true;
+                    if pending.is_empty() {
+                        let _ = channel.send(DaemonToWorker::Unload).await;
+                    }
+                }
+            },
+            message = channel.next() => match message {
+                Some(Ok(WorkerToDaemon::Done { id, outputs, run_ms })) => {
+                    if let Some(reply) = pending.remove(&id) {
+                        let _ = reply.send(Ok(JobOutput { outputs, run_ms }));
+                    }
+                    if unloading && pending.is_empty() {
+                        let _ = channel.send(DaemonToWorker::Unload).await;
+                    }
+                }
+                Some(Ok(WorkerToDaemon::Failed { id: Some(id), error })) => {
+                    if let Some(reply) = pending.remove(&id) {
+                        let _ = reply.send(Err(error));
+                    }
+                    if unloading && pending.is_empty() {
+                        let _ = channel.send(DaemonToWorker::Unload).await;
+                    }
+                }
+                Some(Ok(other)) => tracing::warn!(model, ?other, "unexpected message from worker"),
+                Some(Err(error)) => {
+                    tracing::warn!(model, %error, "worker protocol error; stopping it");
+                    let _ = child.start_kill();
+                    break child.wait().await.map_err(|e| e.to_string());
+                }
+                None => break match tokio::time::timeout(EXIT_GRACE, child.wait()).await {
+                    Ok(status) => status.map_err(|e| e.to_string()),
+                    Err(_) => {
+                        let _ = child.start_kill();
+                        child.wait().await.map_err(|e| e.to_string())
+                    }
+                },
+            },
+        }
+    };
+    let description = match &ending {
+        Ok(status) => describe(*status),
+        Err(error) => format!("cannot be waited for: {error}"),
+    };
+    let expected = unloading && pending.is_empty();
+    for (_, reply) in pending.drain() {
+        let error = Error::new(
+            ErrorCode::Internal,
+            format!("model {model}: its worker (pid {pid}) died while running this request: {description}"),
+        );
+        let _ = reply.send(Err(error));
+    }
+    // Jobs that arrived after the end never reached the worker.
+    queue.close();
+    while let Ok(WorkerJob { reply, .. }) = queue.try_recv() {
+        let _ = reply.send(Err(Error::new(
+            ErrorCode::Internal,
+            format!("model {model}: its worker exited ({description})"),
+        )));
+    }
+    exited(Exit {
+        pid,
+        description,
+        expected,
+    });
+}
