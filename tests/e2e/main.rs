@@ -8,6 +8,7 @@ mod fixture;
 mod hygiene;
 mod journald;
 mod lifecycle;
+mod models;
 mod notify;
 mod reload;
 mod systemd;

@@ -1,0 +1,636 @@
+//! Models end to end: real gpuctld, real gpuctl-worker processes, real
+//! TorchScript models made by models/make_models.py (scripts/test runs it).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gpuctl_protocol::{
+    Client, ClientError, DType, ErrorCode, GenerateRequest, KeepAlive, Request, Response,
+    WireTensor,
+};
+use serde_json::Value;
+
+use crate::fixture::*;
+
+fn models_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models");
+    assert!(
+        dir.join("manifest.json").exists(),
+        "no test models in {}: run scripts/test (it makes them)",
+        dir.display()
+    );
+    dir.canonicalize().unwrap()
+}
+
+/// The three demo models plus `extra` TOML.
+fn config(policy: &str, extra: &str) -> String {
+    format!(
+        r#"model_root = "{root}"
+[policy]
+{policy}
+
+[models.up]
+path = "waifu2x-upconv7-x2.pt"
+kind = "image"
+scale = 2
+
+[models.gen]
+path = "tiny-generate.pt"
+kind = "generate"
+defaults = {{ size = "64x48", steps = 2, guidance = 5.0 }}
+
+[models.ten]
+path = "tiny-tensor.pt"
+kind = "tensor"
+{extra}
+"#,
+        root = models_dir().display()
+    )
+}
+
+/// A runtime whose tasks (the client's connection) keep running while the
+/// test blocks on `gpuctl` subprocesses and `wait_until`.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn f32_tensor(shape: &[u64], value: impl Fn(usize) -> f32) -> WireTensor {
+    let n: u64 = shape.iter().product();
+    WireTensor::new(
+        DType::F32,
+        shape.to_vec(),
+        (0..n as usize)
+            .flat_map(|i| value(i).to_le_bytes())
+            .collect(),
+    )
+    .unwrap()
+}
+
+fn request(model: &str) -> GenerateRequest {
+    GenerateRequest {
+        model: model.into(),
+        input: None,
+        inputs: vec![],
+        prompt: String::new(),
+        negative: String::new(),
+        seed: None,
+        steps: None,
+        guidance: None,
+        size: None,
+        keep_alive: None,
+    }
+}
+
+fn tensor_request() -> GenerateRequest {
+    GenerateRequest {
+        inputs: vec![f32_tensor(&[2], |i| i as f32), f32_tensor(&[2], |_| 1.0)],
+        ..request("ten")
+    }
+}
+
+/// A generate job that keeps its worker busy for a while.
+fn slow_request(steps: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: "slow".into(),
+        steps: Some(steps),
+        size: Some((8, 8)),
+        ..request("gen")
+    }
+}
+
+async fn generate(
+    client: &Client,
+    request: GenerateRequest,
+) -> Result<gpuctl_protocol::GenerateResponse, ClientError> {
+    match client.call(Request::Generate(request)).await? {
+        Response::Generate(response) => Ok(response),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn daemon_error(result: Result<impl std::fmt::Debug, ClientError>) -> gpuctl_protocol::Error {
+    match result {
+        Err(ClientError::Daemon(error)) => error,
+        other => panic!("expected an error from gpuctld, got {other:?}"),
+    }
+}
+
+fn model_status(daemon: &Daemon, name: &str) -> Value {
+    let status = daemon.status();
+    status["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .cloned()
+        .unwrap()
+}
+
+fn wait_for_state(daemon: &Daemon, name: &str, state: &str) {
+    wait_until(
+        &format!("{name} to be {state}"),
+        Duration::from_secs(30),
+        || model_status(daemon, name)["state"] == state,
+    );
+}
+
+fn pid_alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        !s.lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'))
+    })
+}
+
+#[test]
+fn lazy_load_shared_by_concurrent_first_requests() {
+    let daemon = Daemon::start(&config("", ""));
+    for name in ["gen", "ten", "up"] {
+        assert_eq!(
+            model_status(&daemon, name)["state"],
+            "Unloaded",
+            "nothing is loaded at start-up"
+        );
+    }
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        // All four are on the wire before the first load can have finished.
+        let mut calls = Vec::new();
+        for _ in 0..4 {
+            calls.push(
+                client
+                    .start(Request::Generate(tensor_request()))
+                    .await
+                    .unwrap(),
+            );
+        }
+        for call in calls {
+            let Ok(Response::Generate(response)) = call.response().await else {
+                panic!("a request failed")
+            };
+            assert_eq!(response.device, "cpu");
+            assert_eq!(response.outputs.len(), 2);
+            let expected: Vec<u8> = [1.0f32, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert_eq!(response.outputs[0].data, expected);
+            assert!(
+                response.load_ms.is_some(),
+                "each of them waited for the one load"
+            );
+        }
+    });
+    let ten = model_status(&daemon, "ten");
+    assert_eq!(
+        ten["loads"], 1,
+        "four concurrent first requests, one load: {ten}"
+    );
+    assert_eq!(ten["state"], "Ready");
+    assert!(pid_alive(ten["pid"].as_u64().unwrap()));
+}
+
+#[test]
+fn image_generate_and_tensor_contracts() {
+    let daemon = Daemon::start(&config("", ""));
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        let pixels = WireTensor::new(
+            DType::U8,
+            vec![1, 3, 12, 10],
+            (0..360).map(|i| (i % 256) as u8).collect(),
+        )
+        .unwrap();
+        let up = generate(
+            &client,
+            GenerateRequest {
+                input: Some(pixels),
+                ..request("up")
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(up.outputs[0].shape, vec![1, 3, 24, 20]);
+        assert!(
+            up.load_ms.is_some(),
+            "the first request waited for the load"
+        );
+        let again = generate(
+            &client,
+            GenerateRequest {
+                input: Some(f32_tensor(&[1, 3, 4, 4], |_| 0.5)),
+                ..request("up")
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(again.load_ms, None, "the second found it loaded");
+
+        let seeded = GenerateRequest {
+            prompt: "a red fox".into(),
+            seed: Some(7),
+            ..request("gen")
+        };
+        let first = generate(&client, seeded.clone()).await.unwrap();
+        assert_eq!(first.seed, Some(7));
+        assert_eq!(
+            first.outputs[0].shape,
+            vec![1, 3, 48, 64],
+            "size from the model's defaults"
+        );
+        assert_eq!(
+            generate(&client, seeded.clone()).await.unwrap().outputs,
+            first.outputs,
+            "a seed reproduces an image"
+        );
+        let other = generate(
+            &client,
+            GenerateRequest {
+                seed: Some(8),
+                ..seeded.clone()
+            },
+        )
+        .await
+        .unwrap();
+        assert_ne!(other.outputs, first.outputs);
+        let unseeded = generate(
+            &client,
+            GenerateRequest {
+                prompt: "x".into(),
+                size: Some((16, 8)),
+                ..request("gen")
+            },
+        )
+        .await
+        .unwrap();
+        assert!(
+            unseeded.seed.is_some(),
+            "a random seed is chosen and reported"
+        );
+        assert_eq!(unseeded.outputs[0].shape, vec![1, 3, 8, 16]);
+
+        let error = daemon_error(
+            generate(
+                &client,
+                GenerateRequest {
+                    size: Some((10, 10)),
+                    ..request("gen")
+                },
+            )
+            .await,
+        );
+        assert_eq!(error.code, ErrorCode::InvalidRequest);
+        assert!(
+            error
+                .message
+                .contains("size 10x10 must be positive multiples of 8"),
+            "{}",
+            error.message
+        );
+        let error = daemon_error(generate(&client, request("up")).await);
+        assert!(
+            error
+                .message
+                .contains("model up: is an image model: send an input image"),
+            "{}",
+            error.message
+        );
+        let wrong = WireTensor::new(DType::F32, vec![1, 1, 4, 4], vec![0; 64]).unwrap();
+        let error = daemon_error(
+            generate(
+                &client,
+                GenerateRequest {
+                    input: Some(wrong),
+                    ..request("up")
+                },
+            )
+            .await,
+        );
+        assert!(
+            error.message.contains("image input must be [N,3,H,W]"),
+            "{}",
+            error.message
+        );
+        let error = daemon_error(generate(&client, request("nope")).await);
+        assert_eq!(error.code, ErrorCode::NotFound);
+        assert!(
+            error
+                .message
+                .contains("no model named \"nope\" (configured: gen, ten, up)"),
+            "{}",
+            error.message
+        );
+    });
+    daemon.assert_serving();
+}
+
+#[test]
+fn keep_alive_zero_unloads_when_idle_and_requests_are_clamped() {
+    let daemon = Daemon::start(&config("keep_alive = \"0s\"\nmax_keep_alive = \"2s\"", ""));
+    let pid = runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        generate(&client, tensor_request()).await.unwrap();
+        model_status(&daemon, "ten")["pid"].as_u64()
+    });
+    wait_for_state(&daemon, "ten", "Unloaded");
+    if let Some(pid) = pid {
+        wait_until(
+            "the worker process to exit",
+            Duration::from_secs(10),
+            || !pid_alive(pid),
+        );
+    }
+    assert!(
+        daemon.log_text().contains("reason=\"idle timeout\""),
+        "{}",
+        daemon.log_text()
+    );
+
+    // A request asking for "forever" gets max_keep_alive.
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        generate(
+            &client,
+            GenerateRequest {
+                keep_alive: Some(KeepAlive::Forever),
+                ..tensor_request()
+            },
+        )
+        .await
+        .unwrap();
+    });
+    assert_eq!(model_status(&daemon, "ten")["keep_alive"]["Millis"], 2000);
+    wait_for_state(&daemon, "ten", "Unloaded");
+}
+
+#[test]
+fn the_lru_cap_evicts_the_least_recently_used_idle_model_and_pins_hold() {
+    let daemon = Daemon::start(&config("max_loaded = 2", "pin = true"));
+    for model in ["ten", "up", "gen"] {
+        let output = daemon.gpuctl(&["load", model]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    // ten is pinned: up, the least recently used unpinned model, made room.
+    assert_eq!(model_status(&daemon, "ten")["state"], "Ready");
+    wait_for_state(&daemon, "up", "Unloaded");
+    assert_eq!(model_status(&daemon, "gen")["state"], "Ready");
+    assert!(
+        daemon.log_text().contains("model=\"up\"") && daemon.log_text().contains("reason=\"lru\"")
+    );
+}
+
+#[test]
+fn a_group_holds_one_resident_model() {
+    let grouped = config("", "group = \"g\"")
+        .replace("kind = \"generate\"", "kind = \"generate\"\ngroup = \"g\"");
+    let daemon = Daemon::start(&grouped);
+    assert!(daemon.gpuctl(&["load", "gen"]).status.success());
+    assert!(daemon.gpuctl(&["load", "ten"]).status.success());
+    wait_for_state(&daemon, "gen", "Unloaded");
+    assert!(
+        daemon.log_text().contains("reason=\"group switch\""),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn unload_waits_for_work_and_force_cancels_it() {
+    let daemon = Daemon::start(&config("", ""));
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        // Drain: the running job finishes, then the worker exits.
+        let job = client
+            .start(Request::Generate(slow_request(200_000)))
+            .await
+            .unwrap();
+        wait_until("the slow job to run", Duration::from_secs(30), || {
+            model_status(&daemon, "gen")["in_flight"] == 1
+        });
+        let unload = daemon.gpuctl(&["--json", "unload", "gen"]);
+        assert!(unload.status.success(), "{}", stderr(&unload));
+        assert!(
+            matches!(job.response().await, Ok(Response::Generate(_))),
+            "the job in flight finished"
+        );
+        let unloaded: Value = serde_json::from_slice(&unload.stdout).unwrap();
+        assert_eq!(unloaded["unloaded"], serde_json::json!(["gen"]));
+        assert_eq!(model_status(&daemon, "gen")["state"], "Unloaded");
+
+        // Force: the running job is cancelled with a clear error.
+        let job = client
+            .start(Request::Generate(slow_request(5_000_000)))
+            .await
+            .unwrap();
+        wait_until("the slow job to run", Duration::from_secs(30), || {
+            model_status(&daemon, "gen")["in_flight"] == 1
+        });
+        assert!(daemon
+            .gpuctl(&["unload", "--all", "--force"])
+            .status
+            .success());
+        let error = daemon_error(job.response().await);
+        assert_eq!(error.code, ErrorCode::Cancelled);
+        assert!(
+            error
+                .message
+                .contains("model gen was unloaded with --force"),
+            "{}",
+            error.message
+        );
+        // The model serves the next request.
+        generate(
+            &client,
+            GenerateRequest {
+                seed: Some(1),
+                ..request("gen")
+            },
+        )
+        .await
+        .unwrap();
+    });
+    assert_eq!(model_status(&daemon, "gen")["loads"], 3);
+}
+
+#[test]
+fn a_worker_crash_fails_its_requests_and_the_next_request_reloads() {
+    let daemon = Daemon::start(&config("", ""));
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        let job = client
+            .start(Request::Generate(slow_request(5_000_000)))
+            .await
+            .unwrap();
+        wait_until("the slow job to run", Duration::from_secs(30), || {
+            model_status(&daemon, "gen")["in_flight"] == 1
+        });
+        let pid = model_status(&daemon, "gen")["pid"].as_i64().unwrap() as i32;
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let error = daemon_error(job.response().await);
+        assert!(
+            error
+                .message
+                .contains(&format!("model gen: its worker (pid {pid}) died")),
+            "{}",
+            error.message
+        );
+        assert!(error.message.contains("signal 9"), "{}", error.message);
+        let status = model_status(&daemon, "gen");
+        assert_eq!(status["state"], "Unloaded");
+        assert!(
+            status["last_error"].as_str().unwrap().contains("died"),
+            "{status}"
+        );
+        generate(
+            &client,
+            GenerateRequest {
+                seed: Some(1),
+                ..request("gen")
+            },
+        )
+        .await
+        .unwrap();
+    });
+    assert_eq!(model_status(&daemon, "gen")["loads"], 2);
+    daemon.assert_serving();
+}
+
+#[test]
+fn load_failures_are_named_and_retried_only_after_a_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.pt");
+    std::fs::write(&corrupt, b"PK\x03\x04 not really").unwrap();
+    let extra = format!(
+        "\n[models.missing]\npath = \"/nonexistent/missing.pt\"\nkind = \"tensor\"\n\n[models.corrupt]\npath = \"{}\"\nkind = \"tensor\"\n",
+        corrupt.display()
+    );
+    let daemon = Daemon::start(
+        &config("load_retry = \"30s\"", "")
+            .replace("[models.ten]", &format!("{extra}\n[models.ten]")),
+    );
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        let error = daemon_error(
+            generate(
+                &client,
+                GenerateRequest {
+                    inputs: vec![],
+                    ..request("missing")
+                },
+            )
+            .await,
+        );
+        assert_eq!(error.code, ErrorCode::NotFound);
+        assert!(
+            error
+                .message
+                .contains("model missing: cannot read /nonexistent/missing.pt"),
+            "{}",
+            error.message
+        );
+        let error = daemon_error(
+            generate(
+                &client,
+                GenerateRequest {
+                    inputs: vec![],
+                    ..request("corrupt")
+                },
+            )
+            .await,
+        );
+        assert!(
+            error.message.contains("is not a loadable TorchScript file"),
+            "{}",
+            error.message
+        );
+
+        // Within the backoff, no new load: the request fails at once.
+        let again = daemon_error(
+            generate(
+                &client,
+                GenerateRequest {
+                    inputs: vec![],
+                    ..request("missing")
+                },
+            )
+            .await,
+        );
+        assert!(
+            again.message.contains("the next attempt is allowed in"),
+            "{}",
+            again.message
+        );
+        // Other models are not disturbed.
+        generate(&client, tensor_request()).await.unwrap();
+    });
+    let missing = model_status(&daemon, "missing");
+    assert!(
+        missing["state"]["Failed"]["retry_in_ms"].as_u64().unwrap() > 20_000,
+        "{missing}"
+    );
+    assert_eq!(
+        daemon
+            .log_text()
+            .matches("loading model=\"missing\"")
+            .count(),
+        1,
+        "one load, not a loop"
+    );
+}
+
+#[test]
+fn a_full_queue_refuses_at_once() {
+    let daemon = Daemon::start(&config("queue_max = 1", ""));
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        let job = client
+            .start(Request::Generate(slow_request(100_000)))
+            .await
+            .unwrap();
+        wait_until("the slow job to run", Duration::from_secs(30), || {
+            model_status(&daemon, "gen")["in_flight"] == 1
+        });
+        let error = daemon_error(
+            generate(
+                &client,
+                GenerateRequest {
+                    seed: Some(1),
+                    ..request("gen")
+                },
+            )
+            .await,
+        );
+        assert_eq!(error.code, ErrorCode::QueueFull);
+        assert!(
+            error.message.contains("policy.queue_max"),
+            "{}",
+            error.message
+        );
+        assert!(job.response().await.is_ok());
+    });
+}
+
+#[test]
+fn a_reload_replaces_a_changed_model_once_idle() {
+    let mut daemon = Daemon::start(&config("", ""));
+    assert!(daemon.gpuctl(&["load", "ten"]).status.success());
+    let first_pid = model_status(&daemon, "ten")["pid"].as_u64().unwrap();
+    std::fs::write(&daemon.config, config("", "device = \"cpu\"")).unwrap();
+    assert!(daemon.gpuctl(&["reload"]).status.success());
+    wait_for_state(&daemon, "ten", "Unloaded");
+    assert!(daemon.log_text().contains("reason=\"reload\""));
+    assert!(daemon.gpuctl(&["load", "ten"]).status.success());
+    assert_ne!(
+        model_status(&daemon, "ten")["pid"].as_u64().unwrap(),
+        first_pid
+    );
+    // Workers do not outlive the daemon.
+    let pid = model_status(&daemon, "ten")["pid"].as_u64().unwrap();
+    assert!(daemon.stop().success());
+    wait_until(
+        "the worker to exit with the daemon",
+        Duration::from_secs(10),
+        || !pid_alive(pid),
+    );
+}
