@@ -62,6 +62,19 @@ fn administrative_requests_need_an_admin() {
         "nothing was reloaded"
     );
 
+    for (args, operation) in [
+        (&["load", "m"][..], "load"),
+        (&["unload", "--all"][..], "unload"),
+    ] {
+        let refused = as_nobody(&daemon, args);
+        assert_eq!(refused.status.code(), Some(1));
+        let message = stderr(&refused);
+        assert!(
+            message.contains(&format!("{operation} is an administrative operation")),
+            "{message}"
+        );
+    }
+
     // root is always an administrator.
     assert!(daemon.gpuctl(&["reload"]).status.success());
 }
