@@ -36,6 +36,38 @@ enum Command {
     /// queue, time left before an idle unload, loads, last error
     #[command(visible_alias = "ps")]
     Status,
+    /// Run a model: upscale an image, generate from a prompt, or run tensors
+    Generate {
+        /// The configured model's name
+        model: String,
+        /// Image models: a PNG, JPEG or WebP file; tensor models: a safetensors file
+        input: Option<PathBuf>,
+        /// Where to write the result; its extension picks the image format
+        /// [default: INPUT-MODEL.png, MODEL-SEED.png, or MODEL-output.safetensors]
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+        /// Generate models: what to make
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// Generate models: what to avoid
+        #[arg(long, default_value = "")]
+        negative: String,
+        /// Generate models: the noise seed [default: random, and printed]
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Generate models: sampling steps [default: the model's defaults]
+        #[arg(long)]
+        steps: Option<u32>,
+        /// Generate models: guidance scale [default: the model's defaults]
+        #[arg(long)]
+        guidance: Option<f32>,
+        /// Generate models: output size, WIDTHxHEIGHT
+        #[arg(long, value_parser = parse_size, value_name = "WxH")]
+        size: Option<(u32, u32)>,
+        /// Keep the model this long once idle: a duration ("10m", "0s") or "forever"
+        #[arg(long, value_parser = parse_keep_alive)]
+        keep_alive: Option<KeepAlive>,
+    },
     /// Load a model now instead of on its first request (administrators only)
     Load {
         /// The configured model's name
@@ -112,25 +144,71 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli.command, &socket, output)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => ExitCode::from(report(&error, &socket)),
+        Err(CliError::Client(error)) => ExitCode::from(report(&error, &socket)),
+        Err(CliError::Usage(message)) => {
+            eprintln!("gpuctl: {message}");
+            ExitCode::from(2)
+        }
+        Err(CliError::Failed(message)) => {
+            eprintln!("gpuctl: {message}");
+            ExitCode::from(EXIT_DAEMON_ERROR)
+        }
     }
 }
 
-async fn run(
-    command: Command,
-    socket: &std::path::Path,
-    output: Output,
-) -> Result<(), ClientError> {
+/// Why a command failed.
+pub enum CliError {
+    /// Talking to gpuctld failed, or gpuctld refused.
+    Client(ClientError),
+    /// A local file or argument is unusable (exit 2).
+    Usage(String),
+    /// Writing a result failed (exit 1).
+    Failed(String),
+}
+
+impl From<ClientError> for CliError {
+    fn from(error: ClientError) -> Self {
+        CliError::Client(error)
+    }
+}
+
+async fn run(command: Command, socket: &std::path::Path, output: Output) -> Result<(), CliError> {
     let options = ClientOptions {
         name: format!("gpuctl {}", env!("CARGO_PKG_VERSION")),
         ..ClientOptions::default()
     };
     let client = Client::connect_with(socket, options).await?;
-    match command {
+    let done = match command {
         Command::Status => commands::status::run(&client, output).await,
         Command::Models => commands::models::run(&client, output).await,
         Command::Reload => commands::reload::run(&client, output).await,
         Command::Ping { count } => commands::ping::run(&client, count, output).await,
+        Command::Generate {
+            model,
+            input,
+            output: out,
+            prompt,
+            negative,
+            seed,
+            steps,
+            guidance,
+            size,
+            keep_alive,
+        } => {
+            let args = commands::generate::GenerateArgs {
+                model,
+                input,
+                output: out,
+                prompt,
+                negative,
+                seed,
+                steps,
+                guidance,
+                size,
+                keep_alive,
+            };
+            return commands::generate::run(&client, args, output).await;
+        }
         Command::Load { model, keep_alive } => {
             commands::load::run(&client, model, keep_alive, output).await
         }
@@ -140,7 +218,8 @@ async fn run(
             force,
         } => commands::unload::run(&client, model, force, output).await,
         Command::Completions { .. } => Ok(()),
-    }
+    };
+    done.map_err(CliError::from)
 }
 
 /// Prints what went wrong and how to fix it; returns the exit code.
@@ -209,4 +288,18 @@ fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
     }
     let duration = gpuctl_protocol::units::parse_duration(text)?;
     Ok(KeepAlive::Millis(duration.as_millis() as u64))
+}
+
+/// `--size`: WIDTHxHEIGHT, e.g. "896x1152".
+fn parse_size(text: &str) -> Result<(u32, u32), String> {
+    let problem = || format!("invalid size {text:?}: expected WIDTHxHEIGHT such as 896x1152");
+    let (w, h) = text.split_once('x').ok_or_else(problem)?;
+    let size = (
+        w.parse().map_err(|_| problem())?,
+        h.parse().map_err(|_| problem())?,
+    );
+    if size.0 == 0 || size.1 == 0 {
+        return Err(problem());
+    }
+    Ok(size)
 }

@@ -12,6 +12,7 @@ pub mod listener;
 pub mod logging;
 mod noise;
 pub mod notify;
+mod pixels;
 pub mod policy;
 mod registry;
 pub mod server;

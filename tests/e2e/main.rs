@@ -5,6 +5,7 @@ mod access;
 mod activation;
 mod basics;
 mod fixture;
+mod generate_cli;
 mod hygiene;
 mod journald;
 mod lifecycle;

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::fixture::*;
 
-fn models_dir() -> PathBuf {
+pub fn models_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models");
     assert!(
         dir.join("manifest.json").exists(),
@@ -23,7 +23,7 @@ fn models_dir() -> PathBuf {
 }
 
 /// The three demo models plus `extra` TOML.
-fn config(policy: &str, extra: &str) -> String {
+pub fn config(policy: &str, extra: &str) -> String {
     format!(
         r#"model_root = "{root}"
 [policy]

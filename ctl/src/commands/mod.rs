@@ -1,6 +1,7 @@
 //! One file per subcommand, named like the protocol's requests.
 
 pub mod completions;
+pub mod generate;
 pub mod load;
 pub mod models;
 pub mod ping;

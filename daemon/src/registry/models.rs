@@ -15,7 +15,8 @@ use gpuctl_protocol::{
 use tokio::sync::oneshot;
 
 use super::{PreparedJob, Registry};
-use crate::config::{Config, ModelConfig};
+use crate::config::{Config, Kind, ModelConfig};
+use crate::pixels;
 use crate::policy::{self, Admission, ModelView, Phase, UnloadReason};
 use crate::worker::{self, Exit, JobOutput, WorkerHandle, WorkerJob};
 
@@ -322,6 +323,8 @@ impl Registry {
         let (loaded_at, last_load_ms) = (entry.loaded_at, entry.last_load_ms);
         let load_ms_since =
             move |since: Instant| loaded_at.filter(|at| since < *at).and(last_load_ms);
+        // Image and generate outputs are pictures: clients get RGB8.
+        let as_pixels = model.kind != Kind::Tensor;
         while entry.in_flight < model.concurrency {
             let Some(waiter) = entry.queue.pop_front() else {
                 break;
@@ -369,7 +372,11 @@ impl Registry {
                                 model: model_name.clone(),
                                 device,
                                 seed,
-                                outputs,
+                                outputs: if as_pixels {
+                                    outputs.into_iter().map(pixels::to_rgb8).collect()
+                                } else {
+                                    outputs
+                                },
                                 queue_ms,
                                 load_ms: waited_for_load,
                                 run_ms,

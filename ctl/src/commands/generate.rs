@@ -1,0 +1,276 @@
+//! `gpuctl generate`: files in, files out. Images are decoded and encoded
+//! here, never in the daemon; tensor models take and give safetensors.
+
+use std::path::{Path, PathBuf};
+
+use gpuctl_protocol::{
+    Client, DType, GenerateRequest, GenerateResponse, KeepAlive, ModelKind, ModelsRequest, Request,
+    Response, WireTensor,
+};
+use safetensors::{Dtype, SafeTensors};
+use serde::Serialize;
+
+use crate::{unexpected, CliError, Output};
+
+/// What `gpuctl generate` was asked.
+pub struct GenerateArgs {
+    pub model: String,
+    pub input: Option<PathBuf>,
+    pub output: Option<PathBuf>,
+    pub prompt: String,
+    pub negative: String,
+    pub seed: Option<u64>,
+    pub steps: Option<u32>,
+    pub guidance: Option<f32>,
+    pub size: Option<(u32, u32)>,
+    pub keep_alive: Option<KeepAlive>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    device: String,
+    seed: Option<u64>,
+    output: String,
+    shapes: Vec<Vec<u64>>,
+    queue_ms: u64,
+    load_ms: Option<u64>,
+    run_ms: u64,
+}
+
+pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<(), CliError> {
+    let kind = model_kind(client, &args.model).await?;
+    let mut request = GenerateRequest {
+        model: args.model.clone(),
+        input: None,
+        inputs: vec![],
+        prompt: args.prompt.clone(),
+        negative: args.negative.clone(),
+        seed: args.seed,
+        steps: args.steps,
+        guidance: args.guidance,
+        size: args.size,
+        keep_alive: args.keep_alive,
+    };
+    match (kind, &args.input) {
+        (Some(ModelKind::Image), Some(path)) => request.input = Some(read_image(path)?),
+        (Some(ModelKind::Image), None) => {
+            return Err(CliError::Usage(format!(
+                "{} is an image model: give an input image",
+                args.model
+            )))
+        }
+        (Some(ModelKind::Tensor), Some(path)) => request.inputs = read_safetensors(path)?,
+        (Some(ModelKind::Generate), Some(_)) => {
+            return Err(CliError::Usage(format!(
+                "{} is a generate model: it takes --prompt, not an input file",
+                args.model
+            )))
+        }
+        _ => {}
+    }
+    let answer = match client.call(Request::Generate(request)).await? {
+        Response::Generate(answer) => answer,
+        other => return Err(unexpected(&other).into()),
+    };
+    let path = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(&args, kind, &answer));
+    match kind {
+        Some(ModelKind::Tensor) => write_safetensors(&path, &answer.outputs)?,
+        _ => write_image(&path, &answer.outputs)?,
+    }
+    let report = Report {
+        model: answer.model.clone(),
+        device: answer.device.clone(),
+        seed: answer.seed,
+        output: path.display().to_string(),
+        shapes: answer.outputs.iter().map(|t| t.shape.clone()).collect(),
+        queue_ms: answer.queue_ms,
+        load_ms: answer.load_ms,
+        run_ms: answer.run_ms,
+    };
+    match output {
+        Output::Json => crate::print_json(&report),
+        Output::Human => crate::emit(&describe(&report)),
+    }
+    Ok(())
+}
+
+fn describe(report: &Report) -> String {
+    let mut line = format!(
+        "wrote {}: model {} on {}",
+        report.output, report.model, report.device
+    );
+    if let Some(seed) = report.seed {
+        line.push_str(&format!(", seed {seed}"));
+    }
+    line.push_str(&format!(", waited {} ms", report.queue_ms));
+    if let Some(load) = report.load_ms {
+        line.push_str(&format!(" (load {load} ms)"));
+    }
+    line.push_str(&format!(", ran {} ms\n", report.run_ms));
+    line
+}
+
+async fn model_kind(client: &Client, model: &str) -> Result<Option<ModelKind>, CliError> {
+    match client.call(Request::Models(ModelsRequest {})).await? {
+        // An unknown model is left to gpuctld, whose error lists the known ones.
+        Response::Models(models) => Ok(models
+            .models
+            .iter()
+            .find(|m| m.name == model)
+            .map(|m| m.kind)),
+        other => Err(unexpected(&other).into()),
+    }
+}
+
+fn default_output(
+    args: &GenerateArgs,
+    kind: Option<ModelKind>,
+    answer: &GenerateResponse,
+) -> PathBuf {
+    let stem = args
+        .input
+        .as_ref()
+        .and_then(|p| p.file_stem())
+        .map(|s| s.to_string_lossy().into_owned());
+    PathBuf::from(match (kind, stem, answer.seed) {
+        (Some(ModelKind::Tensor), _, _) => format!("{}-output.safetensors", args.model),
+        (_, Some(stem), _) => format!("{stem}-{}.png", args.model),
+        (_, None, Some(seed)) => format!("{}-{seed}.png", args.model),
+        (_, None, None) => format!("{}-output.png", args.model),
+    })
+}
+
+/// PNG, JPEG or WebP → `[1,3,H,W]` RGB8.
+fn read_image(path: &Path) -> Result<WireTensor, CliError> {
+    let image = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?
+        .decode()
+        .map_err(|e| CliError::Usage(format!("cannot decode {}: {e}", path.display())))?
+        .to_rgb8();
+    let (width, height) = image.dimensions();
+    let plane = (width * height) as usize;
+    let mut data = vec![0u8; plane * 3];
+    for (i, pixel) in image.pixels().enumerate() {
+        for c in 0..3 {
+            data[c * plane + i] = pixel[c];
+        }
+    }
+    WireTensor::new(
+        DType::U8,
+        vec![1, 3, u64::from(height), u64::from(width)],
+        data,
+    )
+    .map_err(CliError::Usage)
+}
+
+/// `[1,3,H,W]` RGB8 → an image file whose format the extension names.
+fn write_image(path: &Path, outputs: &[WireTensor]) -> Result<(), CliError> {
+    let bad =
+        |problem: String| CliError::Failed(format!("cannot write {}: {problem}", path.display()));
+    let tensor = match outputs {
+        [tensor] => tensor,
+        _ => {
+            return Err(bad(format!(
+                "the model returned {} outputs, not one image",
+                outputs.len()
+            )))
+        }
+    };
+    let [1, 3, height, width] = tensor.shape[..] else {
+        return Err(bad(format!(
+            "the model returned shape {:?}, not [1,3,H,W]",
+            tensor.shape
+        )));
+    };
+    if tensor.dtype != DType::U8 {
+        return Err(bad(format!(
+            "the model returned {:?} pixels, not RGB8",
+            tensor.dtype
+        )));
+    }
+    let plane = (height * width) as usize;
+    let mut interleaved = vec![0u8; plane * 3];
+    for i in 0..plane {
+        for c in 0..3 {
+            interleaved[i * 3 + c] = tensor.data[c * plane + i];
+        }
+    }
+    let image = image::RgbImage::from_raw(width as u32, height as u32, interleaved)
+        .ok_or_else(|| bad("the pixel count does not match the size".into()))?;
+    image
+        .save(path)
+        .map_err(|e| bad(format!("{e} (use .png, .jpg or .webp)")))
+}
+
+fn dtype_of(dtype: Dtype) -> Option<DType> {
+    Some(match dtype {
+        Dtype::U8 => DType::U8,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F32 => DType::F32,
+        Dtype::F64 => DType::F64,
+        Dtype::I32 => DType::I32,
+        Dtype::I64 => DType::I64,
+        _ => return None,
+    })
+}
+
+fn safetensors_dtype(dtype: DType) -> Dtype {
+    match dtype {
+        DType::U8 => Dtype::U8,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::F32 => Dtype::F32,
+        DType::F64 => Dtype::F64,
+        DType::I32 => Dtype::I32,
+        DType::I64 => Dtype::I64,
+    }
+}
+
+/// A safetensors file → the forward's arguments, in the order of their names.
+fn read_safetensors(path: &Path) -> Result<Vec<WireTensor>, CliError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| {
+        CliError::Usage(format!("{} is not a safetensors file: {e}", path.display()))
+    })?;
+    let mut tensors = file.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+        .into_iter()
+        .map(|(name, view)| {
+            let dtype = dtype_of(view.dtype()).ok_or_else(|| {
+                CliError::Usage(format!(
+                    "{}: tensor {name} has unsupported dtype {:?}",
+                    path.display(),
+                    view.dtype()
+                ))
+            })?;
+            let shape = view.shape().iter().map(|d| *d as u64).collect();
+            WireTensor::new(dtype, shape, view.data().to_vec()).map_err(CliError::Usage)
+        })
+        .collect()
+}
+
+/// Outputs → a safetensors file with tensors `output_0`, `output_1`, …
+fn write_safetensors(path: &Path, outputs: &[WireTensor]) -> Result<(), CliError> {
+    let bad =
+        |problem: String| CliError::Failed(format!("cannot write {}: {problem}", path.display()));
+    let views = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let shape = t.shape.iter().map(|d| *d as usize).collect();
+            safetensors::tensor::TensorView::new(safetensors_dtype(t.dtype), shape, &t.data)
+                .map(|view| (format!("output_{i}"), view))
+                .map_err(|e| bad(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| bad(e.to_string()))?;
+    std::fs::write(path, bytes).map_err(|e| bad(e.to_string()))
+}
