@@ -37,37 +37,7 @@ enum Command {
     #[command(visible_alias = "ps")]
     Status,
     /// Run a model: upscale an image, generate from a prompt, or run tensors
-    Generate {
-        /// The configured model's name
-        model: String,
-        /// Image models: a PNG, JPEG or WebP file; tensor models: a safetensors file
-        input: Option<PathBuf>,
-        /// Where to write the result; its extension picks the image format
-        /// [default: INPUT-MODEL.png, MODEL-SEED.png, or MODEL-output.safetensors]
-        #[arg(short, long, value_name = "OUT")]
-        output: Option<PathBuf>,
-        /// Generate models: what to make
-        #[arg(long, default_value = "")]
-        prompt: String,
-        /// Generate models: what to avoid
-        #[arg(long, default_value = "")]
-        negative: String,
-        /// Generate models: the noise seed [default: random, and printed]
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Generate models: sampling steps [default: the model's defaults]
-        #[arg(long)]
-        steps: Option<u32>,
-        /// Generate models: guidance scale [default: the model's defaults]
-        #[arg(long)]
-        guidance: Option<f32>,
-        /// Generate models: output size, WIDTHxHEIGHT
-        #[arg(long, value_parser = parse_size, value_name = "WxH")]
-        size: Option<(u32, u32)>,
-        /// Keep the model this long once idle: a duration ("10m", "0s") or "forever"
-        #[arg(long, value_parser = parse_keep_alive)]
-        keep_alive: Option<KeepAlive>,
-    },
+    Generate(commands::generate::GenerateArgs),
     /// Load a model now instead of on its first request (administrators only)
     Load {
         /// The configured model's name
@@ -183,32 +153,7 @@ async fn run(command: Command, socket: &std::path::Path, output: Output) -> Resu
         Command::Models => commands::models::run(&client, output).await,
         Command::Reload => commands::reload::run(&client, output).await,
         Command::Ping { count } => commands::ping::run(&client, count, output).await,
-        Command::Generate {
-            model,
-            input,
-            output: out,
-            prompt,
-            negative,
-            seed,
-            steps,
-            guidance,
-            size,
-            keep_alive,
-        } => {
-            let args = commands::generate::GenerateArgs {
-                model,
-                input,
-                output: out,
-                prompt,
-                negative,
-                seed,
-                steps,
-                guidance,
-                size,
-                keep_alive,
-            };
-            return commands::generate::run(&client, args, output).await;
-        }
+        Command::Generate(args) => return commands::generate::run(&client, args, output).await,
         Command::Load { model, keep_alive } => {
             commands::load::run(&client, model, keep_alive, output).await
         }
@@ -282,7 +227,7 @@ pub fn emit(text: &str) {
 }
 
 /// `--keep-alive`: a duration such as "10m" or "0s", or "forever".
-fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
+pub fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
     if text == "forever" {
         return Ok(KeepAlive::Forever);
     }
@@ -291,7 +236,7 @@ fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
 }
 
 /// `--size`: WIDTHxHEIGHT, e.g. "896x1152".
-fn parse_size(text: &str) -> Result<(u32, u32), String> {
+pub fn parse_size(text: &str) -> Result<(u32, u32), String> {
     let problem = || format!("invalid size {text:?}: expected WIDTHxHEIGHT such as 896x1152");
     let (w, h) = text.split_once('x').ok_or_else(problem)?;
     let size = (

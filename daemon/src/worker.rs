@@ -12,7 +12,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use gpuctl_protocol::worker::{DaemonToWorker, Job, LoadModel, Loaded, WorkerToDaemon};
+use gpuctl_protocol::worker::{DaemonToWorker, Job, LoadModel, Loaded, WorkerToDaemon, WORKER_FD};
 use gpuctl_protocol::{Error, ErrorCode, FrameCodec, WireTensor, MAX_FRAME_CEILING};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
@@ -96,7 +96,12 @@ pub async fn start(
         std::os::unix::net::UnixStream::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
     let mut command = Command::new(program);
     command
-        .args(["--fd", "3", "--parent", &std::process::id().to_string()])
+        .args([
+            "--fd",
+            &WORKER_FD.to_string(),
+            "--parent",
+            &std::process::id().to_string(),
+        ])
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
@@ -108,18 +113,7 @@ pub async fn start(
     // SAFETY: dup2 and fcntl are async-signal-safe; nothing else runs
     // between fork and exec.
     unsafe {
-        command.pre_exec(move || {
-            let ok = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0) >= 0
-            } else {
-                libc::dup2(fd, 3) >= 0
-            };
-            if ok {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
+        command.pre_exec(move || gpuctl_protocol::worker::install_worker_fd(fd));
     }
     let mut child = command
         .spawn()

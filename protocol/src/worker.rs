@@ -117,3 +117,25 @@ pub struct Loaded {
     /// Bytes of parameters and buffers on the device.
     pub device_bytes: u64,
 }
+
+/// The descriptor a worker finds its socket on.
+pub const WORKER_FD: i32 = 3;
+
+/// Makes `fd` the child's [`WORKER_FD`]. Call it from `pre_exec`, between
+/// fork and exec: it only calls async-signal-safe functions. `dup2` onto
+/// itself would keep close-on-exec set, so that case clears the flag.
+pub fn install_worker_fd(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: dup2 and fcntl take plain integers and touch no memory.
+    let ok = unsafe {
+        if fd == WORKER_FD {
+            libc::fcntl(WORKER_FD, libc::F_SETFD, 0) >= 0
+        } else {
+            libc::dup2(fd, WORKER_FD) >= 0
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -153,18 +153,7 @@ impl Daemon {
             use std::os::unix::process::CommandExt;
             // SAFETY: dup2 is async-signal-safe; nothing else runs between fork and exec.
             unsafe {
-                command.pre_exec(move || {
-                    // dup2 onto itself keeps close-on-exec, so clear it explicitly.
-                    let ok = if fd == 3 {
-                        libc::fcntl(3, libc::F_SETFD, 0) >= 0
-                    } else {
-                        libc::dup2(fd, 3) >= 0
-                    };
-                    if !ok {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                command.pre_exec(move || gpuctl_protocol::worker::install_worker_fd(fd));
             }
         }
         let child = command.spawn().expect("spawn gpuctld");

@@ -102,6 +102,18 @@ fn slow_request(steps: u32) -> GenerateRequest {
     }
 }
 
+/// Starts a slow `gen` job and waits until it runs on the worker.
+async fn start_slow_job(client: &Client, daemon: &Daemon, steps: u32) -> gpuctl_protocol::Call {
+    let job = client
+        .start(Request::Generate(slow_request(steps)))
+        .await
+        .unwrap();
+    wait_until("the slow job to run", Duration::from_secs(30), || {
+        model_status(daemon, "gen")["in_flight"] == 1
+    });
+    job
+}
+
 async fn generate(
     client: &Client,
     request: GenerateRequest,
@@ -400,13 +412,7 @@ fn unload_waits_for_work_and_force_cancels_it() {
     runtime().block_on(async {
         let client = Client::connect(&daemon.socket).await.unwrap();
         // Drain: the running job finishes, then the worker exits.
-        let job = client
-            .start(Request::Generate(slow_request(200_000)))
-            .await
-            .unwrap();
-        wait_until("the slow job to run", Duration::from_secs(30), || {
-            model_status(&daemon, "gen")["in_flight"] == 1
-        });
+        let job = start_slow_job(&client, &daemon, 200_000).await;
         let unload = daemon.gpuctl(&["--json", "unload", "gen"]);
         assert!(unload.status.success(), "{}", stderr(&unload));
         assert!(
@@ -418,13 +424,7 @@ fn unload_waits_for_work_and_force_cancels_it() {
         assert_eq!(model_status(&daemon, "gen")["state"], "Unloaded");
 
         // Force: the running job is cancelled with a clear error.
-        let job = client
-            .start(Request::Generate(slow_request(5_000_000)))
-            .await
-            .unwrap();
-        wait_until("the slow job to run", Duration::from_secs(30), || {
-            model_status(&daemon, "gen")["in_flight"] == 1
-        });
+        let job = start_slow_job(&client, &daemon, 5_000_000).await;
         assert!(daemon
             .gpuctl(&["unload", "--all", "--force"])
             .status
@@ -457,13 +457,7 @@ fn a_worker_crash_fails_its_requests_and_the_next_request_reloads() {
     let daemon = Daemon::start(&config("", ""));
     runtime().block_on(async {
         let client = Client::connect(&daemon.socket).await.unwrap();
-        let job = client
-            .start(Request::Generate(slow_request(5_000_000)))
-            .await
-            .unwrap();
-        wait_until("the slow job to run", Duration::from_secs(30), || {
-            model_status(&daemon, "gen")["in_flight"] == 1
-        });
+        let job = start_slow_job(&client, &daemon, 5_000_000).await;
         let pid = model_status(&daemon, "gen")["pid"].as_i64().unwrap() as i32;
         // SAFETY: kill has no memory-safety preconditions.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -584,13 +578,7 @@ fn a_full_queue_refuses_at_once() {
     let daemon = Daemon::start(&config("queue_max = 1", ""));
     runtime().block_on(async {
         let client = Client::connect(&daemon.socket).await.unwrap();
-        let job = client
-            .start(Request::Generate(slow_request(100_000)))
-            .await
-            .unwrap();
-        wait_until("the slow job to run", Duration::from_secs(30), || {
-            model_status(&daemon, "gen")["in_flight"] == 1
-        });
+        let job = start_slow_job(&client, &daemon, 100_000).await;
         let error = daemon_error(
             generate(
                 &client,

@@ -27,7 +27,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
-        fd: 3,
+        fd: gpuctl_protocol::worker::WORKER_FD,
         parent: None,
     };
     let mut words = std::env::args().skip(1);

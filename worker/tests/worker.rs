@@ -35,18 +35,7 @@ fn model(name: &str) -> String {
 fn inherit_as_fd3(command: &mut Command, fd: RawFd) {
     // SAFETY: dup2 and fcntl are async-signal-safe.
     unsafe {
-        command.pre_exec(move || {
-            let ok = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0) >= 0
-            } else {
-                libc::dup2(fd, 3) >= 0
-            };
-            if ok {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
+        command.pre_exec(move || gpuctl_protocol::worker::install_worker_fd(fd));
     }
 }
 

@@ -12,17 +12,37 @@ use serde::Serialize;
 
 use crate::{unexpected, CliError, Output};
 
-/// What `gpuctl generate` was asked.
+/// `gpuctl generate`'s arguments.
+#[derive(clap::Args)]
 pub struct GenerateArgs {
+    /// The configured model's name
     pub model: String,
+    /// Image models: a PNG, JPEG or WebP file; tensor models: a safetensors file
     pub input: Option<PathBuf>,
+    /// Where to write the result; its extension picks the image format
+    /// [default: INPUT-MODEL.png, MODEL-SEED.png, or MODEL-output.safetensors]
+    #[arg(short, long, value_name = "OUT")]
     pub output: Option<PathBuf>,
+    /// Generate models: what to make
+    #[arg(long, default_value = "")]
     pub prompt: String,
+    /// Generate models: what to avoid
+    #[arg(long, default_value = "")]
     pub negative: String,
+    /// Generate models: the noise seed [default: random, and printed]
+    #[arg(long)]
     pub seed: Option<u64>,
+    /// Generate models: sampling steps [default: the model's defaults]
+    #[arg(long)]
     pub steps: Option<u32>,
+    /// Generate models: guidance scale [default: the model's defaults]
+    #[arg(long)]
     pub guidance: Option<f32>,
+    /// Generate models: output size, WIDTHxHEIGHT
+    #[arg(long, value_parser = crate::parse_size, value_name = "WxH")]
     pub size: Option<(u32, u32)>,
+    /// Keep the model this long once idle: a duration ("10m", "0s") or "forever"
+    #[arg(long, value_parser = crate::parse_keep_alive)]
     pub keep_alive: Option<KeepAlive>,
 }
 
