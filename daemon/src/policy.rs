@@ -27,6 +27,8 @@ pub struct ModelView {
     pub phase: Phase,
     /// Requests waiting for this model.
     pub queued: usize,
+    /// When the longest-waiting of them arrived.
+    pub oldest_waiter: Option<Instant>,
     /// When its last job ended (or it finished loading).
     pub last_used: Instant,
     pub keep_alive: KeepAlive,
@@ -44,6 +46,32 @@ impl ModelView {
     fn idle(&self) -> bool {
         matches!(self.phase, Phase::Ready { in_flight: 0 }) && self.queued == 0
     }
+
+    /// Whether this group member must stay for now: it is loading, leaving,
+    /// running work, or holds requests that arrived before `arrival` (the
+    /// requests that came later wait their turn: FIFO across the group).
+    fn holds_group(&self, arrival: Option<Instant>) -> bool {
+        let earlier_waiters = match (self.oldest_waiter, arrival) {
+            (Some(mine), Some(theirs)) => mine <= theirs,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        !matches!(self.phase, Phase::Ready { in_flight: 0 }) || earlier_waiters
+    }
+}
+
+/// The arrival of the oldest request waiting for another member of
+/// `model`'s group that is not resident: requests to `model` that arrived
+/// later must not start, or a busy member could starve its group.
+pub fn group_barrier(models: &[ModelView], model: &str) -> Option<Instant> {
+    let group = models.iter().find(|m| m.name == model)?.group.as_ref()?;
+    models
+        .iter()
+        .filter(|m| {
+            m.name != model && m.group.as_ref() == Some(group) && m.phase == Phase::Unloaded
+        })
+        .filter_map(|m| m.oldest_waiter)
+        .min()
 }
 
 /// Why a model is unloaded; logged and reported with every unload.
@@ -85,8 +113,9 @@ pub enum Admission {
 /// Decides whether `wanted` may be loaded now.
 ///
 /// Group first: at most one model of a group is resident, and a resident
-/// member is switched out only once it is idle, so its in-flight and queued
-/// work (which came first) finishes before the switch. Then the LRU cap:
+/// member is switched out only once its in-flight work and the requests
+/// that arrived before `wanted`'s are done; later ones wait for the switch
+/// back. Then the LRU cap:
 /// idle, unpinned models go least recently used first, only as many as
 /// needed. Busy, loading or pinned models are never evicted here.
 pub fn admit(models: &[ModelView], wanted: &str, max_loaded: usize) -> Admission {
@@ -97,11 +126,20 @@ pub fn admit(models: &[ModelView], wanted: &str, max_loaded: usize) -> Admission
     };
     let mut evict: Vec<(String, UnloadReason)> = Vec::new();
     if let Some(group) = &target.group {
+        let first = models.iter().filter(|m| m.name != wanted && m.group.as_ref() == Some(group)).find(|m| {
+            m.phase == Phase::Unloaded
+                && matches!((m.oldest_waiter, target.oldest_waiter), (Some(theirs), Some(mine)) if theirs < mine)
+        });
+        if let Some(first) = first {
+            return Admission::Wait {
+                because: format!("group {group}: requests for {} came first", first.name),
+            };
+        }
         for member in models
             .iter()
             .filter(|m| m.name != wanted && m.resident() && m.group.as_ref() == Some(group))
         {
-            if !member.idle() {
+            if member.holds_group(target.oldest_waiter) {
                 return Admission::Wait {
                     because: format!("group {group}: {} is still in use", member.name),
                 };
@@ -190,6 +228,7 @@ mod tests {
             name: name.into(),
             phase,
             queued: 0,
+            oldest_waiter: None,
             last_used,
             keep_alive: KeepAlive::Millis(300_000),
             pin: false,
@@ -272,6 +311,55 @@ mod tests {
             },
             "the group switch also makes room under the cap"
         );
+    }
+
+    #[test]
+    fn a_group_is_fifo_across_its_members() {
+        let t0 = Instant::now();
+        let group = Some("g".to_owned());
+        // a is resident and idle but holds a request that arrived before b's.
+        let mut a = ModelView {
+            group: group.clone(),
+            ..model("a", IDLE, t0)
+        };
+        a.queued = 1;
+        a.oldest_waiter = Some(at(t0, 1));
+        let mut b = ModelView {
+            group: group.clone(),
+            ..model("b", Phase::Unloaded, t0)
+        };
+        b.queued = 1;
+        b.oldest_waiter = Some(at(t0, 2));
+        assert!(matches!(
+            admit(&[a.clone(), b.clone()], "b", 3),
+            Admission::Wait { .. }
+        ));
+        // a's waiting request arrived after b's: the switch goes ahead, and
+        // a may not start it meanwhile.
+        a.oldest_waiter = Some(at(t0, 3));
+        assert_eq!(
+            admit(&[a.clone(), b.clone()], "b", 3),
+            Admission::Load {
+                evict: vec![("a".into(), UnloadReason::GroupSwitch)]
+            }
+        );
+        assert_eq!(group_barrier(&[a.clone(), b.clone()], "a"), Some(at(t0, 2)));
+        // A member that is leaving still holds the group until it is gone.
+        a.phase = Phase::Unloading;
+        assert!(matches!(
+            admit(&[a.clone(), b.clone()], "b", 3),
+            Admission::Wait { .. }
+        ));
+        // Once it is gone, b loads before a comes back, whatever order the
+        // registry asks in.
+        a.phase = Phase::Unloaded;
+        match admit(&[a.clone(), b.clone()], "a", 3) {
+            Admission::Wait { because } => {
+                assert!(because.contains("requests for b came first"), "{because}")
+            }
+            other => panic!("expected Wait, got {other:?}"),
+        }
+        assert_eq!(admit(&[a, b], "b", 3), Admission::Load { evict: vec![] });
     }
 
     #[test]

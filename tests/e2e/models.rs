@@ -622,3 +622,40 @@ fn a_reload_replaces_a_changed_model_once_idle() {
         || !pid_alive(pid),
     );
 }
+
+#[test]
+fn a_group_serves_its_requests_in_arrival_order() {
+    let grouped = config("", "group = \"g\"")
+        .replace("kind = \"generate\"", "kind = \"generate\"\ngroup = \"g\"");
+    let daemon = Daemon::start(&grouped);
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        let slow = start_slow_job(&client, &daemon, 400_000).await;
+        // While gen is busy: first a request for ten, then one for gen.
+        let for_ten = client
+            .start(Request::Generate(tensor_request()))
+            .await
+            .unwrap();
+        wait_until("ten's request to queue", Duration::from_secs(10), || {
+            model_status(&daemon, "ten")["queued"] == 1
+        });
+        let for_gen = client
+            .start(Request::Generate(GenerateRequest {
+                seed: Some(1),
+                ..request("gen")
+            }))
+            .await
+            .unwrap();
+        assert!(slow.response().await.is_ok());
+        assert!(for_ten.response().await.is_ok());
+        let Ok(Response::Generate(second)) = for_gen.response().await else {
+            panic!("gen's second request failed")
+        };
+        assert!(
+            second.load_ms.is_some(),
+            "gen's later request waited for the switch to ten and back"
+        );
+    });
+    assert_eq!(model_status(&daemon, "gen")["loads"], 2);
+    assert_eq!(model_status(&daemon, "ten")["loads"], 1);
+}

@@ -61,6 +61,14 @@ enum Waiter {
     },
 }
 
+impl Waiter {
+    fn since(&self) -> Instant {
+        match self {
+            Waiter::Job { since, .. } | Waiter::Load { since, .. } => *since,
+        }
+    }
+}
+
 /// One configured model's state.
 pub struct ModelEntry {
     life: Life,
@@ -155,6 +163,7 @@ impl Registry {
                     name: name.clone(),
                     phase: entry.phase(),
                     queued: entry.queue.len(),
+                    oldest_waiter: entry.queue.front().map(Waiter::since),
                     last_used: entry.last_used,
                     keep_alive: self.keep_alive_of(name, config),
                     pin: model.is_some_and(|m| m.pin),
@@ -312,6 +321,9 @@ impl Registry {
 
     fn dispatch(&mut self, name: &str, model: &ModelConfig) {
         let events = self.events.clone();
+        // Requests that arrived after one waiting for another member of the
+        // group wait for the switch and back: FIFO across the group.
+        let barrier = policy::group_barrier(&self.views(&self.config()), name);
         let Some(entry) = self.models.get_mut(name) else {
             return;
         };
@@ -326,6 +338,13 @@ impl Registry {
         // Image and generate outputs are pictures: clients get RGB8.
         let as_pixels = model.kind != Kind::Tensor;
         while entry.in_flight < model.concurrency {
+            if entry
+                .queue
+                .front()
+                .is_some_and(|w| barrier.is_some_and(|b| w.since() > b))
+            {
+                break;
+            }
             let Some(waiter) = entry.queue.pop_front() else {
                 break;
             };
@@ -449,6 +468,8 @@ impl Registry {
                     }
                 }
                 self.pump(&model);
+                // Its becoming idle may unblock a group switch or the LRU cap.
+                self.pump_all();
             }
             Event::Exited { model, load, exit } => self.on_exited(&model, load, exit),
         }
