@@ -11,13 +11,14 @@ use gpuctl_protocol::{
     Response, Welcome, PROTOCOL_VERSION,
 };
 use tokio::net::UnixStream;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::access::Peer;
-use crate::context::Context;
+use crate::context::{Context, EventSink};
 use crate::handlers;
 
 type Connection = Framed<UnixStream, FrameCodec<ClientMessage, DaemonMessage>>;
@@ -141,12 +142,21 @@ async fn serve_requests(
     let mut running: JoinSet<(RequestId, Result<Response, Error>)> = JoinSet::new();
     let mut ids: HashMap<tokio::task::Id, RequestId> = HashMap::new();
     let mut draining = false;
+    let (events, mut event_inbox) = mpsc::unbounded_channel();
     loop {
         if draining && running.is_empty() {
             say_goodbye(connection, shutting_down()).await;
             return;
         }
         tokio::select! {
+            // Events first: a request's events, sent before it ended, must
+            // reach the client before its answer.
+            biased;
+            Some((id, event)) = event_inbox.recv() => {
+                if connection.send(DaemonMessage::Event { id, event }).await.is_err() {
+                    return;
+                }
+            }
             _ = shutdown.cancelled(), if !draining => draining = true,
             frame = connection.next(), if !draining => match frame {
                 Some(Ok(ClientMessage::Request { id, request })) => {
@@ -158,11 +168,12 @@ async fn serve_requests(
                         continue;
                     }
                     let ctx = ctx.clone();
+                    let sink = EventSink::new(id, events.clone());
                     let span = tracing::debug_span!("request", id, op = request.operation());
                     let task = running.spawn(async move {
                         let started = Instant::now();
                         tracing::debug!("started");
-                        let result = handlers::handle(request, peer, &ctx).await;
+                        let result = handlers::handle(request, peer, &ctx, sink).await;
                         match &result {
                             Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "done"),
                             Err(error) => tracing::info!(code = %error.code, error = %error.message, "request failed"),

@@ -43,3 +43,28 @@ impl Drop for Counted {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// Where a request's events go: its connection, tagged with its id.
+#[derive(Clone)]
+pub struct EventSink {
+    id: gpuctl_protocol::RequestId,
+    events:
+        tokio::sync::mpsc::UnboundedSender<(gpuctl_protocol::RequestId, gpuctl_protocol::Event)>,
+}
+
+impl EventSink {
+    pub fn new(
+        id: gpuctl_protocol::RequestId,
+        events: tokio::sync::mpsc::UnboundedSender<(
+            gpuctl_protocol::RequestId,
+            gpuctl_protocol::Event,
+        )>,
+    ) -> Self {
+        EventSink { id, events }
+    }
+
+    /// Sends an event; a client that has gone simply misses it.
+    pub fn send(&self, event: gpuctl_protocol::Event) {
+        let _ = self.events.send((self.id, event));
+    }
+}

@@ -135,6 +135,20 @@ pub enum Response {
 pub enum Event {
     /// Work done so far.
     Progress(ProgressEvent),
+    /// The request waits; sent when it starts waiting and when its place
+    /// in the line changes.
+    Queued(QueuedEvent),
+}
+
+/// Where a waiting request stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedEvent {
+    /// The model it waits for.
+    pub model: String,
+    /// 1 = next to run.
+    pub position: u32,
+    /// What it waits for, for people ("model is loading", …).
+    pub waiting_for: String,
 }
 
 /// Work done so far on a long request.

@@ -140,7 +140,20 @@ fn responses_errors_events() {
         "00000010 04000000 09000000 0000000000000000".replace(' ', "")
     );
 
-    for message in [ping, reload, error, event, closing] {
+    let queued = DaemonMessage::Event {
+        id: 9,
+        event: Event::Queued(QueuedEvent {
+            model: "m".into(),
+            position: 2,
+            waiting_for: String::new(),
+        }),
+    };
+    assert_eq!(
+        frame(&queued),
+        "00000025 03000000 0900000000000000 01000000 0100000000000000 6d 02000000 0000000000000000"
+            .replace(' ', "")
+    );
+    for message in [ping, reload, error, event, closing, queued] {
         roundtrip(&message);
     }
 }

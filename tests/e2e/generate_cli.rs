@@ -45,6 +45,11 @@ fn images_in_every_format_are_upscaled_and_written_by_extension() {
         said.contains("(load "),
         "the first request reports the load: {said}"
     );
+    let chatter = stderr(&output);
+    assert!(
+        chatter.contains("waiting for up: position 1 in its queue (the model to load)"),
+        "{chatter}"
+    );
     let up = image::open(dir.path().join("photo-up.png"))
         .unwrap()
         .to_rgb8();

@@ -659,3 +659,56 @@ fn a_group_serves_its_requests_in_arrival_order() {
     assert_eq!(model_status(&daemon, "gen")["loads"], 2);
     assert_eq!(model_status(&daemon, "ten")["loads"], 1);
 }
+
+#[test]
+fn waiting_clients_are_told_their_place_in_line() {
+    use gpuctl_protocol::{Event, QueuedEvent};
+    let daemon = Daemon::start(&config("", ""));
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        let mut first = client
+            .start(Request::Generate(slow_request(300_000)))
+            .await
+            .unwrap();
+        match first.event().await {
+            Some(Event::Queued(QueuedEvent {
+                model,
+                position: 1,
+                waiting_for,
+            })) => {
+                assert_eq!(model, "gen");
+                assert_eq!(waiting_for, "the model to load");
+            }
+            other => panic!("expected a queue event, got {other:?}"),
+        }
+        wait_until("the slow job to run", Duration::from_secs(30), || {
+            model_status(&daemon, "gen")["in_flight"] == 1
+        });
+        let position = |event: Option<Event>| match event {
+            Some(Event::Queued(queued)) => queued.position,
+            other => panic!("expected a queue event, got {other:?}"),
+        };
+        // One at a time: requests sent together may reach the queue in any order.
+        let mut second = client
+            .start(Request::Generate(GenerateRequest {
+                seed: Some(1),
+                ..request("gen")
+            }))
+            .await
+            .unwrap();
+        assert_eq!(position(second.event().await), 1);
+        let mut third = client
+            .start(Request::Generate(GenerateRequest {
+                seed: Some(2),
+                ..request("gen")
+            }))
+            .await
+            .unwrap();
+        assert_eq!(position(third.event().await), 2);
+        assert!(first.response().await.is_ok());
+        // The first finished and the second started: the third moved up.
+        assert_eq!(position(third.event().await), 1);
+        assert!(second.response().await.is_ok());
+        assert!(third.response().await.is_ok());
+    });
+}

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use gpuctl_protocol::{
-    Client, DType, GenerateRequest, GenerateResponse, KeepAlive, ModelKind, ModelsRequest, Request,
-    Response, WireTensor,
+    Client, DType, Event, GenerateRequest, GenerateResponse, KeepAlive, ModelKind, ModelsRequest,
+    Request, Response, WireTensor,
 };
 use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
@@ -89,7 +89,16 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         }
         _ => {}
     }
-    let answer = match client.call(Request::Generate(request)).await? {
+    let mut call = client.start(Request::Generate(request)).await?;
+    while let Some(event) = call.event().await {
+        if let (Event::Queued(queued), Output::Human) = (event, output) {
+            eprintln!(
+                "gpuctl: waiting for {}: position {} in its queue ({})",
+                queued.model, queued.position, queued.waiting_for
+            );
+        }
+    }
+    let answer = match call.response().await? {
         Response::Generate(answer) => answer,
         other => return Err(unexpected(&other).into()),
     };

@@ -2,7 +2,7 @@ use gpuctl_protocol::worker::{GenerateJob, Job};
 use gpuctl_protocol::{Error, ErrorCode, GenerateRequest, GenerateResponse};
 
 use crate::config::{Kind, ModelConfig};
-use crate::context::Context;
+use crate::context::{Context, EventSink};
 use crate::noise;
 use crate::registry::{not_found, PreparedJob};
 
@@ -11,7 +11,11 @@ const DEFAULT_SIZE: (u32, u32) = (512, 512);
 const DEFAULT_STEPS: u32 = 20;
 const DEFAULT_GUIDANCE: f32 = 7.5;
 
-pub async fn handle(request: GenerateRequest, ctx: &Context) -> Result<GenerateResponse, Error> {
+pub async fn handle(
+    request: GenerateRequest,
+    ctx: &Context,
+    events: EventSink,
+) -> Result<GenerateResponse, Error> {
     let config = ctx.registry.config();
     let model = config
         .models
@@ -23,6 +27,7 @@ pub async fn handle(request: GenerateRequest, ctx: &Context) -> Result<GenerateR
         job,
         seed,
         keep_alive: request.keep_alive,
+        events: Some(events),
     };
     ctx.registry.run(job).await
 }

@@ -11,7 +11,7 @@ mod unload;
 use gpuctl_protocol::{Error, Request, Response};
 
 use crate::access::{self, Peer};
-use crate::context::Context;
+use crate::context::{Context, EventSink};
 
 /// The operations this daemon serves, as advertised in `Welcome`.
 pub const CAPABILITIES: [&str; 7] = [
@@ -19,14 +19,21 @@ pub const CAPABILITIES: [&str; 7] = [
 ];
 
 /// Runs one request for `peer`.
-pub async fn handle(request: Request, peer: Peer, ctx: &Context) -> Result<Response, Error> {
+pub async fn handle(
+    request: Request,
+    peer: Peer,
+    ctx: &Context,
+    events: EventSink,
+) -> Result<Response, Error> {
     access::authorize(&request, &peer, &ctx.registry.config())?;
     match request {
         Request::Ping(request) => Ok(Response::Ping(ping::handle(request))),
         Request::Status(request) => status::handle(request, ctx).await.map(Response::Status),
         Request::Models(request) => Ok(Response::Models(models::handle(request, ctx))),
         Request::Reload(request) => reload::handle(request, ctx).await.map(Response::Reload),
-        Request::Generate(request) => generate::handle(request, ctx).await.map(Response::Generate),
+        Request::Generate(request) => generate::handle(request, ctx, events)
+            .await
+            .map(Response::Generate),
         Request::Load(request) => load::handle(request, ctx).await.map(Response::Load),
         Request::Unload(request) => unload::handle(request, ctx).await.map(Response::Unload),
     }

@@ -29,6 +29,8 @@ pub struct PreparedJob {
     pub job: Job,
     pub seed: Option<u64>,
     pub keep_alive: Option<KeepAlive>,
+    /// Where queue-position events go.
+    pub events: Option<crate::context::EventSink>,
 }
 
 enum Command {

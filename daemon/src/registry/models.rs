@@ -54,6 +54,8 @@ enum Waiter {
         job: PreparedJob,
         reply: oneshot::Sender<Result<GenerateResponse, Error>>,
         since: Instant,
+        /// The last queue position its client was told.
+        told: Option<u32>,
     },
     Load {
         reply: oneshot::Sender<Result<LoadResponse, Error>>,
@@ -238,6 +240,7 @@ impl Registry {
         entry.queue.push_back(Waiter::Job {
             job,
             reply,
+            told: None,
             since: Instant::now(),
         });
         self.pump(&name);
@@ -267,6 +270,45 @@ impl Registry {
     /// Serves what can be served: dispatches jobs to a ready worker, or
     /// starts a load (evicting what policy says) for a model with waiters.
     fn pump(&mut self, name: &str) {
+        self.advance(name);
+        self.tell_positions(name);
+    }
+
+    /// Tells waiting clients where they stand, when that changed.
+    fn tell_positions(&mut self, name: &str) {
+        let Some(entry) = self.models.get_mut(name) else {
+            return;
+        };
+        let waiting_for = match entry.life {
+            Life::Unloaded => "its turn to load (group switch or max_loaded)".to_owned(),
+            Life::Loading { .. } => "the model to load".to_owned(),
+            Life::Ready { .. } => "a free slot".to_owned(),
+            Life::Unloading { .. } => "the previous worker to exit".to_owned(),
+        };
+        for (index, waiter) in entry.queue.iter_mut().enumerate() {
+            let Waiter::Job { job, told, .. } = waiter else {
+                continue;
+            };
+            let position = index as u32 + 1;
+            if *told == Some(position) {
+                continue;
+            }
+            *told = Some(position);
+            if let Some(events) = &job.events {
+                events.send(gpuctl_protocol::Event::Queued(
+                    gpuctl_protocol::QueuedEvent {
+                        model: name.to_owned(),
+                        position,
+                        waiting_for: waiting_for.clone(),
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Dispatches jobs to a ready worker, or starts a load (evicting what
+    /// policy says) for a model with waiters.
+    fn advance(&mut self, name: &str) {
         let config = self.config();
         let Some(model) = config.models.get(name) else {
             return;
@@ -358,7 +400,9 @@ impl Registry {
                     let _ = reply.send(Ok(answer));
                     entry.last_used = Instant::now();
                 }
-                Waiter::Job { job, reply, since } => {
+                Waiter::Job {
+                    job, reply, since, ..
+                } => {
                     let (done, result) = oneshot::channel();
                     let queue_ms = ms(since.elapsed());
                     let PreparedJob {
