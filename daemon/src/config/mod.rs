@@ -125,6 +125,10 @@ pub struct ModelConfig {
     /// Output size / noise size of a `generate` model.
     #[serde(default = "eight")]
     pub latent_scale: u32,
+    /// CPU threads for its worker; 0 shares the cores among the models
+    /// that can be resident at once.
+    #[serde(default)]
+    pub threads: u32,
 }
 
 fn four() -> u32 {

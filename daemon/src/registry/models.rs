@@ -470,7 +470,7 @@ impl Registry {
             path: config.model_path(model).display().to_string(),
             kind: model.kind.into(),
             device: model.device.to_string(),
-            threads: worker_threads(),
+            threads: worker_threads(model, config),
         };
         tracing::info!(model = name, path = %spec.path, device = %spec.device, "loading");
         let program = self.worker_program.clone();
@@ -802,8 +802,43 @@ fn fail_all(queue: &mut VecDeque<Waiter>, error: &Error) {
     }
 }
 
-/// Intra-op threads per worker: the machine's cores, so that one busy model
-/// uses the CPU fully without each worker oversubscribing it.
-fn worker_threads() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+/// Intra-op CPU threads for a model's worker: its `threads` if set, else
+/// the cores shared among the models that can be resident at once, so that
+/// busy workers together never oversubscribe the machine.
+fn worker_threads(model: &ModelConfig, config: &Config) -> u32 {
+    if model.threads > 0 {
+        return model.threads;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let resident = config
+        .policy
+        .max_loaded
+        .min(config.models.len() as u32)
+        .max(1);
+    (cores / resident).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_share_the_cores_unless_set() {
+        let text = "[policy]\nmax_loaded = 2\n[models.a]\npath = \"a.pt\"\nkind = \"tensor\"\n\
+                    [models.b]\npath = \"b.pt\"\nkind = \"tensor\"\nthreads = 5\n[models.c]\npath = \"c.pt\"\nkind = \"tensor\"\n";
+        let config = Config::parse(text, "t.toml").unwrap();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        assert_eq!(
+            worker_threads(&config.models["a"], &config),
+            (cores / 2).max(1)
+        );
+        assert_eq!(worker_threads(&config.models["b"], &config), 5);
+        let single =
+            Config::parse("[models.a]\npath = \"a.pt\"\nkind = \"tensor\"\n", "t.toml").unwrap();
+        assert_eq!(
+            worker_threads(&single.models["a"], &single),
+            cores,
+            "one model may use every core"
+        );
+    }
 }
