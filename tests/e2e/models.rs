@@ -500,11 +500,13 @@ fn load_failures_are_named_and_retried_only_after_a_backoff() {
         corrupt.display()
     );
     let daemon = Daemon::start(
-        &config("load_retry = \"30s\"", "")
+        &config("load_retry = \"30s\"\nmax_loaded = 1", "")
             .replace("[models.ten]", &format!("{extra}\n[models.ten]")),
     );
     runtime().block_on(async {
         let client = Client::connect(&daemon.socket).await.unwrap();
+        // A missing file fails before anything is evicted for it.
+        generate(&client, tensor_request()).await.unwrap();
         let error = daemon_error(
             generate(
                 &client,
@@ -522,6 +524,11 @@ fn load_failures_are_named_and_retried_only_after_a_backoff() {
                 .contains("model missing: cannot read /nonexistent/missing.pt"),
             "{}",
             error.message
+        );
+        assert_eq!(
+            model_status(&daemon, "ten")["state"],
+            "Ready",
+            "ten was not evicted for a missing file"
         );
         let error = daemon_error(
             generate(
@@ -566,10 +573,10 @@ fn load_failures_are_named_and_retried_only_after_a_backoff() {
     assert_eq!(
         daemon
             .log_text()
-            .matches("loading model=\"missing\"")
+            .matches("load failed model=\"missing\"")
             .count(),
         1,
-        "one load, not a loop"
+        "one attempt, not a loop"
     );
 }
 

@@ -333,6 +333,15 @@ impl Registry {
             fail_all(&mut entry.queue, &error);
             return;
         }
+        // A file that is not there fails now, before anything is evicted for it.
+        let path = config.model_path(model);
+        if let Err(error) = std::fs::metadata(&path) {
+            let error = Error::new(
+                ErrorCode::NotFound,
+                format!("model {name}: cannot read {}: {error}", path.display()),
+            );
+            return self.record_load_failure(name, error);
+        }
         match policy::admit(
             &self.views(&config),
             name,
@@ -520,7 +529,6 @@ impl Registry {
     }
 
     fn on_loaded(&mut self, name: &str, load: u64, result: Result<WorkerHandle, Error>) {
-        let retry_base = self.config().policy.load_retry.0;
         let Some(entry) = self.models.get_mut(name).filter(|e| e.load == load) else {
             return;
         };
@@ -545,23 +553,31 @@ impl Registry {
                     self.pump(name);
                 }
             }
-            Err(error) => {
-                entry.failures += 1;
-                let backoff = retry_base
-                    .saturating_mul(1 << (entry.failures - 1).min(10))
-                    .min(MAX_RETRY);
-                tracing::error!(model = name, error = %error.message, retry_in_ms = ms(backoff), "load failed");
-                entry.retry_at = Some(Instant::now() + backoff);
-                entry.last_error = Some(error.message.clone());
-                entry.life = Life::Unloaded;
-                entry.unload_when_loaded = false;
-                fail_all(&mut entry.queue, &error);
-                for waiter in entry.unload_waiters.drain(..) {
-                    let _ = waiter.send(());
-                }
-                self.pump_all();
-            }
+            Err(error) => self.record_load_failure(name, error),
         }
+    }
+
+    /// A load failed: its waiters get the error, and no new attempt is made
+    /// before the backoff has passed.
+    fn record_load_failure(&mut self, name: &str, error: Error) {
+        let retry_base = self.config().policy.load_retry.0;
+        let Some(entry) = self.models.get_mut(name) else {
+            return;
+        };
+        entry.failures += 1;
+        let backoff = retry_base
+            .saturating_mul(1 << (entry.failures - 1).min(10))
+            .min(MAX_RETRY);
+        tracing::error!(model = name, error = %error.message, retry_in_ms = ms(backoff), "load failed");
+        entry.retry_at = Some(Instant::now() + backoff);
+        entry.last_error = Some(error.message.clone());
+        entry.life = Life::Unloaded;
+        entry.unload_when_loaded = false;
+        fail_all(&mut entry.queue, &error);
+        for waiter in entry.unload_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        self.pump_all();
     }
 
     fn on_exited(&mut self, name: &str, load: u64, exit: Exit) {
