@@ -719,3 +719,56 @@ fn waiting_clients_are_told_their_place_in_line() {
         assert!(third.response().await.is_ok());
     });
 }
+
+#[test]
+fn a_reload_rearms_keep_alive_and_replaces_a_model_whose_file_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mine.pt");
+    std::fs::copy(models_dir().join("tiny-tensor.pt"), &file).unwrap();
+    let mine = format!(
+        "\n[models.mine]\npath = \"{}\"\nkind = \"tensor\"\n",
+        file.display()
+    );
+    let daemon = Daemon::start(&config("", &mine));
+    assert!(daemon.gpuctl(&["load", "ten"]).status.success());
+    assert!(daemon.gpuctl(&["load", "mine"]).status.success());
+    let mine_pid = model_status(&daemon, "mine")["pid"].as_u64().unwrap();
+
+    // The file is replaced on disk; the configuration itself is unchanged.
+    let later = std::time::SystemTime::now() + Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    // ten's keep-alive drops to 0s: its countdown is re-armed, no new worker.
+    std::fs::write(
+        &daemon.config,
+        config("", &mine).replace(
+            "kind = \"tensor\"\n\n",
+            "kind = \"tensor\"\nkeep_alive = \"0s\"\n\n",
+        ),
+    )
+    .unwrap();
+    let reload = daemon.gpuctl(&["reload"]);
+    assert!(reload.status.success(), "{}", stderr(&reload));
+
+    wait_for_state(&daemon, "mine", "Unloaded");
+    wait_for_state(&daemon, "ten", "Unloaded");
+    let log = daemon.log_text();
+    assert!(log.contains("model=mine change=FileReplaced"), "{log}");
+    assert!(
+        log.contains("model=\"ten\"") && log.contains("reason=\"idle timeout\""),
+        "{log}"
+    );
+    assert!(
+        !log.contains("model=ten change="),
+        "a keep_alive change needs no new worker: {log}"
+    );
+    assert!(daemon.gpuctl(&["load", "mine"]).status.success());
+    assert_ne!(
+        model_status(&daemon, "mine")["pid"].as_u64().unwrap(),
+        mine_pid
+    );
+}

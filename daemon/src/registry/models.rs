@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use super::{PreparedJob, Registry};
 use crate::config::{Config, Kind, ModelConfig};
 use crate::pixels;
-use crate::policy::{self, Admission, ModelView, Phase, UnloadReason};
+use crate::policy::{self, Admission, ModelChange, ModelView, Phase, UnloadReason};
 use crate::worker::{self, Exit, JobOutput, WorkerHandle, WorkerJob};
 
 /// The longest wait between load retries.
@@ -91,6 +91,8 @@ pub struct ModelEntry {
     loaded_at: Option<Instant>,
     /// Unload once the current load finishes.
     unload_when_loaded: bool,
+    /// The file's modification time and size when it was last loaded.
+    loaded_file: Option<(std::time::SystemTime, u64)>,
     /// Told when the worker has exited.
     unload_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -111,6 +113,7 @@ impl ModelEntry {
             retry_at: None,
             loaded_at: None,
             unload_when_loaded: false,
+            loaded_file: None,
             unload_waiters: Vec::new(),
         }
     }
@@ -470,6 +473,7 @@ impl Registry {
             return;
         };
         entry.load += 1;
+        entry.loaded_file = file_identity(&config.model_path(model));
         entry.life = Life::Loading {
             since: Instant::now(),
         };
@@ -703,41 +707,46 @@ impl Registry {
 
     /// After a reload: models removed or changed are unloaded once their
     /// work is done (the next request loads the new version); new ones appear.
+    /// After a reload: new models appear; removed, changed and replaced
+    /// ones are unloaded once their work is done, and the next request
+    /// loads the new version.
     pub(super) fn apply_model_changes(&mut self, old: &Config) {
         let new = self.config();
-        for name in new.models.keys() {
-            self.models
-                .entry(name.clone())
-                .or_insert_with(ModelEntry::new);
-        }
-        let stale: Vec<String> = self
-            .models
-            .keys()
-            .filter(|name| {
-                let before = old.models.get(*name).map(|m| (m, old.model_path(m)));
-                let after = new.models.get(*name).map(|m| (m, new.model_path(m)));
-                before != after
-            })
-            .cloned()
-            .collect();
-        for name in &stale {
-            self.unload(name, UnloadReason::Reload, false);
-            let removed = !new.models.contains_key(name);
-            if let Some(entry) = self.models.get_mut(name) {
-                if removed {
-                    let error = Error::new(
-                        ErrorCode::NotFound,
-                        format!("model {name} was removed from the configuration"),
-                    );
-                    fail_all(&mut entry.queue, &error);
+        let file_replaced = |name: &str| {
+            let loaded = self.models.get(name).and_then(|e| e.loaded_file);
+            let now = new
+                .models
+                .get(name)
+                .and_then(|m| file_identity(&new.model_path(m)));
+            loaded.is_some() && loaded != now
+        };
+        let changes = policy::reload_changes(old, &new, &file_replaced);
+        for (name, change) in changes {
+            tracing::info!(model = %name, ?change, "configuration change");
+            match change {
+                ModelChange::Added => {
+                    self.models.entry(name).or_insert_with(ModelEntry::new);
                 }
-                entry.retry_at = None;
-                entry.failures = 0;
+                ModelChange::Removed | ModelChange::Changed | ModelChange::FileReplaced => {
+                    self.unload(&name, UnloadReason::Reload, false);
+                    if let Some(entry) = self.models.get_mut(&name) {
+                        if change == ModelChange::Removed {
+                            let error = Error::new(
+                                ErrorCode::NotFound,
+                                format!("model {name} was removed from the configuration"),
+                            );
+                            fail_all(&mut entry.queue, &error);
+                        }
+                        entry.retry_at = None;
+                        entry.failures = 0;
+                    }
+                }
             }
         }
         self.models.retain(|name, entry| {
             new.models.contains_key(name) || !matches!(entry.life, Life::Unloaded)
         });
+        self.pump_all();
     }
 
     pub(super) fn model_status(&self) -> Vec<ModelStatus> {
@@ -803,6 +812,12 @@ impl Registry {
             })
             .collect()
     }
+}
+
+/// What identifies a model file's version: its modification time and size.
+fn file_identity(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 fn fail_all(queue: &mut VecDeque<Waiter>, error: &Error) {
