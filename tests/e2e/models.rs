@@ -772,3 +772,53 @@ fn a_reload_rearms_keep_alive_and_replaces_a_model_whose_file_changed() {
         mine_pid
     );
 }
+
+#[test]
+fn preload_loads_in_the_background_at_start_up() {
+    let daemon = Daemon::start(&config("", "preload = true"));
+    // ten is preloaded without any request; the others stay unloaded.
+    wait_for_state(&daemon, "ten", "Ready");
+    assert_eq!(model_status(&daemon, "gen")["state"], "Unloaded");
+    assert_eq!(model_status(&daemon, "up")["state"], "Unloaded");
+    assert!(
+        daemon.log_text().contains("preloading model=ten"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn repeated_crashes_back_off() {
+    let daemon = Daemon::start(&config("load_retry = \"30s\"", ""));
+    let kill_worker = || {
+        assert!(daemon.gpuctl(&["load", "ten"]).status.success());
+        let pid = model_status(&daemon, "ten")["pid"].as_i64().unwrap() as i32;
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    };
+    kill_worker();
+    wait_for_state(&daemon, "ten", "Unloaded");
+    // One crash: the next request loads it again at once.
+    kill_worker();
+    wait_until("ten to be failed", Duration::from_secs(30), || {
+        model_status(&daemon, "ten")["state"]["Failed"].is_object()
+    });
+    let status = model_status(&daemon, "ten");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("signal 9 (SIGKILL"),
+        "{status}"
+    );
+    assert_eq!(status["loads"], 2);
+    // A second crash in a row: no new load until the backoff has passed.
+    let refused = daemon.gpuctl(&["load", "ten"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("the next attempt is allowed in"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(model_status(&daemon, "ten")["loads"], 2);
+}
