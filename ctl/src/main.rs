@@ -58,6 +58,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// GPU memory: each device's total, used and free, and who holds it
+    /// (our models by name, other programs by pid and name)
+    Vram,
     /// List the configured models and their settings
     Models,
     /// Make the daemon re-read its config file (administrators only)
@@ -151,6 +154,7 @@ async fn run(command: Command, socket: &std::path::Path, output: Output) -> Resu
     let done = match command {
         Command::Status => commands::status::run(&client, output).await,
         Command::Models => commands::models::run(&client, output).await,
+        Command::Vram => commands::vram::run(&client, output).await,
         Command::Reload => commands::reload::run(&client, output).await,
         Command::Ping { count } => commands::ping::run(&client, count, output).await,
         Command::Generate(args) => return commands::generate::run(&client, args, output).await,

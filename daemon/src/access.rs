@@ -22,7 +22,11 @@ pub struct Peer {
 /// Whether `request` changes the daemon for everyone.
 pub fn is_administrative(request: &Request) -> bool {
     match request {
-        Request::Ping(_) | Request::Status(_) | Request::Models(_) | Request::Generate(_) => false,
+        Request::Ping(_)
+        | Request::Status(_)
+        | Request::Models(_)
+        | Request::Generate(_)
+        | Request::Vram(_) => false,
         Request::Reload(_) | Request::Load(_) | Request::Unload(_) => true,
     }
 }

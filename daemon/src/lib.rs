@@ -7,6 +7,7 @@ pub mod access;
 pub mod config;
 mod connection;
 mod context;
+pub mod gpu;
 mod handlers;
 pub mod listener;
 pub mod logging;

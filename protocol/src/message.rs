@@ -94,6 +94,8 @@ pub enum Request {
     Load(LoadRequest),
     /// Unload one model or all (administrative).
     Unload(UnloadRequest),
+    /// GPU memory: devices, our models, other programs.
+    Vram(VramRequest),
 }
 
 impl Request {
@@ -107,6 +109,7 @@ impl Request {
             Request::Generate(_) => "generate",
             Request::Load(_) => "load",
             Request::Unload(_) => "unload",
+            Request::Vram(_) => "vram",
         }
     }
 }
@@ -128,6 +131,8 @@ pub enum Response {
     Load(LoadResponse),
     /// Answer to [`Request::Unload`].
     Unload(UnloadResponse),
+    /// Answer to [`Request::Vram`].
+    Vram(VramResponse),
 }
 
 /// Something that happened while a request runs.
@@ -454,4 +459,49 @@ pub struct UnloadRequest {
 pub struct UnloadResponse {
     /// Models whose workers have exited, by name.
     pub unloaded: Vec<String>,
+}
+
+/// `Vram` takes no arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VramRequest {}
+
+/// GPU memory as the daemon's probe sees it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VramResponse {
+    /// `nvml`, `sim` or `none`.
+    pub backend: String,
+    /// Why that backend (e.g. "auto: no NVIDIA GPU (…)").
+    pub reason: String,
+    /// One entry per device; empty without a GPU.
+    pub devices: Vec<GpuDevice>,
+}
+
+/// One GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuDevice {
+    /// Its index (`cuda:N`).
+    pub index: u32,
+    /// Its name, e.g. "NVIDIA H100 80GB HBM3".
+    pub name: String,
+    /// Bytes in all.
+    pub total: u64,
+    /// Bytes in use, by anyone.
+    pub used: u64,
+    /// Bytes free.
+    pub free: u64,
+    /// Processes holding memory on it.
+    pub processes: Vec<GpuProcess>,
+}
+
+/// A process's memory on a GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// Its name, e.g. "ollama".
+    pub name: String,
+    /// Bytes it holds.
+    pub bytes: u64,
+    /// The model, when it is one of our workers.
+    pub model: Option<String>,
 }

@@ -8,3 +8,4 @@ pub mod ping;
 pub mod reload;
 pub mod status;
 pub mod unload;
+pub mod vram;

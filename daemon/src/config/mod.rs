@@ -34,6 +34,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     /// Defaults for models.
     pub policy: PolicyConfig,
+    /// Which GPUs to watch, and how.
+    pub gpu: GpuConfig,
     /// The configured models, by name.
     pub models: BTreeMap<String, ModelConfig>,
 }
@@ -79,6 +81,73 @@ pub struct PolicyConfig {
     /// After a failed load, requests fail at once for this long, then the
     /// next one tries again; each further failure doubles it (up to 10m).
     pub load_retry: Duration,
+}
+
+/// `[gpu]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// `auto`, `nvml`, `sim` or `none`.
+    pub backend: Backend,
+    /// The simulated device, for `backend = "sim"`.
+    pub sim: SimConfig,
+}
+
+/// How GPUs are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// NVML if it loads and reports a device, else none.
+    #[default]
+    Auto,
+    /// The NVIDIA driver's management library.
+    Nvml,
+    /// A simulated device (tests, demos).
+    Sim,
+    /// No GPU.
+    None,
+}
+
+/// `[gpu.sim]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// JSON list of `{ pid, name, device, bytes }`, read at every sample;
+    /// a missing file means no foreign usage.
+    pub foreign_usage_file: String,
+    /// The simulated devices.
+    pub devices: Vec<SimDevice>,
+}
+
+/// `[[gpu.sim.devices]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimDevice {
+    /// Shown as the device's name.
+    pub name: String,
+    /// Its memory.
+    pub total: Bytes,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            backend: Backend::Auto,
+            sim: SimConfig::default(),
+        }
+    }
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            foreign_usage_file: "/run/gpuctl/sim-foreign.json".to_owned(),
+            devices: vec![SimDevice {
+                name: "Sim 24G".to_owned(),
+                total: Bytes(24 << 30),
+            }],
+        }
+    }
 }
 
 /// `[models.NAME]`.
@@ -183,6 +252,7 @@ impl Default for Config {
             model_root: PathBuf::from("/var/lib/gpuctl/models"),
             daemon: DaemonConfig::default(),
             policy: PolicyConfig::default(),
+            gpu: GpuConfig::default(),
             models: BTreeMap::new(),
         }
     }
@@ -302,6 +372,12 @@ impl Config {
         }
         if self.policy.queue_max == 0 {
             return invalid("policy.queue_max", "must be at least 1".into());
+        }
+        if self.gpu.backend == Backend::Sim && self.gpu.sim.devices.is_empty() {
+            return invalid(
+                "gpu.sim.devices",
+                "backend \"sim\" needs at least one [[gpu.sim.devices]]".into(),
+            );
         }
         if daemon.handshake_timeout.0.is_zero() {
             return invalid("daemon.handshake_timeout", "must be longer than 0s".into());

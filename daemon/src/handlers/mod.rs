@@ -7,6 +7,7 @@ mod ping;
 mod reload;
 mod status;
 mod unload;
+mod vram;
 
 use gpuctl_protocol::{Error, Request, Response};
 
@@ -14,8 +15,8 @@ use crate::access::{self, Peer};
 use crate::context::{Context, EventSink};
 
 /// The operations this daemon serves, as advertised in `Welcome`.
-pub const CAPABILITIES: [&str; 7] = [
-    "ping", "status", "models", "reload", "generate", "load", "unload",
+pub const CAPABILITIES: [&str; 8] = [
+    "ping", "status", "models", "reload", "generate", "load", "unload", "vram",
 ];
 
 /// Runs one request for `peer`.
@@ -36,5 +37,6 @@ pub async fn handle(
             .map(Response::Generate),
         Request::Load(request) => load::handle(request, ctx).await.map(Response::Load),
         Request::Unload(request) => unload::handle(request, ctx).await.map(Response::Unload),
+        Request::Vram(request) => vram::handle(request, ctx).await.map(Response::Vram),
     }
 }

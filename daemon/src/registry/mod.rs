@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use gpuctl_protocol::worker::Job;
 use gpuctl_protocol::{
     ConfigStatus, Error, ErrorCode, GenerateResponse, KeepAlive, LoadResponse, ModelStatus,
-    ReloadOutcome, ReloadResponse, ReloadTrigger, UnloadResponse,
+    ReloadOutcome, ReloadResponse, ReloadTrigger, UnloadResponse, VramResponse,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -58,6 +58,9 @@ enum Command {
     ModelStatus {
         reply: oneshot::Sender<Vec<ModelStatus>>,
     },
+    Vram {
+        reply: oneshot::Sender<Result<VramResponse, Error>>,
+    },
 }
 
 /// A handle to the registry task; cheap to clone.
@@ -76,6 +79,11 @@ impl RegistryHandle {
     /// Which configuration is in force and how the last reload went.
     pub async fn config_status(&self) -> Result<ConfigStatus, Error> {
         self.ask(|reply| Command::ConfigStatus { reply }).await
+    }
+
+    /// GPU memory: devices, our models, other programs.
+    pub async fn vram(&self) -> Result<VramResponse, Error> {
+        self.ask(|reply| Command::Vram { reply }).await?
     }
 
     /// Every configured model's state.
@@ -171,12 +179,17 @@ struct Registry {
     models: BTreeMap<String, ModelEntry>,
     worker_program: PathBuf,
     events: mpsc::UnboundedSender<Event>,
+    /// Shared with the blocking threads that sample it (NVML calls block).
+    probe: Arc<std::sync::Mutex<Box<dyn crate::gpu::Probe>>>,
+    probe_reason: String,
 }
 
 /// Starts the registry with the configuration loaded at start-up. It runs
 /// until every handle is dropped.
 pub fn spawn(source: ConfigSource, config: Config) -> RegistryHandle {
     let worker_program = crate::worker::worker_program(&config.daemon.worker);
+    let (probe, probe_reason) = crate::gpu::choose(&config.gpu);
+    tracing::info!(backend = probe.backend(), reason = %probe_reason, "gpu probe");
     let models = config
         .models
         .keys()
@@ -194,6 +207,8 @@ pub fn spawn(source: ConfigSource, config: Config) -> RegistryHandle {
         models,
         worker_program,
         events,
+        probe: Arc::new(std::sync::Mutex::new(probe)),
+        probe_reason,
     };
     tokio::spawn(registry.run(inbox, event_inbox));
     RegistryHandle {
@@ -251,6 +266,7 @@ impl Registry {
             Command::ModelStatus { reply } => {
                 let _ = reply.send(self.model_status());
             }
+            Command::Vram { reply } => self.vram(reply),
         }
     }
 

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use gpuctl_protocol::worker::LoadModel;
 use gpuctl_protocol::{
-    Error, ErrorCode, GenerateResponse, KeepAlive, LoadResponse, ModelState, ModelStatus,
-    UnloadResponse,
+    Error, ErrorCode, GenerateResponse, GpuDevice, GpuProcess, KeepAlive, LoadResponse, ModelState,
+    ModelStatus, UnloadResponse, VramResponse,
 };
 use tokio::sync::oneshot;
 
 use super::{PreparedJob, Registry};
-use crate::config::{Config, Kind, ModelConfig};
+use crate::config::{Config, Device, Kind, ModelConfig};
+use crate::gpu::OwnWorker;
 use crate::pixels;
 use crate::policy::{self, Admission, ModelChange, ModelView, Phase, UnloadReason};
 use crate::worker::{self, Exit, JobOutput, WorkerHandle, WorkerJob};
@@ -747,6 +748,75 @@ impl Registry {
             new.models.contains_key(name) || !matches!(entry.life, Life::Unloaded)
         });
         self.pump_all();
+    }
+
+    /// Samples the GPUs off the async threads and answers with our workers
+    /// named by model.
+    pub(super) fn vram(&self, reply: oneshot::Sender<Result<VramResponse, Error>>) {
+        let config = self.config();
+        let mut models = std::collections::HashMap::new();
+        let ours: Vec<OwnWorker> = self
+            .models
+            .iter()
+            .filter_map(|(name, entry)| match &entry.life {
+                Life::Ready { worker } => {
+                    models.insert(worker.pid, name.clone());
+                    let device = match config.models.get(name).map(|m| m.device) {
+                        Some(Device::Cuda(Some(n))) => n,
+                        _ => 0,
+                    };
+                    Some(OwnWorker {
+                        pid: worker.pid,
+                        device,
+                        bytes: worker.loaded.device_bytes,
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        let probe = self.probe.clone();
+        let reason = self.probe_reason.clone();
+        tokio::spawn(async move {
+            let sampled = tokio::task::spawn_blocking(move || {
+                let mut probe = probe
+                    .lock()
+                    .map_err(|_| "the GPU probe failed earlier".to_owned())?;
+                let backend = probe.backend();
+                probe.sample(&ours).map(|devices| (backend, devices))
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            let answer = sampled
+                .map(|(backend, devices)| VramResponse {
+                    backend: backend.to_owned(),
+                    reason,
+                    devices: devices
+                        .into_iter()
+                        .map(|d| GpuDevice {
+                            index: d.index,
+                            name: d.name,
+                            total: d.total,
+                            used: d.used,
+                            free: d.total.saturating_sub(d.used),
+                            processes: d
+                                .processes
+                                .into_iter()
+                                .map(|p| GpuProcess {
+                                    model: models.get(&p.pid).cloned(),
+                                    pid: p.pid,
+                                    name: p.name,
+                                    bytes: p.bytes,
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                })
+                .map_err(|e| {
+                    Error::new(ErrorCode::Internal, format!("cannot read GPU memory: {e}"))
+                });
+            let _ = reply.send(answer);
+        });
     }
 
     pub(super) fn model_status(&self) -> Vec<ModelStatus> {
