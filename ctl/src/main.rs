@@ -58,9 +58,16 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// GPU memory: each device's total, used and free, and who holds it
-    /// (our models by name, other programs by pid and name)
+    /// GPU memory: each device's total, used, free and headroom, who holds
+    /// it (our models by name, other programs by pid and name), reservations
     Vram,
+    /// Keep GPU memory free for another program: `gpuctl reserve 10GiB --
+    /// ollama run llama3` evicts idle models until 10 GiB is free, runs the
+    /// command, and releases when it exits (passing its exit status through)
+    Reserve(commands::reserve::ReserveArgs),
+    /// Print what the daemon does as it happens (loads, unloads and why,
+    /// pressure, reservations, reloads) until Ctrl-C; --json: JSON lines
+    Watch,
     /// List the configured models and their settings
     Models,
     /// Make the daemon re-read its config file (administrators only)
@@ -126,6 +133,7 @@ fn main() -> ExitCode {
             eprintln!("gpuctl: {message}");
             ExitCode::from(EXIT_DAEMON_ERROR)
         }
+        Err(CliError::Exit(code)) => ExitCode::from(code),
     }
 }
 
@@ -137,6 +145,8 @@ pub enum CliError {
     Usage(String),
     /// Writing a result failed (exit 1).
     Failed(String),
+    /// End with this status, already explained (a command's own status).
+    Exit(u8),
 }
 
 impl From<ClientError> for CliError {
@@ -158,6 +168,8 @@ async fn run(command: Command, socket: &std::path::Path, output: Output) -> Resu
         Command::Reload => commands::reload::run(&client, output).await,
         Command::Ping { count } => commands::ping::run(&client, count, output).await,
         Command::Generate(args) => return commands::generate::run(&client, args, output).await,
+        Command::Reserve(args) => return commands::reserve::run(&client, args, output).await,
+        Command::Watch => return commands::watch::run(&client, output).await,
         Command::Load { model, keep_alive } => {
             commands::load::run(&client, model, keep_alive, output).await
         }

@@ -26,7 +26,10 @@ pub fn is_administrative(request: &Request) -> bool {
         | Request::Status(_)
         | Request::Models(_)
         | Request::Generate(_)
-        | Request::Vram(_) => false,
+        | Request::Vram(_)
+        | Request::Reserve(_)
+        | Request::Release(_)
+        | Request::Watch(_) => false,
         Request::Reload(_) | Request::Load(_) | Request::Unload(_) => true,
     }
 }

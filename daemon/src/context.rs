@@ -16,6 +16,9 @@ pub struct Context {
     pub socket: String,
     /// Open client connections.
     pub connections: ConnectionCount,
+    /// Cancelled when the daemon stops: requests that never end on their
+    /// own (watch) end then.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 /// Counts open connections; each holds a [`Counted`] guard.
@@ -66,5 +69,15 @@ impl EventSink {
     /// Sends an event; a client that has gone simply misses it.
     pub fn send(&self, event: gpuctl_protocol::Event) {
         let _ = self.events.send((self.id, event));
+    }
+
+    /// Whether both belong to the same connection.
+    pub fn same_connection(&self, other: &EventSink) -> bool {
+        self.events.same_channel(&other.events)
+    }
+
+    /// Resolves when the connection has closed.
+    pub async fn closed(&self) {
+        self.events.closed().await;
     }
 }

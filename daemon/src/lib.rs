@@ -4,6 +4,7 @@
 //! may call the same function.
 
 pub mod access;
+pub mod arbitration;
 pub mod config;
 mod connection;
 mod context;
@@ -16,6 +17,7 @@ pub mod notify;
 mod pixels;
 pub mod policy;
 mod registry;
+pub mod state;
 pub mod server;
 pub mod signals;
 mod worker;

@@ -74,32 +74,7 @@ pub fn group_barrier(models: &[ModelView], model: &str) -> Option<Instant> {
         .min()
 }
 
-/// Why a model is unloaded; logged and reported with every unload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnloadReason {
-    /// Idle for longer than its keep-alive.
-    IdleTimeout,
-    /// Evicted to stay within `max_loaded`.
-    Lru,
-    /// Another model of its group was requested.
-    GroupSwitch,
-    /// `gpuctl unload`.
-    Explicit,
-    /// Its configuration changed or it was removed.
-    Reload,
-}
-
-impl UnloadReason {
-    pub fn name(self) -> &'static str {
-        match self {
-            UnloadReason::IdleTimeout => "idle timeout",
-            UnloadReason::Lru => "lru",
-            UnloadReason::GroupSwitch => "group switch",
-            UnloadReason::Explicit => "explicit",
-            UnloadReason::Reload => "reload",
-        }
-    }
-}
+pub use gpuctl_protocol::UnloadReason;
 
 /// What to do about a request for a model that is not resident.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,6 +220,7 @@ pub fn reload_changes(
                 // keep_alive alone never needs a new worker.
                 let comparable = |m: &crate::config::ModelConfig| crate::config::ModelConfig {
                     keep_alive: None,
+                    vram: None,
                     ..m.clone()
                 };
                 if comparable(before) != comparable(after)

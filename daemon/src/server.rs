@@ -47,14 +47,15 @@ pub async fn run(setup: Setup) {
         shutdown,
     } = setup;
     let slots = ConnectionSlots::new(config.daemon.max_connections);
+    let stop_connections = CancellationToken::new();
     let ctx = Arc::new(Context {
         registry: registry::spawn(source, config),
         started: Instant::now(),
         socket: socket.clone(),
         connections: ConnectionCount::default(),
+        stopping: stop_connections.clone(),
     });
     let connections = TaskTracker::new();
-    let stop_connections = CancellationToken::new();
     let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
 
     tracing::info!(socket = %socket, pid = std::process::id(), version = env!("CARGO_PKG_VERSION"), "gpuctld ready");

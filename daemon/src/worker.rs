@@ -210,6 +210,8 @@ async fn supervise(
     let mut next_id = 0u64;
     let mut unloading = false;
     let mut kill_settled = false;
+    // Told to exit: it gets EXIT_GRACE, then it is killed.
+    let mut exit_by: Option<tokio::time::Instant> = None;
     let ending: Result<ExitStatus, String> = loop {
         tokio::select! {
             // A kill must win over the closed job queue that comes with it.
@@ -226,6 +228,11 @@ async fn supervise(
                 }
                 unloading = true;
             }
+            _ = tokio::time::sleep_until(exit_by.unwrap_or_else(tokio::time::Instant::now)), if exit_by.is_some() => {
+                tracing::warn!(model, pid, grace_ms = EXIT_GRACE.as_millis() as u64, "worker did not exit after Unload; killing it");
+                let _ = child.start_kill();
+                exit_by = None;
+            }
             job = queue.recv(), if !unloading => match job {
                 Some(WorkerJob { job, reply }) => {
                     next_id += 1;
@@ -240,6 +247,7 @@ async fn supervise(
                     unloading = true;
                     if pending.is_empty() {
                         let _ = channel.send(DaemonToWorker::Unload).await;
+                        exit_by.get_or_insert(tokio::time::Instant::now() + EXIT_GRACE);
                     }
                 }
             },
@@ -250,6 +258,7 @@ async fn supervise(
                     }
                     if unloading && pending.is_empty() {
                         let _ = channel.send(DaemonToWorker::Unload).await;
+                        exit_by.get_or_insert(tokio::time::Instant::now() + EXIT_GRACE);
                     }
                 }
                 Some(Ok(WorkerToDaemon::Failed { id: Some(id), error })) => {
@@ -258,6 +267,7 @@ async fn supervise(
                     }
                     if unloading && pending.is_empty() {
                         let _ = channel.send(DaemonToWorker::Unload).await;
+                        exit_by.get_or_insert(tokio::time::Instant::now() + EXIT_GRACE);
                     }
                 }
                 Some(Ok(other)) => tracing::warn!(model, ?other, "unexpected message from worker"),

@@ -108,6 +108,7 @@ pub struct Client {
     welcome: Welcome,
     socket: PathBuf,
     owner: tokio::task::JoinHandle<()>,
+    closed: tokio_util::sync::CancellationToken,
 }
 
 type Connection = Framed<UnixStream, FrameCodec<DaemonMessage, ClientMessage>>;
@@ -154,13 +155,19 @@ impl Client {
             None => return Err(ClientError::Closed { reason: None }),
         };
         let (submit, submissions) = mpsc::channel(64);
-        let owner = tokio::spawn(own_connection(connection, submissions));
+        let closed = tokio_util::sync::CancellationToken::new();
+        let on_close = closed.clone().drop_guard();
+        let owner = tokio::spawn(async move {
+            let _on_close = on_close;
+            own_connection(connection, submissions).await;
+        });
         Ok(Client {
             submit,
             next_id: AtomicU64::new(1),
             welcome,
             socket: path,
             owner,
+            closed,
         })
     }
 
@@ -191,6 +198,11 @@ impl Client {
             updates: receiver,
             done: None,
         })
+    }
+
+    /// Resolves when the connection has ended (the daemon hung up).
+    pub async fn closed(&self) {
+        self.closed.cancelled().await;
     }
 
     /// Sends `request` and waits for its answer, ignoring events.

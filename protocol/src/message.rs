@@ -96,6 +96,13 @@ pub enum Request {
     Unload(UnloadRequest),
     /// GPU memory: devices, our models, other programs.
     Vram(VramRequest),
+    /// Keep GPU memory free for another program (cooperative arbitration).
+    Reserve(ReserveRequest),
+    /// End a reservation made on this connection.
+    Release(ReleaseRequest),
+    /// Stream the daemon's notices (loads, unloads, pressure, …) as events
+    /// until the client hangs up.
+    Watch(WatchRequest),
 }
 
 impl Request {
@@ -110,6 +117,9 @@ impl Request {
             Request::Load(_) => "load",
             Request::Unload(_) => "unload",
             Request::Vram(_) => "vram",
+            Request::Reserve(_) => "reserve",
+            Request::Release(_) => "release",
+            Request::Watch(_) => "watch",
         }
     }
 }
@@ -133,6 +143,12 @@ pub enum Response {
     Unload(UnloadResponse),
     /// Answer to [`Request::Vram`].
     Vram(VramResponse),
+    /// Answer to [`Request::Reserve`]: granted.
+    Reserve(ReserveResponse),
+    /// Answer to [`Request::Release`].
+    Release(ReleaseResponse),
+    /// Answer to [`Request::Watch`], sent only when the daemon shuts down.
+    Watch(WatchResponse),
 }
 
 /// Something that happened while a request runs.
@@ -143,6 +159,157 @@ pub enum Event {
     /// The request waits; sent when it starts waiting and when its place
     /// in the line changes.
     Queued(QueuedEvent),
+    /// Something the daemon did or saw (`Watch` streams these).
+    Notice(Notice),
+}
+
+/// Something the daemon did or saw, as `gpuctl watch` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    /// When (Unix time, ms).
+    pub at_unix_ms: u64,
+    /// What.
+    pub what: NoticeKind,
+}
+
+/// The kinds of [`Notice`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoticeKind {
+    /// A model finished loading.
+    Loaded {
+        /// The model.
+        model: String,
+        /// Its device, e.g. `cuda:0`.
+        device: String,
+        /// Its worker.
+        pid: u32,
+        /// How long the load took.
+        load_ms: u64,
+    },
+    /// A model's load failed.
+    LoadFailed {
+        /// The model.
+        model: String,
+        /// Why.
+        error: String,
+    },
+    /// A model's worker has exited and its memory is back.
+    Unloaded {
+        /// The model.
+        model: String,
+        /// Its worker.
+        pid: u32,
+        /// Why it was unloaded.
+        reason: UnloadReason,
+        /// GPU bytes given back (0 without a GPU).
+        reclaimed: u64,
+        /// From the decision to unload to the memory being back.
+        took_ms: u64,
+    },
+    /// Free memory on a device fell below `min_free_vram`.
+    Pressure {
+        /// The device's index.
+        device: u32,
+        /// Bytes free.
+        free: u64,
+        /// `gpu.min_free_vram`.
+        min_free: u64,
+        /// The other program whose use grew most (or holds most).
+        holder: Option<Holder>,
+    },
+    /// A reservation was granted.
+    Reserved {
+        /// Its id.
+        reservation: u64,
+        /// The device.
+        device: u32,
+        /// Bytes kept free.
+        bytes: u64,
+        /// The process that asked.
+        pid: Option<u32>,
+    },
+    /// A reservation ended.
+    Released {
+        /// Its id.
+        reservation: u64,
+        /// The device.
+        device: u32,
+        /// Bytes it kept.
+        bytes: u64,
+        /// Why it ended ("released", "connection closed", "ttl expired").
+        why: String,
+    },
+    /// A configuration reload was applied or failed.
+    Reloaded {
+        /// The generation in force afterwards.
+        generation: u64,
+        /// Why it failed, if it did.
+        error: Option<String>,
+    },
+    /// A request waits for GPU memory.
+    WaitingForVram {
+        /// The model to load.
+        model: String,
+        /// For people: "waiting for 6.1 GiB on GPU 0: ollama (pid 4121) holds 18.2 GiB".
+        message: String,
+    },
+}
+
+/// Why a model was unloaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnloadReason {
+    /// Idle for longer than its keep-alive.
+    IdleTimeout,
+    /// Evicted, least recently used first, to stay within `max_loaded` or to
+    /// make room for another model.
+    Lru,
+    /// Another program needed the memory.
+    Pressure {
+        /// That program, when one could be named.
+        holder: Option<Holder>,
+    },
+    /// Evicted to grant a reservation.
+    Reservation,
+    /// Another model of its group was requested.
+    GroupSwitch,
+    /// `gpuctl unload`.
+    Explicit,
+    /// Its configuration changed, its file was replaced, or it was removed.
+    Reload,
+    /// Its worker died.
+    Crash {
+        /// How ("signal 9 (SIGKILL, …)").
+        description: String,
+    },
+}
+
+impl std::fmt::Display for UnloadReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UnloadReason::IdleTimeout => f.write_str("idle timeout"),
+            UnloadReason::Lru => f.write_str("lru"),
+            UnloadReason::Pressure { holder: Some(h) } => {
+                write!(f, "pressure from {} (pid {})", h.name, h.pid)
+            }
+            UnloadReason::Pressure { holder: None } => f.write_str("pressure"),
+            UnloadReason::Reservation => f.write_str("reservation"),
+            UnloadReason::GroupSwitch => f.write_str("group switch"),
+            UnloadReason::Explicit => f.write_str("explicit"),
+            UnloadReason::Reload => f.write_str("reload"),
+            UnloadReason::Crash { description } => write!(f, "crash ({description})"),
+        }
+    }
+}
+
+/// Another program holding GPU memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// Its pid.
+    pub pid: u32,
+    /// Its name, e.g. "ollama".
+    pub name: String,
+    /// Bytes it holds.
+    pub bytes: u64,
 }
 
 /// Where a waiting request stands.
@@ -227,6 +394,12 @@ pub struct ModelStatus {
     pub last_load_ms: Option<u64>,
     /// Its last failure, if any.
     pub last_error: Option<String>,
+    /// The GPU memory it is expected to need.
+    pub vram_need: u64,
+    /// Where that figure comes from: "configured", "measured" or "file size × 1.2".
+    pub vram_need_source: String,
+    /// Why it was last unloaded.
+    pub last_unload: Option<UnloadReason>,
 }
 
 /// The life-cycle states of DESIGN.md.
@@ -247,6 +420,8 @@ pub enum ModelState {
         /// Milliseconds until a new load may be tried.
         retry_in_ms: u64,
     },
+    /// Requests wait for GPU memory to load it.
+    WaitingForVram,
 }
 
 /// Which configuration is in force and how the last reload went.
@@ -474,7 +649,80 @@ pub struct VramResponse {
     pub reason: String,
     /// One entry per device; empty without a GPU.
     pub devices: Vec<GpuDevice>,
+    /// `gpu.min_free_vram`: what gpuctld leaves free for others.
+    pub min_free: u64,
+    /// Reservations alive or waiting.
+    pub reservations: Vec<ReservationInfo>,
+    /// GPU samples taken since gpuctld started (it samples only while it
+    /// holds or waits for memory, and for `Vram`).
+    pub samples: u64,
 }
+
+/// A reservation, as `gpuctl vram` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationInfo {
+    /// Its id.
+    pub id: u64,
+    /// The device; `None` while not yet placed.
+    pub device: Option<u32>,
+    /// Bytes asked for.
+    pub bytes: u64,
+    /// The part its holder does not use yet, kept out of admissions.
+    pub unused: u64,
+    /// The process that asked.
+    pub pid: Option<u32>,
+    /// Whether it has been granted.
+    pub granted: bool,
+    /// Milliseconds since it was asked for.
+    pub age_ms: u64,
+}
+
+/// Keep `bytes` free on a GPU for another program.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReserveRequest {
+    /// Bytes to keep free.
+    pub bytes: u64,
+    /// The device; `None`: the one where it fits best.
+    pub device: Option<u32>,
+    /// Give up with `InsufficientVram` after this many milliseconds.
+    pub timeout_ms: u64,
+    /// End the reservation after this many milliseconds; `None`: when the
+    /// connection closes or `Release` is sent.
+    pub ttl_ms: Option<u64>,
+}
+
+/// A granted reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReserveResponse {
+    /// Its id, for `Release`.
+    pub reservation: u64,
+    /// Where the memory is kept.
+    pub device: u32,
+    /// Bytes kept free.
+    pub bytes: u64,
+}
+
+/// End a reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    /// The id `Reserve` returned.
+    pub reservation: u64,
+}
+
+/// `Release`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseResponse {
+    /// Bytes no longer kept free.
+    pub bytes: u64,
+}
+
+/// `Watch` takes no arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchRequest {}
+
+/// The end of a watch (the daemon is shutting down).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchResponse {}
 
 /// One GPU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -491,6 +739,10 @@ pub struct GpuDevice {
     pub free: u64,
     /// Processes holding memory on it.
     pub processes: Vec<GpuProcess>,
+    /// Bytes kept free for reservations and not yet used by their holders.
+    pub reserved: u64,
+    /// What gpuctld could still load here: free − min_free − reserved.
+    pub headroom: u64,
 }
 
 /// A process's memory on a GPU.

@@ -192,6 +192,15 @@ fn status_and_models_roundtrip() {
                 loads: 2,
                 last_load_ms: Some(3),
                 last_error: Some("e".into()),
+                vram_need: 7,
+                vram_need_source: "measured".into(),
+                last_unload: Some(UnloadReason::Pressure {
+                    holder: Some(Holder {
+                        pid: 9,
+                        name: "ollama".into(),
+                        bytes: 10,
+                    }),
+                }),
             }],
         }),
     );
@@ -221,6 +230,88 @@ fn status_and_models_roundtrip() {
         }),
     );
     roundtrip(&models);
+}
+
+#[test]
+fn arbitration_messages() {
+    // len | Request | id 7 | variant 8 (Reserve) | bytes | Some(0) | timeout | None
+    assert_eq!(
+        frame(&request(
+            7,
+            Request::Reserve(ReserveRequest {
+                bytes: 1 << 30,
+                device: Some(0),
+                timeout_ms: 1000,
+                ttl_ms: None,
+            })
+        )),
+        "00000026".to_owned()
+            + "01000000"
+            + "0700000000000000"
+            + "08000000"
+            + "0000004000000000"
+            + "01"
+            + "00000000"
+            + "e803000000000000"
+            + "00"
+    );
+    assert_eq!(
+        frame(&request(7, Request::Watch(WatchRequest {}))),
+        "00000010".to_owned() + "01000000" + "0700000000000000" + "0a000000"
+    );
+    let notice = DaemonMessage::Event {
+        id: 3,
+        event: Event::Notice(Notice {
+            at_unix_ms: 1,
+            what: NoticeKind::Unloaded {
+                model: "up".into(),
+                pid: 5,
+                reason: UnloadReason::Crash {
+                    description: "signal 9".into(),
+                },
+                reclaimed: 1 << 20,
+                took_ms: 140,
+            },
+        }),
+    };
+    roundtrip(&notice);
+    let vram = response(
+        4,
+        Response::Vram(VramResponse {
+            backend: "sim".into(),
+            reason: "r".into(),
+            devices: vec![GpuDevice {
+                index: 0,
+                name: "Sim".into(),
+                total: 10,
+                used: 4,
+                free: 6,
+                processes: vec![],
+                reserved: 2,
+                headroom: 1,
+            }],
+            min_free: 3,
+            reservations: vec![ReservationInfo {
+                id: 1,
+                device: Some(0),
+                bytes: 2,
+                unused: 2,
+                pid: Some(77),
+                granted: true,
+                age_ms: 5,
+            }],
+            samples: 9,
+        }),
+    );
+    roundtrip(&vram);
+    roundtrip(&response(
+        5,
+        Response::Reserve(ReserveResponse {
+            reservation: 1,
+            device: 0,
+            bytes: 2,
+        }),
+    ));
 }
 
 /// Error codes travel as their position; appending is the only safe change.

@@ -6,6 +6,8 @@ pub mod load;
 pub mod models;
 pub mod ping;
 pub mod reload;
+pub mod reserve;
 pub mod status;
 pub mod unload;
 pub mod vram;
+pub mod watch;

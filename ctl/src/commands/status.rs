@@ -80,6 +80,7 @@ fn render_models(models: &[ModelStatus]) -> String {
         "DEVICE",
         "PID",
         "MEMORY",
+        "NEED",
         "QUEUED",
         "RUNNING",
         "LAST USED",
@@ -98,6 +99,7 @@ fn render_models(models: &[ModelStatus]) -> String {
             ModelState::Ready => "idle".to_owned(),
             ModelState::Draining => "draining".to_owned(),
             ModelState::Unloading => "unloading".to_owned(),
+            ModelState::WaitingForVram => "waiting for vram".to_owned(),
             ModelState::Failed { retry_in_ms } => {
                 format!("failed (retry in {})", seconds(retry_in_ms + 999))
             }
@@ -109,6 +111,11 @@ fn render_models(models: &[ModelStatus]) -> String {
             model.pid.map_or_else(dash, |p| p.to_string()),
             if model.device_bytes > 0 {
                 format_bytes(model.device_bytes)
+            } else {
+                dash()
+            },
+            if model.vram_need > 0 {
+                format_bytes(model.vram_need)
             } else {
                 dash()
             },

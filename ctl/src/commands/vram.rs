@@ -20,15 +20,22 @@ fn render(vram: &VramResponse) -> String {
     if vram.devices.is_empty() {
         return format!("no GPU ({})\n", vram.reason);
     }
-    let mut text = format!("backend {} ({})\n", vram.backend, vram.reason);
+    let mut text = format!(
+        "backend {} ({}); gpuctld leaves {} free for others\n",
+        vram.backend,
+        vram.reason,
+        format_bytes(vram.min_free)
+    );
     for device in &vram.devices {
         text.push_str(&format!(
-            "\nGPU {}  {}  total {}  used {}  free {}\n",
+            "\nGPU {}  {}  total {}  used {}  free {}  reserved {}  headroom {}\n",
             device.index,
             device.name,
             format_bytes(device.total),
             format_bytes(device.used),
-            format_bytes(device.free)
+            format_bytes(device.free),
+            format_bytes(device.reserved),
+            format_bytes(device.headroom)
         ));
         let mut table = Table::new(&["PID", "PROCESS", "MEMORY", "MODEL"]);
         for process in &device.processes {
@@ -37,6 +44,21 @@ fn render(vram: &VramResponse) -> String {
                 process.name.clone(),
                 format_bytes(process.bytes),
                 process.model.clone().unwrap_or_else(|| "-".to_owned()),
+            ]);
+        }
+        text.push_str(&table.render());
+    }
+    if !vram.reservations.is_empty() {
+        text.push('\n');
+        let mut table = Table::new(&["RESERVATION", "GPU", "SIZE", "UNUSED", "PID", "STATE"]);
+        for r in &vram.reservations {
+            table.row(vec![
+                r.id.to_string(),
+                r.device.map_or_else(|| "-".to_owned(), |d| d.to_string()),
+                format_bytes(r.bytes),
+                format_bytes(r.unused),
+                r.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                if r.granted { "granted" } else { "waiting" }.to_owned(),
             ]);
         }
         text.push_str(&table.render());

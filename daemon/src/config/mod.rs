@@ -64,6 +64,10 @@ pub struct DaemonConfig {
     pub shutdown_grace: Duration,
     /// The gpuctl-worker binary; empty: next to gpuctld.
     pub worker: String,
+    /// Where measured model sizes are kept across restarts; empty:
+    /// `$STATE_DIRECTORY`, else /var/lib/gpuctl if writable, else
+    /// `$XDG_STATE_HOME/gpuctl` or ~/.local/state/gpuctl.
+    pub state_dir: String,
 }
 
 /// `[policy]`.
@@ -89,6 +93,16 @@ pub struct PolicyConfig {
 pub struct GpuConfig {
     /// `auto`, `nvml`, `sim` or `none`.
     pub backend: Backend,
+    /// How often the GPUs are sampled while gpuctld has something on them
+    /// (models, waiting loads, reservations).
+    pub poll_interval: Duration,
+    /// Memory gpuctld leaves free for other programs: loads must fit with
+    /// it to spare, and idle models are unloaded when free memory falls below.
+    pub min_free_vram: Bytes,
+    /// How long a load waits for memory before failing with `InsufficientVram`.
+    pub load_wait: Duration,
+    /// Under sustained pressure, unload busy models once their work ends.
+    pub yield_busy: bool,
     /// The simulated device, for `backend = "sim"`.
     pub sim: SimConfig,
 }
@@ -133,6 +147,10 @@ impl Default for GpuConfig {
     fn default() -> Self {
         GpuConfig {
             backend: Backend::Auto,
+            poll_interval: Duration(std::time::Duration::from_millis(500)),
+            min_free_vram: Bytes(512 << 20),
+            load_wait: Duration(std::time::Duration::from_secs(60)),
+            yield_busy: true,
             sim: SimConfig::default(),
         }
     }
@@ -198,6 +216,10 @@ pub struct ModelConfig {
     /// that can be resident at once.
     #[serde(default)]
     pub threads: u32,
+    /// The GPU memory it needs; unset: measured at its last load, else its
+    /// file size × 1.2.
+    #[serde(default)]
+    pub vram: Option<Bytes>,
 }
 
 fn four() -> u32 {
@@ -271,6 +293,7 @@ impl Default for DaemonConfig {
             handshake_timeout: Duration(std::time::Duration::from_secs(5)),
             shutdown_grace: Duration(std::time::Duration::from_secs(10)),
             worker: String::new(),
+            state_dir: String::new(),
         }
     }
 }
@@ -372,6 +395,9 @@ impl Config {
         }
         if self.policy.queue_max == 0 {
             return invalid("policy.queue_max", "must be at least 1".into());
+        }
+        if self.gpu.poll_interval.0 < std::time::Duration::from_millis(10) {
+            return invalid("gpu.poll_interval", "must be at least 10ms".into());
         }
         if self.gpu.backend == Backend::Sim && self.gpu.sim.devices.is_empty() {
             return invalid(

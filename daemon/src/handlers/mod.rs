@@ -4,10 +4,13 @@ mod generate;
 mod load;
 mod models;
 mod ping;
+mod release;
 mod reload;
+mod reserve;
 mod status;
 mod unload;
 mod vram;
+mod watch;
 
 use gpuctl_protocol::{Error, Request, Response};
 
@@ -15,8 +18,9 @@ use crate::access::{self, Peer};
 use crate::context::{Context, EventSink};
 
 /// The operations this daemon serves, as advertised in `Welcome`.
-pub const CAPABILITIES: [&str; 8] = [
-    "ping", "status", "models", "reload", "generate", "load", "unload", "vram",
+pub const CAPABILITIES: [&str; 11] = [
+    "ping", "status", "models", "reload", "generate", "load", "unload", "vram", "reserve",
+    "release", "watch",
 ];
 
 /// Runs one request for `peer`.
@@ -38,5 +42,14 @@ pub async fn handle(
         Request::Load(request) => load::handle(request, ctx).await.map(Response::Load),
         Request::Unload(request) => unload::handle(request, ctx).await.map(Response::Unload),
         Request::Vram(request) => vram::handle(request, ctx).await.map(Response::Vram),
+        Request::Reserve(request) => reserve::handle(request, &peer, ctx, events)
+            .await
+            .map(Response::Reserve),
+        Request::Release(request) => release::handle(request, ctx, events)
+            .await
+            .map(Response::Release),
+        Request::Watch(request) => watch::handle(request, ctx, events)
+            .await
+            .map(Response::Watch),
     }
 }

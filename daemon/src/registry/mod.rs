@@ -4,7 +4,9 @@
 //! `watch` channel. Decisions come from [`crate::policy`]; this module
 //! carries them out.
 
+mod gpu;
 mod models;
+mod reservations;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,15 +15,22 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use gpuctl_protocol::worker::Job;
 use gpuctl_protocol::{
-    ConfigStatus, Error, ErrorCode, GenerateResponse, KeepAlive, LoadResponse, ModelStatus,
-    ReloadOutcome, ReloadResponse, ReloadTrigger, UnloadResponse, VramResponse,
+    ConfigStatus, Error, ErrorCode, GenerateResponse, KeepAlive, LoadResponse, ModelStatus, Notice,
+    NoticeKind, ReleaseResponse, ReloadOutcome, ReloadResponse, ReloadTrigger, ReserveRequest,
+    ReserveResponse, UnloadResponse, VramResponse,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::config::{Config, ConfigSource};
-use crate::notify;
+use crate::context::EventSink;
+use crate::{notify, state};
+use gpu::GpuState;
 pub use models::not_found;
 use models::{Event, ModelEntry};
+use reservations::Reservation;
+
+/// Notices kept for a watcher that falls behind before it misses some.
+const NOTICE_BACKLOG: usize = 256;
 
 /// A job ready for a worker, prepared (validated, noise made) by its handler.
 pub struct PreparedJob {
@@ -61,6 +70,20 @@ enum Command {
     Vram {
         reply: oneshot::Sender<Result<VramResponse, Error>>,
     },
+    Reserve {
+        request: ReserveRequest,
+        pid: Option<u32>,
+        connection: EventSink,
+        reply: oneshot::Sender<Result<ReserveResponse, Error>>,
+    },
+    Release {
+        reservation: u64,
+        why: &'static str,
+        /// The connection asking, which must be the one that reserved;
+        /// `None` for the daemon's own releases (connection closed, ttl).
+        connection: Option<EventSink>,
+        reply: Option<oneshot::Sender<Result<ReleaseResponse, Error>>>,
+    },
 }
 
 /// A handle to the registry task; cheap to clone.
@@ -68,6 +91,7 @@ enum Command {
 pub struct RegistryHandle {
     commands: mpsc::Sender<Command>,
     config: watch::Receiver<Arc<Config>>,
+    notices: broadcast::Sender<Notice>,
 }
 
 impl RegistryHandle {
@@ -84,6 +108,43 @@ impl RegistryHandle {
     /// GPU memory: devices, our models, other programs.
     pub async fn vram(&self) -> Result<VramResponse, Error> {
         self.ask(|reply| Command::Vram { reply }).await?
+    }
+
+    /// Keeps memory free for another program until the connection closes,
+    /// `Release`, or the ttl; answers once granted.
+    pub async fn reserve(
+        &self,
+        request: ReserveRequest,
+        pid: Option<u32>,
+        connection: EventSink,
+    ) -> Result<ReserveResponse, Error> {
+        self.ask(|reply| Command::Reserve {
+            request,
+            pid,
+            connection,
+            reply,
+        })
+        .await?
+    }
+
+    /// Ends a reservation made on `connection`.
+    pub async fn release(
+        &self,
+        reservation: u64,
+        connection: EventSink,
+    ) -> Result<ReleaseResponse, Error> {
+        self.ask(|reply| Command::Release {
+            reservation,
+            why: "released",
+            connection: Some(connection),
+            reply: Some(reply),
+        })
+        .await?
+    }
+
+    /// Every notice from now on (loads, unloads, pressure, …).
+    pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
     }
 
     /// Every configured model's state.
@@ -179,9 +240,16 @@ struct Registry {
     models: BTreeMap<String, ModelEntry>,
     worker_program: PathBuf,
     events: mpsc::UnboundedSender<Event>,
-    /// Shared with the blocking threads that sample it (NVML calls block).
-    probe: Arc<std::sync::Mutex<Box<dyn crate::gpu::Probe>>>,
-    probe_reason: String,
+    /// What the GPUs look like and what is being done about it.
+    gpu: GpuState,
+    reservations: BTreeMap<u64, Reservation>,
+    next_reservation: u64,
+    /// To send itself commands from tasks it spawns; weak, so the registry
+    /// still ends when every handle is gone.
+    commands: mpsc::WeakSender<Command>,
+    notices: broadcast::Sender<Notice>,
+    state_dir: Option<PathBuf>,
+    measured: state::State,
 }
 
 /// Starts the registry with the configuration loaded at start-up. It runs
@@ -190,6 +258,9 @@ pub fn spawn(source: ConfigSource, config: Config) -> RegistryHandle {
     let worker_program = crate::worker::worker_program(&config.daemon.worker);
     let (probe, probe_reason) = crate::gpu::choose(&config.gpu);
     tracing::info!(backend = probe.backend(), reason = %probe_reason, "gpu probe");
+    let state_dir = state::locate(&config.daemon.state_dir);
+    let measured = state_dir.as_deref().map(state::load).unwrap_or_default();
+    tracing::debug!(state_dir = ?state_dir, measured = measured.models.len(), "state");
     let models = config
         .models
         .keys()
@@ -198,6 +269,7 @@ pub fn spawn(source: ConfigSource, config: Config) -> RegistryHandle {
     let (published, receiver) = watch::channel(Arc::new(config));
     let (commands, inbox) = mpsc::channel(64);
     let (events, event_inbox) = mpsc::unbounded_channel();
+    let (notices, _) = broadcast::channel(NOTICE_BACKLOG);
     let registry = Registry {
         source,
         published,
@@ -207,13 +279,19 @@ pub fn spawn(source: ConfigSource, config: Config) -> RegistryHandle {
         models,
         worker_program,
         events,
-        probe: Arc::new(std::sync::Mutex::new(probe)),
-        probe_reason,
+        gpu: GpuState::new(probe, probe_reason),
+        reservations: BTreeMap::new(),
+        next_reservation: 1,
+        commands: commands.downgrade(),
+        notices: notices.clone(),
+        state_dir,
+        measured,
     };
     tokio::spawn(registry.run(inbox, event_inbox));
     RegistryHandle {
         commands,
         config: receiver,
+        notices,
     }
 }
 
@@ -230,6 +308,7 @@ impl Registry {
         self.preload();
         loop {
             let expiry = self.next_expiry();
+            let poll = self.next_poll();
             tokio::select! {
                 command = inbox.recv() => match command {
                     Some(command) => self.handle(command).await,
@@ -237,6 +316,7 @@ impl Registry {
                 },
                 Some(event) = events.recv() => self.on_event(event),
                 _ = sleep_until(expiry) => self.expire_idle(),
+                _ = sleep_until(poll) => self.request_sample(),
             }
         }
     }
@@ -267,6 +347,23 @@ impl Registry {
                 let _ = reply.send(self.model_status());
             }
             Command::Vram { reply } => self.vram(reply),
+            Command::Reserve {
+                request,
+                pid,
+                connection,
+                reply,
+            } => self.reserve(request, pid, connection, reply),
+            Command::Release {
+                reservation,
+                why,
+                connection,
+                reply,
+            } => {
+                let released = self.release(reservation, why, connection.as_ref());
+                if let Some(reply) = reply {
+                    let _ = reply.send(released);
+                }
+            }
         }
     }
 
@@ -304,6 +401,10 @@ impl Registry {
             }
         }
         let error = result.as_ref().err().map(|e| e.message.clone());
+        self.notice(NoticeKind::Reloaded {
+            generation: self.generation,
+            error: error.clone(),
+        });
         self.last_reload = Some(ReloadOutcome {
             at_unix_ms,
             trigger,
@@ -341,6 +442,16 @@ impl Registry {
             changed,
             models,
         })
+    }
+}
+
+impl Registry {
+    /// Logs nothing (the caller has), and tells every watcher.
+    fn notice(&self, what: NoticeKind) {
+        let _ = self.notices.send(Notice {
+            at_unix_ms: unix_ms(SystemTime::now()),
+            what,
+        });
     }
 }
 

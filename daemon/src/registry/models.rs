@@ -9,14 +9,15 @@ use std::time::{Duration, Instant};
 
 use gpuctl_protocol::worker::LoadModel;
 use gpuctl_protocol::{
-    Error, ErrorCode, GenerateResponse, GpuDevice, GpuProcess, KeepAlive, LoadResponse, ModelState,
-    ModelStatus, UnloadResponse, VramResponse,
+    Error, ErrorCode, GenerateResponse, KeepAlive, LoadResponse, ModelState, ModelStatus,
+    NoticeKind, UnloadResponse,
 };
 use tokio::sync::oneshot;
 
+use super::gpu::Reclaim;
 use super::{PreparedJob, Registry};
-use crate::config::{Config, Device, Kind, ModelConfig};
-use crate::gpu::OwnWorker;
+use crate::config::{Config, Kind, ModelConfig};
+use crate::gpu::DeviceSample;
 use crate::pixels;
 use crate::policy::{self, Admission, ModelChange, ModelView, Phase, UnloadReason};
 use crate::worker::{self, Exit, JobOutput, WorkerHandle, WorkerJob};
@@ -41,6 +42,15 @@ pub enum Event {
         load: u64,
         exit: Exit,
     },
+    /// A GPU sample, taken on a blocking thread.
+    Sampled(Result<Vec<DeviceSample>, String>),
+}
+
+/// A load that waits for GPU memory.
+pub struct VramWait {
+    pub since: Instant,
+    /// What its clients were last told.
+    pub told: Option<String>,
 }
 
 enum Life {
@@ -76,7 +86,7 @@ impl Waiter {
 pub struct ModelEntry {
     life: Life,
     queue: VecDeque<Waiter>,
-    in_flight: u32,
+    pub in_flight: u32,
     last_used: Instant,
     /// Set by a request's keep-alive; otherwise the config decides.
     keep_alive: Option<KeepAlive>,
@@ -96,6 +106,21 @@ pub struct ModelEntry {
     loaded_file: Option<(std::time::SystemTime, u64)>,
     /// Told when the worker has exited.
     unload_waiters: Vec<oneshot::Sender<()>>,
+    /// Set while its load waits for GPU memory.
+    pub vram_wait: Option<VramWait>,
+    /// The GPU its worker is on (as arbitration counts it); `None` when
+    /// nothing is arbitrated (no GPU, or a CPU model).
+    pub placement: Option<u32>,
+    /// GPU bytes its current worker holds, as last measured.
+    pub held: u64,
+    /// The most its worker has held: the need used for admission.
+    pub measured: Option<u64>,
+    /// Why its worker is being unloaded, and since when.
+    pub unloading: Option<(UnloadReason, Instant)>,
+    /// Unload it as soon as its in-flight work ends (pressure).
+    pub yield_after_work: Option<UnloadReason>,
+    /// Why it was last unloaded.
+    last_unload: Option<UnloadReason>,
 }
 
 impl ModelEntry {
@@ -116,11 +141,88 @@ impl ModelEntry {
             unload_when_loaded: false,
             loaded_file: None,
             unload_waiters: Vec::new(),
+            vram_wait: None,
+            placement: None,
+            held: 0,
+            measured: None,
+            unloading: None,
+            yield_after_work: None,
+            last_unload: None,
+        }
+    }
+
+    /// The worker's pid while it is running.
+    pub fn pid(&self) -> Option<u32> {
+        match &self.life {
+            Life::Ready { worker } => Some(worker.pid),
+            Life::Unloading { pid } => Some(*pid),
+            _ => None,
+        }
+    }
+
+    /// Whether it is being loaded (its memory may not show yet).
+    pub fn loading(&self) -> bool {
+        matches!(self.life, Life::Loading { .. })
+    }
+
+    /// Whether its worker is on its way out.
+    pub fn leaving(&self) -> bool {
+        matches!(self.life, Life::Unloading { .. })
+    }
+
+    /// Ready, nothing running, nobody waiting.
+    pub fn idle(&self) -> bool {
+        matches!(self.life, Life::Ready { .. }) && self.in_flight == 0 && self.queue.is_empty()
+    }
+
+    /// Ready (idle or not).
+    pub fn ready(&self) -> bool {
+        matches!(self.life, Life::Ready { .. })
+    }
+
+    pub fn last_used(&self) -> Instant {
+        self.last_used
+    }
+
+    /// The device bytes its worker reported at load.
+    pub fn reported_bytes(&self) -> u64 {
+        match &self.life {
+            Life::Ready { worker } => worker.loaded.device_bytes,
+            _ => 0,
+        }
+    }
+
+    pub fn has_waiters(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// Fails every waiting request with `error`.
+    pub fn fail_waiters(&mut self, error: &Error) {
+        fail_all(&mut self.queue, error);
+    }
+
+    /// Tells waiting generate clients what they wait for.
+    pub fn tell_waiting(&mut self, model: &str, waiting_for: &str) {
+        for (index, waiter) in self.queue.iter_mut().enumerate() {
+            if let Waiter::Job { job, told, .. } = waiter {
+                *told = Some(index as u32 + 1);
+                if let Some(events) = &job.events {
+                    events.send(gpuctl_protocol::Event::Queued(
+                        gpuctl_protocol::QueuedEvent {
+                            model: model.to_owned(),
+                            position: index as u32 + 1,
+                            waiting_for: waiting_for.to_owned(),
+                        },
+                    ));
+                }
+            }
         }
     }
 
     fn phase(&self) -> Phase {
         match self.life {
+            // Admitted, waiting for memory: it holds its place.
+            Life::Unloaded if self.vram_wait.is_some() => Phase::Loading,
             Life::Unloaded => Phase::Unloaded,
             Life::Loading { .. } => Phase::Loading,
             Life::Ready { .. } => Phase::Ready {
@@ -283,6 +385,9 @@ impl Registry {
         let Some(entry) = self.models.get_mut(name) else {
             return;
         };
+        if entry.vram_wait.is_some() {
+            return; // the GPU sampler tells them
+        }
         let waiting_for = match entry.life {
             Life::Unloaded => "its turn to load (group switch or max_loaded)".to_owned(),
             Life::Loading { .. } => "the model to load".to_owned(),
@@ -322,7 +427,7 @@ impl Registry {
         };
         match entry.life {
             Life::Ready { .. } => return self.dispatch(name, model),
-            Life::Unloaded if !entry.queue.is_empty() => {}
+            Life::Unloaded if !entry.queue.is_empty() && entry.vram_wait.is_none() => {}
             _ => return,
         }
         let now = Instant::now();
@@ -355,7 +460,18 @@ impl Registry {
                 for (victim, reason) in evict {
                     self.unload(&victim, reason, false);
                 }
-                self.start_load(name, model, &config);
+                if self.arbitrated(model) {
+                    // The GPU sampler admits it once it fits.
+                    if let Some(entry) = self.models.get_mut(name) {
+                        entry.vram_wait = Some(VramWait {
+                            since: Instant::now(),
+                            told: None,
+                        });
+                    }
+                    self.request_sample();
+                } else {
+                    self.start_load(name, model, &config, None);
+                }
             }
             Admission::Wait { because } => tracing::debug!(model = name, because, "load waits"),
         }
@@ -385,6 +501,9 @@ impl Registry {
         let Life::Ready { worker } = &entry.life else {
             return;
         };
+        if entry.yield_after_work.is_some() {
+            return; // it leaves once its work is done; the rest wait for memory
+        }
         let device = worker.loaded.device.clone();
         // The load time, for waiters that arrived before the load finished.
         let (loaded_at, last_load_ms) = (entry.loaded_at, entry.last_load_ms);
@@ -469,10 +588,21 @@ impl Registry {
         }
     }
 
-    fn start_load(&mut self, name: &str, model: &ModelConfig, config: &Config) {
+    /// Starts a worker for `name`; `placement`: the GPU arbitration put it on.
+    pub(super) fn start_load(
+        &mut self,
+        name: &str,
+        model: &ModelConfig,
+        config: &Config,
+        placement: Option<u32>,
+    ) {
+        let device = self.worker_device(model, placement);
         let Some(entry) = self.models.get_mut(name) else {
             return;
         };
+        entry.vram_wait = None;
+        entry.placement = placement;
+        entry.held = 0;
         entry.load += 1;
         entry.loaded_file = file_identity(&config.model_path(model));
         entry.life = Life::Loading {
@@ -483,7 +613,7 @@ impl Registry {
             name: name.to_owned(),
             path: config.model_path(model).display().to_string(),
             kind: model.kind.into(),
-            device: model.device.to_string(),
+            device,
             threads: worker_threads(model, config),
         };
         tracing::info!(model = name, path = %spec.path, device = %spec.device, "loading");
@@ -518,18 +648,26 @@ impl Registry {
                 load,
                 succeeded,
             } => {
+                let mut leave = None;
                 if let Some(entry) = self.models.get_mut(&model).filter(|e| e.load == load) {
                     entry.in_flight = entry.in_flight.saturating_sub(1);
                     entry.last_used = Instant::now();
                     if succeeded {
                         entry.failures = 0;
                     }
+                    if entry.in_flight == 0 {
+                        leave = entry.yield_after_work.take();
+                    }
+                }
+                if let Some(reason) = leave {
+                    self.unload(&model, reason, false);
                 }
                 self.pump(&model);
                 // Its becoming idle may unblock a group switch or the LRU cap.
                 self.pump_all();
             }
             Event::Exited { model, load, exit } => self.on_exited(&model, load, exit),
+            Event::Sampled(sample) => self.on_sampled(sample),
         }
     }
 
@@ -545,6 +683,19 @@ impl Registry {
             Ok(worker) => {
                 let took = ms(since.elapsed());
                 tracing::info!(model = name, pid = worker.pid, device = %worker.loaded.device, load_ms = took, parameter_bytes = worker.loaded.parameter_bytes, "loaded");
+                let notice = NoticeKind::Loaded {
+                    model: name.to_owned(),
+                    device: worker.loaded.device.clone(),
+                    pid: worker.pid,
+                    load_ms: took,
+                };
+                let _ = self.notices.send(gpuctl_protocol::Notice {
+                    at_unix_ms: super::unix_ms(std::time::SystemTime::now()),
+                    what: notice,
+                });
+                let Some(entry) = self.models.get_mut(name) else {
+                    return;
+                };
                 entry.loads += 1;
                 entry.last_load_ms = Some(took);
                 entry.last_error = None;
@@ -552,10 +703,15 @@ impl Registry {
                 entry.last_used = Instant::now();
                 entry.loaded_at = Some(Instant::now());
                 entry.life = Life::Ready { worker };
+                let arbitrated = entry.placement.is_some();
                 if std::mem::take(&mut entry.unload_when_loaded) {
                     self.unload(name, UnloadReason::Explicit, false);
                 } else {
                     self.pump(name);
+                }
+                if arbitrated {
+                    // Measure what it really holds.
+                    self.request_sample();
                 }
             }
             Err(error) => self.record_load_failure(name, error),
@@ -574,6 +730,7 @@ impl Registry {
             .saturating_mul(1 << (entry.failures - 1).min(10))
             .min(MAX_RETRY);
         tracing::error!(model = name, error = %error.message, retry_in_ms = ms(backoff), "load failed");
+        entry.vram_wait = None;
         entry.retry_at = Some(Instant::now() + backoff);
         entry.last_error = Some(error.message.clone());
         entry.life = Life::Unloaded;
@@ -582,7 +739,12 @@ impl Registry {
         for waiter in entry.unload_waiters.drain(..) {
             let _ = waiter.send(());
         }
+        self.notice(NoticeKind::LoadFailed {
+            model: name.to_owned(),
+            error: error.message.clone(),
+        });
         self.pump_all();
+        self.request_sample();
     }
 
     fn on_exited(&mut self, name: &str, load: u64, exit: Exit) {
@@ -593,6 +755,25 @@ impl Registry {
         if matches!(entry.life, Life::Loading { .. }) {
             return; // a failed load; on_loaded reports it
         }
+        let (reason, since) = match entry.unloading.take() {
+            Some(unloading) if exit.expected => unloading,
+            _ => (
+                UnloadReason::Crash {
+                    description: exit.description.clone(),
+                },
+                Instant::now(),
+            ),
+        };
+        entry.last_unload = Some(reason.clone());
+        entry.yield_after_work = None;
+        let reclaim = Reclaim {
+            model: name.to_owned(),
+            pid: exit.pid,
+            device: entry.placement.take(),
+            bytes: std::mem::take(&mut entry.held),
+            reason,
+            since,
+        };
         if exit.expected {
             tracing::info!(model = name, pid = exit.pid, status = %exit.description, "worker exited");
         } else {
@@ -616,6 +797,7 @@ impl Registry {
         for waiter in entry.unload_waiters.drain(..) {
             let _ = waiter.send(());
         }
+        self.reclaim(reclaim);
         self.pump(name);
         self.pump_all();
     }
@@ -643,12 +825,14 @@ impl Registry {
                 tracing::info!(
                     model = name,
                     pid = worker.pid,
-                    reason = reason.name(),
+                    reason = %reason,
                     in_flight = entry.in_flight,
                     force,
                     "unloading"
                 );
                 entry.life = Life::Unloading { pid: worker.pid };
+                entry.unloading = Some((reason, Instant::now()));
+                entry.yield_after_work = None;
                 if force {
                     worker.kill();
                     let cancelled = Error::new(
@@ -750,75 +934,6 @@ impl Registry {
         self.pump_all();
     }
 
-    /// Samples the GPUs off the async threads and answers with our workers
-    /// named by model.
-    pub(super) fn vram(&self, reply: oneshot::Sender<Result<VramResponse, Error>>) {
-        let config = self.config();
-        let mut models = std::collections::HashMap::new();
-        let ours: Vec<OwnWorker> = self
-            .models
-            .iter()
-            .filter_map(|(name, entry)| match &entry.life {
-                Life::Ready { worker } => {
-                    models.insert(worker.pid, name.clone());
-                    let device = match config.models.get(name).map(|m| m.device) {
-                        Some(Device::Cuda(Some(n))) => n,
-                        _ => 0,
-                    };
-                    Some(OwnWorker {
-                        pid: worker.pid,
-                        device,
-                        bytes: worker.loaded.device_bytes,
-                    })
-                }
-                _ => None,
-            })
-            .collect();
-        let probe = self.probe.clone();
-        let reason = self.probe_reason.clone();
-        tokio::spawn(async move {
-            let sampled = tokio::task::spawn_blocking(move || {
-                let mut probe = probe
-                    .lock()
-                    .map_err(|_| "the GPU probe failed earlier".to_owned())?;
-                let backend = probe.backend();
-                probe.sample(&ours).map(|devices| (backend, devices))
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-            let answer = sampled
-                .map(|(backend, devices)| VramResponse {
-                    backend: backend.to_owned(),
-                    reason,
-                    devices: devices
-                        .into_iter()
-                        .map(|d| GpuDevice {
-                            index: d.index,
-                            name: d.name,
-                            total: d.total,
-                            used: d.used,
-                            free: d.total.saturating_sub(d.used),
-                            processes: d
-                                .processes
-                                .into_iter()
-                                .map(|p| GpuProcess {
-                                    model: models.get(&p.pid).cloned(),
-                                    pid: p.pid,
-                                    name: p.name,
-                                    bytes: p.bytes,
-                                })
-                                .collect(),
-                        })
-                        .collect(),
-                })
-                .map_err(|e| {
-                    Error::new(ErrorCode::Internal, format!("cannot read GPU memory: {e}"))
-                });
-            let _ = reply.send(answer);
-        });
-    }
-
     pub(super) fn model_status(&self) -> Vec<ModelStatus> {
         let config = self.config();
         let now = Instant::now();
@@ -827,10 +942,17 @@ impl Registry {
             .map(|(name, entry)| {
                 let keep_alive = self.keep_alive_of(name, &config);
                 let pinned = config.models.get(name).is_some_and(|m| m.pin);
+                let need = config
+                    .models
+                    .get(name)
+                    .map_or((0, "unknown"), |m| self.need(name, m, &config));
                 let idle = matches!(entry.life, Life::Ready { .. })
                     && entry.in_flight == 0
                     && entry.queue.is_empty();
                 let (state, device, pid, device_bytes) = match &entry.life {
+                    Life::Unloaded if entry.vram_wait.is_some() => {
+                        (ModelState::WaitingForVram, None, None, 0)
+                    }
                     Life::Unloaded => match entry.retry_at.filter(|t| *t > now) {
                         Some(t) => (
                             ModelState::Failed {
@@ -847,7 +969,11 @@ impl Registry {
                         ModelState::Ready,
                         Some(worker.loaded.device.clone()),
                         Some(worker.pid),
-                        worker.loaded.device_bytes,
+                        if entry.placement.is_some() {
+                            entry.held
+                        } else {
+                            worker.loaded.device_bytes
+                        },
                     ),
                     Life::Unloading { pid } => {
                         let state = if entry.in_flight > 0 {
@@ -878,6 +1004,9 @@ impl Registry {
                     loads: entry.loads,
                     last_load_ms: entry.last_load_ms,
                     last_error: entry.last_error.clone(),
+                    vram_need: need.0,
+                    vram_need_source: need.1.to_owned(),
+                    last_unload: entry.last_unload.clone(),
                 }
             })
             .collect()
