@@ -138,6 +138,8 @@ impl Daemon {
             .env_remove("GPUCTL_CONFIG")
             .env_remove("JOURNAL_STREAM")
             .env("RUST_LOG", "debug")
+            // Measurements stay with the test, not in the user's state.
+            .env("STATE_DIRECTORY", dir.path().join("state"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("create log"));

@@ -825,7 +825,7 @@ impl Registry {
                 tracing::info!(
                     model = name,
                     pid = worker.pid,
-                    reason = %reason,
+                    reason = reason.to_string().as_str(),
                     in_flight = entry.in_flight,
                     force,
                     "unloading"
