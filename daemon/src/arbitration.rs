@@ -94,9 +94,9 @@ pub fn place(
     if let Some(device) = most_spare(&|d| Some(d.spare(keep)).filter(|s| *s >= need)) {
         return Placement::Fits { device };
     }
-    if let Some(device) = most_spare(&|d| {
-        Some(d.spare(keep) + d.releasing as i128).filter(|s| *s >= need)
-    }) {
+    if let Some(device) =
+        most_spare(&|d| Some(d.spare(keep) + d.releasing as i128).filter(|s| *s >= need))
+    {
         return Placement::AwaitRelease { device };
     }
     let mut best: Option<(u64, u32, Vec<String>)> = None;
@@ -284,10 +284,13 @@ mod tests {
                 victims: vec!["older".into(), "old".into()]
             }
         );
-        assert!(matches!(
-            place(&[device(0, 500)], &residents, 1300 * MIB, 100 * MIB, None),
-            Placement::Wait { short, .. } if short == 300 * MIB
-        ), "busy and pinned models are never evicted for a load");
+        assert!(
+            matches!(
+                place(&[device(0, 500)], &residents, 1300 * MIB, 100 * MIB, None),
+                Placement::Wait { short, .. } if short == 300 * MIB
+            ),
+            "busy and pinned models are never evicted for a load"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod notify;
 mod pixels;
 pub mod policy;
 mod registry;
-pub mod state;
 pub mod server;
 pub mod signals;
+pub mod state;
 mod worker;

@@ -3,6 +3,7 @@
 
 mod access;
 mod activation;
+mod arbitration;
 mod basics;
 mod fixture;
 mod generate_cli;

@@ -50,7 +50,7 @@ kind = "tensor"
 
 /// A runtime whose tasks (the client's connection) keep running while the
 /// test blocks on `gpuctl` subprocesses and `wait_until`.
-fn runtime() -> tokio::runtime::Runtime {
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -70,7 +70,7 @@ fn f32_tensor(shape: &[u64], value: impl Fn(usize) -> f32) -> WireTensor {
     .unwrap()
 }
 
-fn request(model: &str) -> GenerateRequest {
+pub fn request(model: &str) -> GenerateRequest {
     GenerateRequest {
         model: model.into(),
         input: None,
@@ -85,7 +85,7 @@ fn request(model: &str) -> GenerateRequest {
     }
 }
 
-fn tensor_request() -> GenerateRequest {
+pub fn tensor_request() -> GenerateRequest {
     GenerateRequest {
         inputs: vec![f32_tensor(&[2], |i| i as f32), f32_tensor(&[2], |_| 1.0)],
         ..request("ten")
@@ -103,7 +103,7 @@ fn slow_request(steps: u32) -> GenerateRequest {
 }
 
 /// Starts a slow `gen` job and waits until it runs on the worker.
-async fn start_slow_job(client: &Client, daemon: &Daemon, steps: u32) -> gpuctl_protocol::Call {
+pub async fn start_slow_job(client: &Client, daemon: &Daemon, steps: u32) -> gpuctl_protocol::Call {
     let job = client
         .start(Request::Generate(slow_request(steps)))
         .await
@@ -114,7 +114,7 @@ async fn start_slow_job(client: &Client, daemon: &Daemon, steps: u32) -> gpuctl_
     job
 }
 
-async fn generate(
+pub async fn generate(
     client: &Client,
     request: GenerateRequest,
 ) -> Result<gpuctl_protocol::GenerateResponse, ClientError> {
@@ -124,14 +124,14 @@ async fn generate(
     }
 }
 
-fn daemon_error(result: Result<impl std::fmt::Debug, ClientError>) -> gpuctl_protocol::Error {
+pub fn daemon_error(result: Result<impl std::fmt::Debug, ClientError>) -> gpuctl_protocol::Error {
     match result {
         Err(ClientError::Daemon(error)) => error,
         other => panic!("expected an error from gpuctld, got {other:?}"),
     }
 }
 
-fn model_status(daemon: &Daemon, name: &str) -> Value {
+pub fn model_status(daemon: &Daemon, name: &str) -> Value {
     let status = daemon.status();
     status["models"]
         .as_array()
@@ -142,7 +142,7 @@ fn model_status(daemon: &Daemon, name: &str) -> Value {
         .unwrap()
 }
 
-fn wait_for_state(daemon: &Daemon, name: &str, state: &str) {
+pub fn wait_for_state(daemon: &Daemon, name: &str, state: &str) {
     wait_until(
         &format!("{name} to be {state}"),
         Duration::from_secs(30),
@@ -150,7 +150,7 @@ fn wait_for_state(daemon: &Daemon, name: &str, state: &str) {
     );
 }
 
-fn pid_alive(pid: u64) -> bool {
+pub fn pid_alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
         !s.lines()
             .any(|l| l.starts_with("State:") && l.contains('Z'))

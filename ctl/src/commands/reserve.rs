@@ -5,9 +5,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use gpuctl_protocol::units::format_bytes;
-use gpuctl_protocol::{
-    Client, ReleaseRequest, Request, ReserveRequest, ReserveResponse, Response,
-};
+use gpuctl_protocol::{Client, ReleaseRequest, Request, ReserveRequest, ReserveResponse, Response};
 
 use crate::{unexpected, CliError, Output};
 

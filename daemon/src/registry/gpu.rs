@@ -156,9 +156,11 @@ impl Registry {
         }
         let path = config.model_path(model);
         let file_bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
-        let measured = self.measured.models.get(name).filter(|m| {
-            m.path == path.display().to_string() && m.file_bytes == file_bytes
-        });
+        let measured = self
+            .measured
+            .models
+            .get(name)
+            .filter(|m| m.path == path.display().to_string() && m.file_bytes == file_bytes);
         match measured {
             Some(m) => (m.vram_bytes, "measured"),
             None => (file_bytes * FILE_ESTIMATE_PERCENT / 100, "file size × 1.2"),
@@ -400,11 +402,14 @@ impl Registry {
 
     /// What a reservation's holder (and its children) does not use yet.
     pub(super) fn unused(&self, reservation: &super::Reservation, device: u32) -> u64 {
+        let ours = self.own_pids();
         let used: u64 = match (reservation.pid, self.gpu.device(device)) {
+            // Our workers may descend from the holder too (gpuctld started
+            // from the same shell): they never count as its use.
             (Some(holder), Some(sample)) => sample
                 .processes
                 .iter()
-                .filter(|p| descends_from(p.pid, holder))
+                .filter(|p| !ours.contains_key(&p.pid) && descends_from(p.pid, holder))
                 .map(|p| p.bytes)
                 .sum(),
             _ => 0,
@@ -424,7 +429,12 @@ impl Registry {
                     .models
                     .iter()
                     .filter(|(_, e)| e.loading() && on_it(e))
-                    .filter_map(|(name, _)| config.models.get(name).map(|m| self.need(name, m, &config).0))
+                    .filter_map(|(name, _)| {
+                        config
+                            .models
+                            .get(name)
+                            .map(|m| self.need(name, m, &config).0)
+                    })
                     .sum();
                 let releasing = self
                     .models
@@ -484,7 +494,7 @@ impl Registry {
                     .collect()
             })
             .unwrap_or_default();
-        holders.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        holders.sort_by_key(|h| std::cmp::Reverse(h.bytes));
         holders
     }
 
@@ -548,9 +558,9 @@ impl Registry {
             let holder = foreign
                 .iter()
                 .filter_map(|h| {
-                    let grew = h.bytes.saturating_sub(
-                        self.gpu.foreign_before.get(&h.pid).copied().unwrap_or(0),
-                    );
+                    let grew = h
+                        .bytes
+                        .saturating_sub(self.gpu.foreign_before.get(&h.pid).copied().unwrap_or(0));
                     (grew > 0).then_some((grew, h))
                 })
                 .max_by_key(|(grew, _)| *grew)
@@ -675,7 +685,9 @@ impl Registry {
             };
             if since.elapsed() >= load_wait {
                 let free = match &placement {
-                    Placement::Wait { device, .. } | Placement::Evict { device, .. } | Placement::AwaitRelease { device } => self
+                    Placement::Wait { device, .. }
+                    | Placement::Evict { device, .. }
+                    | Placement::AwaitRelease { device } => self
                         .gpu
                         .device(*device)
                         .map_or(0, |d| d.total.saturating_sub(d.used)),

@@ -138,7 +138,10 @@ impl Registry {
                 continue;
             };
             if reservation.reply.as_ref().is_none_or(|r| r.is_closed()) {
-                tracing::info!(reservation = id, "reservation abandoned before it was granted");
+                tracing::info!(
+                    reservation = id,
+                    "reservation abandoned before it was granted"
+                );
                 self.reservations.remove(&id);
                 continue;
             }
@@ -148,13 +151,8 @@ impl Registry {
                 reservation.since,
                 reservation.timeout,
             );
-            let placement = arbitration::place(
-                &self.device_views(),
-                &self.residents(),
-                bytes,
-                0,
-                preferred,
-            );
+            let placement =
+                arbitration::place(&self.device_views(), &self.residents(), bytes, 0, preferred);
             let device = match placement {
                 Placement::Fits { device } => {
                     self.grant(id, device);
@@ -163,7 +161,10 @@ impl Registry {
                 Placement::NoSuchDevice { device } => {
                     let error = Error::new(
                         ErrorCode::InvalidRequest,
-                        format!("there is no GPU {device} ({} GPUs)", self.device_views().len()),
+                        format!(
+                            "there is no GPU {device} ({} GPUs)",
+                            self.device_views().len()
+                        ),
                     );
                     self.refuse(id, error);
                     continue;
