@@ -756,4 +756,6 @@ pub struct GpuProcess {
     pub bytes: u64,
     /// The model, when it is one of our workers.
     pub model: Option<String>,
+    /// Its command line, from /proc (empty when unreadable).
+    pub command: String,
 }

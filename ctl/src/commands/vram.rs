@@ -37,13 +37,18 @@ fn render(vram: &VramResponse) -> String {
             format_bytes(device.reserved),
             format_bytes(device.headroom)
         ));
-        let mut table = Table::new(&["PID", "PROCESS", "MEMORY", "MODEL"]);
+        let mut table = Table::new(&["PID", "PROCESS", "MEMORY", "MODEL", "COMMAND"]);
         for process in &device.processes {
+            let mut command = process.command.clone();
+            if command.chars().count() > 60 {
+                command = command.chars().take(59).collect::<String>() + "…";
+            }
             table.row(vec![
                 process.pid.to_string(),
                 process.name.clone(),
                 format_bytes(process.bytes),
                 process.model.clone().unwrap_or_else(|| "-".to_owned()),
+                command,
             ]);
         }
         text.push_str(&table.render());

@@ -24,6 +24,8 @@ pub struct ProcessUse {
     pub pid: u32,
     pub name: String,
     pub bytes: u64,
+    /// Its command line, for people.
+    pub command: String,
 }
 
 /// One of our workers, as probes need to know it.
@@ -99,4 +101,38 @@ fn try_choose(config: &GpuConfig) -> Result<(Box<dyn Probe>, String), String> {
 pub fn process_name(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map_or_else(|_| "?".to_owned(), |s| s.trim().to_owned())
+}
+
+/// A process's command line, arguments separated by spaces ("ollama
+/// serve"); empty when it is gone or not ours to read.
+pub fn process_command(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline")).map_or_else(
+        |_| String::new(),
+        |bytes| {
+            bytes
+                .split(|b| *b == 0)
+                .filter(|arg| !arg.is_empty())
+                .map(String::from_utf8_lossy)
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_a_process_from_proc() {
+        let me = std::process::id();
+        assert!(!process_name(me).is_empty());
+        assert!(
+            process_command(me).contains("gpuctld"),
+            "{}",
+            process_command(me)
+        );
+        assert_eq!(process_name(u32::MAX), "?");
+        assert_eq!(process_command(u32::MAX), "");
+    }
 }

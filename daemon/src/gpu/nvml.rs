@@ -4,7 +4,7 @@
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::Nvml;
 
-use super::{process_name, DeviceSample, OwnWorker, Probe, ProcessUse};
+use super::{process_command, process_name, DeviceSample, OwnWorker, Probe, ProcessUse};
 
 pub struct NvmlProbe {
     nvml: Nvml,
@@ -44,6 +44,7 @@ impl Probe for NvmlProbe {
                     .map(|p| ProcessUse {
                         pid: p.pid,
                         name: process_name(p.pid),
+                        command: process_command(p.pid),
                         bytes: match p.used_gpu_memory {
                             UsedGpuMemory::Used(bytes) => bytes,
                             UsedGpuMemory::Unavailable => 0,

@@ -77,6 +77,7 @@ impl Probe for SimProbe {
                         pid: f.pid,
                         name: f.name.clone(),
                         bytes: f.bytes,
+                        command: f.name.clone(),
                     })
                     .collect();
                 processes.extend(
@@ -86,6 +87,7 @@ impl Probe for SimProbe {
                             pid: w.pid,
                             name: "gpuctl-worker".to_owned(),
                             bytes: w.bytes,
+                            command: super::process_command(w.pid),
                         }),
                 );
                 let used = processes.iter().map(|p| p.bytes).sum::<u64>().min(*total);

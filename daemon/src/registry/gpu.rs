@@ -794,6 +794,7 @@ impl Registry {
                                 pid: p.pid,
                                 name: p.name.clone(),
                                 bytes: p.bytes,
+                                command: p.command.clone(),
                             })
                             .collect(),
                         reserved,

@@ -101,7 +101,7 @@ pub struct ModelEntry {
     /// waited for the load, and are told how long it took.
     loaded_at: Option<Instant>,
     /// Unload once the current load finishes.
-    unload_when_loaded: bool,
+    unload_when_loaded: Option<UnloadReason>,
     /// The file's modification time and size when it was last loaded.
     loaded_file: Option<(std::time::SystemTime, u64)>,
     /// Told when the worker has exited.
@@ -138,7 +138,7 @@ impl ModelEntry {
             failures: 0,
             retry_at: None,
             loaded_at: None,
-            unload_when_loaded: false,
+            unload_when_loaded: None,
             loaded_file: None,
             unload_waiters: Vec::new(),
             vram_wait: None,
@@ -704,8 +704,8 @@ impl Registry {
                 entry.loaded_at = Some(Instant::now());
                 entry.life = Life::Ready { worker };
                 let arbitrated = entry.placement.is_some();
-                if std::mem::take(&mut entry.unload_when_loaded) {
-                    self.unload(name, UnloadReason::Explicit, false);
+                if let Some(reason) = entry.unload_when_loaded.take() {
+                    self.unload(name, reason, false);
                 } else {
                     self.pump(name);
                 }
@@ -734,7 +734,7 @@ impl Registry {
         entry.retry_at = Some(Instant::now() + backoff);
         entry.last_error = Some(error.message.clone());
         entry.life = Life::Unloaded;
-        entry.unload_when_loaded = false;
+        entry.unload_when_loaded = None;
         fail_all(&mut entry.queue, &error);
         for waiter in entry.unload_waiters.drain(..) {
             let _ = waiter.send(());
@@ -818,7 +818,7 @@ impl Registry {
             }
             Life::Loading { since } => {
                 entry.life = Life::Loading { since };
-                entry.unload_when_loaded = true;
+                entry.unload_when_loaded = Some(reason);
                 entry.unload_waiters.push(done);
             }
             Life::Ready { worker } => {
