@@ -299,6 +299,9 @@ impl Registry {
                 .device(device)
                 .and_then(|d| d.processes.iter().find(|p| p.pid == pid))
                 .map(|p| p.bytes)
+                // NVML reports 0 when it may not see per-process use (some
+                // containers): no measurement, not a need of nothing.
+                .filter(|bytes| *bytes > 0)
             else {
                 continue;
             };
@@ -545,10 +548,15 @@ impl Registry {
             if view.free >= min_free {
                 if self.gpu.pressured.remove(&view.index) {
                     tracing::info!(device = view.index, free = %format_bytes(view.free), "memory pressure is over");
+                    let mut resumed = false;
                     for entry in self.models.values_mut() {
                         if entry.placement == Some(view.index) {
-                            entry.yield_after_work = None;
+                            resumed |= entry.yield_after_work.take().is_some();
                         }
+                    }
+                    if resumed {
+                        // They took no new work while about to yield.
+                        self.pump_all();
                     }
                 }
                 continue;

@@ -478,7 +478,7 @@ impl Registry {
     }
 
     /// Pumps every model with waiters: an unload may have made room.
-    fn pump_all(&mut self) {
+    pub(super) fn pump_all(&mut self) {
         let waiting: Vec<String> = self
             .models
             .iter()
