@@ -603,3 +603,68 @@ fn a_worker_that_ignores_unload_is_killed_after_the_grace_period() {
     );
     assert!(daemon.log_text().contains("unloaded: reclaimed"));
 }
+
+#[test]
+fn reservations_belong_to_their_connection_and_end_with_their_ttl() {
+    let sim = Sim::new();
+    let config = sim.config("poll_interval = \"100ms\"", 200);
+    let (daemon, foreign) = sim.start(&config);
+    let reserve = |bytes: u64, ttl_ms: Option<u64>| {
+        Request::Reserve(ReserveRequest {
+            bytes,
+            device: Some(0),
+            timeout_ms: 30_000,
+            ttl_ms,
+        })
+    };
+    runtime().block_on(async {
+        let owner = Client::connect(&daemon.socket).await.unwrap();
+        let other = Client::connect(&daemon.socket).await.unwrap();
+        let granted = match owner.call(reserve(100 * MIB, None)).await.unwrap() {
+            Response::Reserve(granted) => granted,
+            other => panic!("{other:?}"),
+        };
+        let release = Request::Release(gpuctl_protocol::ReleaseRequest {
+            reservation: granted.reservation,
+        });
+        let error = daemon_error(other.call(release.clone()).await);
+        assert_eq!(error.code, ErrorCode::Unauthorized, "{}", error.message);
+        assert!(matches!(
+            owner.call(release.clone()).await,
+            Ok(Response::Release(r)) if r.bytes == 100 * MIB
+        ));
+        assert_eq!(
+            daemon_error(owner.call(release).await).code,
+            ErrorCode::NotFound
+        );
+
+        // A ttl ends it while the connection stays open.
+        assert!(matches!(
+            owner.call(reserve(100 * MIB, Some(300))).await,
+            Ok(Response::Reserve(_))
+        ));
+        wait_until("the ttl to end it", Duration::from_secs(10), || {
+            vram(&daemon)["reservations"] == serde_json::json!([])
+        });
+        assert!(daemon.log_text().contains("why=\"ttl expired\""));
+
+        // Released while it still waits: its asker is told.
+        ollama_holds(&foreign, 1000);
+        let waiting = owner.start(reserve(500 * MIB, None)).await.unwrap();
+        wait_until("the reservation to wait", Duration::from_secs(10), || {
+            vram(&daemon)["reservations"][0]["granted"] == false
+        });
+        let id = vram(&daemon)["reservations"][0]["id"].as_u64().unwrap();
+        assert!(matches!(
+            owner
+                .call(Request::Release(gpuctl_protocol::ReleaseRequest {
+                    reservation: id
+                }))
+                .await,
+            Ok(Response::Release(_))
+        ));
+        let error = daemon_error(waiting.response().await);
+        assert_eq!(error.code, ErrorCode::Cancelled, "{}", error.message);
+    });
+    daemon.assert_serving();
+}

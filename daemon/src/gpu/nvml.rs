@@ -45,10 +45,7 @@ impl Probe for NvmlProbe {
                         pid: p.pid,
                         name: process_name(p.pid),
                         command: process_command(p.pid),
-                        bytes: match p.used_gpu_memory {
-                            UsedGpuMemory::Used(bytes) => bytes,
-                            UsedGpuMemory::Unavailable => 0,
-                        },
+                        bytes: used_bytes(&p.used_gpu_memory),
                     })
                     .collect();
                 Ok(DeviceSample {
@@ -60,5 +57,41 @@ impl Probe for NvmlProbe {
                 })
             })
             .collect()
+    }
+}
+
+/// A process's memory; 0 when NVML cannot see it (in some containers and
+/// under some drivers), which callers treat as "unknown", not as free.
+fn used_bytes(used: &UsedGpuMemory) -> u64 {
+    match used {
+        UsedGpuMemory::Used(bytes) => *bytes,
+        UsedGpuMemory::Unavailable => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_process_memory_unavailable_reads_as_zero() {
+        assert_eq!(used_bytes(&UsedGpuMemory::Used(5 << 30)), 5 << 30);
+        assert_eq!(used_bytes(&UsedGpuMemory::Unavailable), 0);
+    }
+
+    #[test]
+    fn without_the_driver_opening_fails_with_a_reason_not_a_crash() {
+        match NvmlProbe::open() {
+            // A machine with the NVIDIA driver: it must see its devices.
+            Ok((mut probe, devices)) => {
+                let sample = probe.sample(&[]).expect("sampling a real GPU");
+                assert_eq!(sample.len() as u32, devices);
+            }
+            Err(reason) => assert!(
+                reason.starts_with("NVML did not load: ")
+                    || reason.starts_with("NVML cannot count devices: "),
+                "{reason}"
+            ),
+        }
     }
 }

@@ -102,12 +102,18 @@ impl Registry {
                 format!("reservation {id} was made on another connection"),
             ));
         }
-        let Some(reservation) = self.reservations.remove(&id) else {
+        let Some(mut reservation) = self.reservations.remove(&id) else {
             return Err(Error::new(
                 ErrorCode::NotFound,
                 format!("there is no reservation {id}"),
             ));
         };
+        if let Some(waiting) = reservation.reply.take() {
+            let _ = waiting.send(Err(Error::new(
+                ErrorCode::Cancelled,
+                format!("reservation {id} was released before it was granted"),
+            )));
+        }
         if let Some(device) = reservation.device {
             tracing::info!(reservation = id, device, bytes = %format_bytes(reservation.bytes), why, "reservation ended");
             self.notice(NoticeKind::Released {
