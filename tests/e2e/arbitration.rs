@@ -131,6 +131,19 @@ async fn next_notice(watch: &mut Call, what: &str, want: impl Fn(&Notice) -> boo
     }
 }
 
+/// The first `Queued` event saying the request waits for GPU memory.
+async fn waiting_for_gpu(job: &mut Call) -> String {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), job.event()).await {
+            Ok(Some(Event::Queued(queued))) if queued.waiting_for.contains("GPU") => {
+                return queued.waiting_for;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no event saying it waits for GPU memory: {other:?}"),
+        }
+    }
+}
+
 fn unloaded<'a>(notice: &'a Notice, model: &str) -> Option<&'a UnloadReason> {
     match &notice.what {
         NoticeKind::Unloaded {
@@ -243,15 +256,7 @@ fn a_load_waits_for_memory_and_proceeds_when_it_is_released() {
             .await
             .unwrap();
         // 224 MiB free < 200 + 100: it waits, and its client is told why.
-        let waiting_for = loop {
-            match tokio::time::timeout(Duration::from_secs(30), job.event()).await {
-                Ok(Some(Event::Queued(queued))) if queued.waiting_for.contains("GPU") => {
-                    break queued.waiting_for
-                }
-                Ok(Some(_)) => {}
-                other => panic!("no waiting event: {other:?}\n{}", daemon.log_text()),
-            }
-        };
+        let waiting_for = waiting_for_gpu(&mut job).await;
         assert_eq!(
             waiting_for,
             "waiting for 200.0 MiB on GPU 0: ollama (pid 4121) holds 800.0 MiB"
@@ -419,15 +424,7 @@ fn a_reservation_frees_memory_keeps_loads_out_and_ends_with_its_connection() {
             }))
             .await
             .unwrap();
-        let waiting_for = loop {
-            match tokio::time::timeout(Duration::from_secs(30), job.event()).await {
-                Ok(Some(Event::Queued(queued))) if queued.waiting_for.contains("GPU") => {
-                    break queued.waiting_for
-                }
-                Ok(Some(_)) => {}
-                other => panic!("no waiting event: {other:?}"),
-            }
-        };
+        let waiting_for = waiting_for_gpu(&mut job).await;
         assert!(
             waiting_for.contains("reservations keep 800.0 MiB"),
             "{waiting_for}"

@@ -1,21 +1,20 @@
 //! The registry's eyes on the GPUs: sampling (on blocking threads, and
-//! only while gpuctld holds or waits for memory), loads that wait for
-//! memory, yielding to other programs under pressure, verified unloads,
-//! and `Vram`. The decisions come from [`crate::arbitration`].
+//! only while gpuctld holds or waits for memory), what each model needs and
+//! holds, verified unloads, and the snapshot that admission
+//! (`admission.rs`), pressure (`pressure.rs`) and reservations decide on
+//! through [`crate::arbitration`].
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gpuctl_protocol::units::format_bytes;
-use gpuctl_protocol::{
-    Error, ErrorCode, GpuDevice, GpuProcess, Holder, NoticeKind, UnloadReason, VramResponse,
-};
+use gpuctl_protocol::{Error, ErrorCode, Holder, NoticeKind, UnloadReason, VramResponse};
 use tokio::sync::oneshot;
 
 use super::models::Event;
 use super::Registry;
-use crate::arbitration::{self, DeviceView, Placement, Resident};
+use crate::arbitration::{DeviceView, Resident};
 use crate::config::{Config, Device, ModelConfig};
 use crate::gpu::{DeviceSample, OwnWorker, Probe};
 use crate::state::Measured;
@@ -41,22 +40,22 @@ pub struct Reclaim {
 
 pub struct GpuState {
     /// Shared with the blocking threads that sample it (NVML calls block).
-    probe: Arc<Mutex<Box<dyn Probe>>>,
-    backend: &'static str,
-    reason: String,
-    sampling: bool,
+    pub(super) probe: Arc<Mutex<Box<dyn Probe>>>,
+    pub(super) backend: &'static str,
+    pub(super) reason: String,
+    pub(super) sampling: bool,
     /// Someone asked for a sample while one was being taken.
-    again: bool,
-    last_at: Option<Instant>,
-    last: Vec<DeviceSample>,
-    samples: u64,
-    vram_replies: Vec<oneshot::Sender<Result<VramResponse, Error>>>,
+    pub(super) again: bool,
+    pub(super) last_at: Option<Instant>,
+    pub(super) last: Vec<DeviceSample>,
+    pub(super) samples: u64,
+    pub(super) vram_replies: Vec<oneshot::Sender<Result<VramResponse, Error>>>,
     pub reclaims: Vec<Reclaim>,
     /// Devices under pressure now, so it is announced once per episode.
-    pressured: BTreeSet<u32>,
+    pub(super) pressured: BTreeSet<u32>,
     /// Other programs' bytes at the previous sample, to name the one that grew.
-    foreign_before: HashMap<u32, u64>,
-    error: Option<String>,
+    pub(super) foreign_before: HashMap<u32, u64>,
+    pub(super) error: Option<String>,
 }
 
 impl GpuState {
@@ -78,16 +77,16 @@ impl GpuState {
         }
     }
 
-    fn active(&self) -> bool {
+    pub(super) fn active(&self) -> bool {
         self.backend != "none"
     }
 
-    fn device(&self, index: u32) -> Option<&DeviceSample> {
+    pub(super) fn device(&self, index: u32) -> Option<&DeviceSample> {
         self.last.iter().find(|d| d.index == index)
     }
 }
 
-fn preferred_device(model: &ModelConfig) -> Option<u32> {
+pub(super) fn preferred_device(model: &ModelConfig) -> Option<u32> {
     match model.device {
         Device::Cuda(Some(index)) => Some(index),
         _ => None,
@@ -191,7 +190,7 @@ impl Registry {
             .collect()
     }
 
-    fn own_pids(&self) -> HashMap<u32, String> {
+    pub(super) fn own_pids(&self) -> HashMap<u32, String> {
         self.models
             .iter()
             .filter_map(|(name, entry)| entry.pid().map(|pid| (pid, name.clone())))
@@ -393,7 +392,7 @@ impl Registry {
     }
 
     /// The unused part of each granted reservation, by device.
-    fn reserved_by_device(&self) -> HashMap<u32, u64> {
+    pub(super) fn reserved_by_device(&self) -> HashMap<u32, u64> {
         let mut reserved = HashMap::new();
         for reservation in self.reservations.values() {
             if let Some(device) = reservation.device {
@@ -480,7 +479,7 @@ impl Registry {
     }
 
     /// The other programs on a device, biggest first.
-    fn foreign(&self, index: u32) -> Vec<Holder> {
+    pub(super) fn foreign(&self, index: u32) -> Vec<Holder> {
         let ours = self.own_pids();
         let mut holders: Vec<Holder> = self
             .gpu
@@ -526,305 +525,6 @@ impl Registry {
             "nothing gpuctld can evict".to_owned()
         } else {
             parts.join(", ")
-        }
-    }
-
-    /// Where free memory fell below `min_free_vram`: idle models go now,
-    /// busy ones once their work ends (`yield_busy`).
-    fn relieve_pressure(&mut self) {
-        let gpu = self.config().gpu.clone();
-        let min_free = gpu.min_free_vram.0;
-        let residents = self.residents();
-        let ours = self.own_pids();
-        let foreign_now: HashMap<u32, u64> = self
-            .gpu
-            .last
-            .iter()
-            .flat_map(|d| d.processes.iter())
-            .filter(|p| !ours.contains_key(&p.pid))
-            .map(|p| (p.pid, p.bytes))
-            .collect();
-        for view in self.device_views() {
-            if view.free >= min_free {
-                if self.gpu.pressured.remove(&view.index) {
-                    tracing::info!(device = view.index, free = %format_bytes(view.free), "memory pressure is over");
-                    let mut resumed = false;
-                    for entry in self.models.values_mut() {
-                        if entry.placement == Some(view.index) {
-                            resumed |= entry.yield_after_work.take().is_some();
-                        }
-                    }
-                    if resumed {
-                        // They took no new work while about to yield.
-                        self.pump_all();
-                    }
-                }
-                continue;
-            }
-            // The program that grew most since the last sample, else the biggest.
-            let foreign = self.foreign(view.index);
-            let holder = foreign
-                .iter()
-                .filter_map(|h| {
-                    let grew = h
-                        .bytes
-                        .saturating_sub(self.gpu.foreign_before.get(&h.pid).copied().unwrap_or(0));
-                    (grew > 0).then_some((grew, h))
-                })
-                .max_by_key(|(grew, _)| *grew)
-                .map(|(_, h)| h.clone())
-                .or_else(|| foreign.first().cloned());
-            if self.gpu.pressured.insert(view.index) {
-                tracing::warn!(
-                    device = view.index,
-                    free = %format_bytes(view.free),
-                    min_free = %format_bytes(min_free),
-                    holder = holder.as_ref().map(|h| format!("{} (pid {})", h.name, h.pid)),
-                    "memory pressure"
-                );
-                self.notice(NoticeKind::Pressure {
-                    device: view.index,
-                    free: view.free,
-                    min_free,
-                    holder: holder.clone(),
-                });
-            }
-            let reason = UnloadReason::Pressure { holder };
-            let relief = arbitration::relieve(&view, &residents, min_free, gpu.yield_busy);
-            for name in relief.now {
-                self.unload(&name, reason.clone(), false);
-            }
-            for name in relief.after_work {
-                let Some(entry) = self.models.get_mut(&name) else {
-                    continue;
-                };
-                if entry.in_flight == 0 {
-                    self.unload(&name, reason.clone(), false);
-                } else if entry.yield_after_work.is_none() {
-                    tracing::info!(model = %name, "busy under pressure: unloading once its work is done");
-                    entry.yield_after_work = Some(reason.clone());
-                }
-            }
-        }
-        self.gpu.foreign_before = foreign_now;
-    }
-
-    /// Loads waiting for memory: the oldest first, each where it fits now,
-    /// evicting idle models if that makes it fit; the rest are told what
-    /// they wait for, and fail after `load_wait`.
-    fn admit_waiting_loads(&mut self) {
-        let config = self.config();
-        let min_free = config.gpu.min_free_vram.0;
-        let load_wait = config.gpu.load_wait.0;
-        let mut waiting: Vec<(Instant, String)> = self
-            .models
-            .iter()
-            .filter_map(|(name, e)| e.vram_wait.as_ref().map(|w| (w.since, name.clone())))
-            .collect();
-        waiting.sort();
-        for (since, name) in waiting {
-            let Some(model) = config.models.get(&name) else {
-                continue;
-            };
-            if !self.models.get(&name).is_some_and(|e| e.has_waiters()) {
-                if let Some(entry) = self.models.get_mut(&name) {
-                    entry.vram_wait = None;
-                }
-                continue;
-            }
-            let (need, source) = self.need(&name, model, &config);
-            let placement = if self.gpu.error.is_some() {
-                Placement::Wait {
-                    device: 0,
-                    short: need,
-                }
-            } else {
-                arbitration::place(
-                    &self.device_views(),
-                    &self.residents(),
-                    need,
-                    min_free,
-                    preferred_device(model),
-                )
-            };
-            let waiting_for = match placement {
-                Placement::Fits { device } => {
-                    tracing::info!(model = %name, device, need = %format_bytes(need), source, "memory found");
-                    self.start_load(&name, model, &config, Some(device));
-                    continue;
-                }
-                Placement::NoSuchDevice { device } => {
-                    let error = Error::new(
-                        ErrorCode::InvalidConfig,
-                        format!(
-                            "model {name}: device cuda:{device} does not exist ({} GPUs: {})",
-                            self.gpu.last.len(),
-                            self.gpu.reason
-                        ),
-                    );
-                    self.give_up(&name, &error);
-                    continue;
-                }
-                Placement::Evict {
-                    device,
-                    ref victims,
-                } => {
-                    for victim in victims {
-                        self.unload(victim, UnloadReason::Lru, false);
-                    }
-                    format!(
-                        "{} on GPU {device}: unloading {} to make room",
-                        format_bytes(need),
-                        victims.join(", ")
-                    )
-                }
-                Placement::AwaitRelease { device } => format!(
-                    "{} on GPU {device}: models are being unloaded",
-                    format_bytes(need)
-                ),
-                Placement::Wait { device, .. } => match &self.gpu.error {
-                    Some(error) => format!("{}: {error}", format_bytes(need)),
-                    None => format!(
-                        "{} on GPU {device}: {}",
-                        format_bytes(need),
-                        self.who_holds(device)
-                    ),
-                },
-            };
-            if since.elapsed() >= load_wait {
-                let free = match &placement {
-                    Placement::Wait { device, .. }
-                    | Placement::Evict { device, .. }
-                    | Placement::AwaitRelease { device } => self
-                        .gpu
-                        .device(*device)
-                        .map_or(0, |d| d.total.saturating_sub(d.used)),
-                    _ => 0,
-                };
-                let error = Error::new(
-                    ErrorCode::InsufficientVram,
-                    format!(
-                        "model {name} needs {} ({source}) plus {} left free (gpu.min_free_vram), but only {} is free after waiting {} (gpu.load_wait): waiting for {waiting_for}",
-                        format_bytes(need),
-                        format_bytes(min_free),
-                        format_bytes(free),
-                        gpuctl_protocol::units::format_duration_ms(load_wait.as_millis() as u64),
-                    ),
-                );
-                self.give_up(&name, &error);
-                continue;
-            }
-            let Some(entry) = self.models.get_mut(&name) else {
-                continue;
-            };
-            let Some(wait) = entry.vram_wait.as_mut() else {
-                continue;
-            };
-            if wait.told.as_ref() == Some(&waiting_for) {
-                continue;
-            }
-            wait.told = Some(waiting_for.clone());
-            let message = format!("waiting for {waiting_for}");
-            entry.tell_waiting(&name, &message);
-            tracing::info!(model = %name, %message, "load waits for GPU memory");
-            self.notice(NoticeKind::WaitingForVram {
-                model: name.clone(),
-                message,
-            });
-        }
-    }
-
-    /// Fails the requests waiting to load `name`; no backoff, as its file
-    /// is not at fault.
-    fn give_up(&mut self, name: &str, error: &Error) {
-        tracing::warn!(model = name, error = %error.message, "load gave up");
-        if let Some(entry) = self.models.get_mut(name) {
-            entry.vram_wait = None;
-            entry.fail_waiters(error);
-        }
-        self.notice(NoticeKind::LoadFailed {
-            model: name.to_owned(),
-            error: error.message.clone(),
-        });
-    }
-
-    /// `Vram`: answered from a fresh sample.
-    pub(super) fn vram(&mut self, reply: oneshot::Sender<Result<VramResponse, Error>>) {
-        if !self.gpu.active() {
-            let _ = reply.send(Ok(self.vram_response()));
-            return;
-        }
-        self.gpu.vram_replies.push(reply);
-        self.request_sample();
-    }
-
-    fn answer_vram(&mut self) {
-        if self.gpu.vram_replies.is_empty() {
-            return;
-        }
-        let response = self.vram_response();
-        for reply in self.gpu.vram_replies.drain(..) {
-            let _ = reply.send(Ok(response.clone()));
-        }
-    }
-
-    fn vram_response(&self) -> VramResponse {
-        let config = self.config();
-        let min_free = config.gpu.min_free_vram.0;
-        let models = self.own_pids();
-        let reserved = self.reserved_by_device();
-        let views = self.device_views();
-        VramResponse {
-            backend: self.gpu.backend.to_owned(),
-            reason: self.gpu.reason.clone(),
-            devices: self
-                .gpu
-                .last
-                .iter()
-                .map(|d| {
-                    let free = d.total.saturating_sub(d.used);
-                    let reserved = reserved.get(&d.index).copied().unwrap_or(0);
-                    let loading = views
-                        .iter()
-                        .find(|v| v.index == d.index)
-                        .map_or(0, |v| v.loading);
-                    GpuDevice {
-                        index: d.index,
-                        name: d.name.clone(),
-                        total: d.total,
-                        used: d.used,
-                        free,
-                        processes: d
-                            .processes
-                            .iter()
-                            .map(|p| GpuProcess {
-                                model: models.get(&p.pid).cloned(),
-                                pid: p.pid,
-                                name: p.name.clone(),
-                                bytes: p.bytes,
-                                command: p.command.clone(),
-                            })
-                            .collect(),
-                        reserved,
-                        headroom: free.saturating_sub(min_free + reserved + loading),
-                    }
-                })
-                .collect(),
-            min_free,
-            reservations: self
-                .reservations
-                .values()
-                .map(|r| gpuctl_protocol::ReservationInfo {
-                    id: r.id,
-                    device: r.device,
-                    bytes: r.bytes,
-                    unused: r.device.map_or(r.bytes, |d| self.unused(r, d)),
-                    pid: r.pid,
-                    granted: r.device.is_some(),
-                    age_ms: r.since.elapsed().as_millis() as u64,
-                })
-                .collect(),
-            samples: self.gpu.samples,
         }
     }
 }

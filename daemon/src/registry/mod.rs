@@ -4,9 +4,12 @@
 //! `watch` channel. Decisions come from [`crate::policy`]; this module
 //! carries them out.
 
+mod admission;
 mod gpu;
 mod models;
+mod pressure;
 mod reservations;
+mod vram;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
