@@ -290,6 +290,14 @@ fn a_load_that_never_fits_fails_with_insufficient_vram() {
              on GPU 0: ollama (pid 4121) holds 900.0 MiB"
         );
     });
+    let output = daemon.gpuctl(&["load", "ten"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("(insufficient_vram)")
+            && stderr(&output).contains("ollama (pid 4121) holds 900.0 MiB"),
+        "{}",
+        stderr(&output)
+    );
     // Nothing was disturbed: the daemon serves, and no load was tried.
     daemon.assert_serving();
     assert_eq!(loads(&daemon, "ten"), 0);

@@ -92,10 +92,15 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
     let mut call = client.start(Request::Generate(request)).await?;
     while let Some(event) = call.event().await {
         if let (Event::Queued(queued), Output::Human) = (event, output) {
-            eprintln!(
-                "gpuctl: waiting for {}: position {} in its queue ({})",
-                queued.model, queued.position, queued.waiting_for
-            );
+            if queued.waiting_for.starts_with("waiting for ") {
+                // GPU memory: the daemon's sentence says it all.
+                eprintln!("gpuctl: {}: {}", queued.model, queued.waiting_for);
+            } else {
+                eprintln!(
+                    "gpuctl: waiting for {}: position {} in its queue ({})",
+                    queued.model, queued.position, queued.waiting_for
+                );
+            }
         }
     }
     let answer = match call.response().await? {
