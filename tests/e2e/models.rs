@@ -476,6 +476,12 @@ fn a_worker_crash_fails_its_requests_and_the_next_request_reloads() {
             status["last_error"].as_str().unwrap().contains("died"),
             "{status}"
         );
+        assert!(
+            status["last_unload"]["Crash"]["description"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("signal 9")),
+            "the unload reason is the crash: {status}"
+        );
         generate(
             &client,
             GenerateRequest {
