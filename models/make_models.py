@@ -81,6 +81,26 @@ class TinyGenerate(nn.Module):
         return image
 
 
+class TinyX4(nn.Module):
+    """A small, fast x4 image model for large-image tests: bilinear x4
+    upsampling, then a 3x3 convolution (receptive field: 2 input pixels)."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(4)
+        self.smooth = nn.Conv2d(3, 3, 3, padding=1)
+        with torch.no_grad():
+            weight = torch.zeros(3, 3, 3, 3)
+            for c in range(3):
+                weight[c, c] = 1.0 / 9.0
+            self.smooth.weight.copy_(weight + torch.randn(weight.shape, generator=generator) * 0.01)
+            self.smooth.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=4.0, mode="bilinear", align_corners=False)
+        return self.smooth(x)
+
+
 class TinyTensor(nn.Module):
     """Tensors in, a tuple of tensors out: the `tensor` contract."""
 
@@ -177,6 +197,10 @@ def main() -> None:
     torch.jit.script(waifu2x).save(str(args.out / "waifu2x-upconv7-x2.pt"))
     torch.jit.script(TinyGenerate().eval()).save(str(args.out / "tiny-generate.pt"))
     torch.jit.script(TinyTensor().eval()).save(str(args.out / "tiny-tensor.pt"))
+    torch.jit.script(TinyX4().eval()).save(str(args.out / "tiny-x4.pt"))
+    # A 192x256 crop of the photo as raw CHW RGB8, for the tiling tests.
+    crop = (decode_png(photo_png)[0, :, 100:292, 130:386] * 255).round().to(torch.uint8)
+    (args.out / "astronaut-crop-192x256.rgb").write_bytes(crop.contiguous().numpy().tobytes())
 
     manifest = {
         "torch": torch.__version__,
@@ -184,6 +208,7 @@ def main() -> None:
             "waifu2x-upconv7-x2.pt": {"kind": "image", "scale": 2, "source": WAIFU2X, "weights": WAIFU2X_WEIGHTS, "check": check},
             "tiny-generate.pt": {"kind": "generate", "noise_channels": 4, "latent_scale": 8},
             "tiny-tensor.pt": {"kind": "tensor", "inputs": 2, "outputs": 2},
+            "tiny-x4.pt": {"kind": "image", "scale": 4},
         },
     }
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

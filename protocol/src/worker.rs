@@ -56,6 +56,8 @@ pub enum Job {
     Image {
         /// The input batch.
         input: WireTensor,
+        /// Cut it into tiles; `None`: one forward over the whole image.
+        tiling: Option<Tiling>,
     },
     /// `generate`: the daemon made `noise` from the seed.
     Generate(GenerateJob),
@@ -64,6 +66,17 @@ pub enum Job {
         /// The forward's arguments, in order.
         inputs: Vec<WireTensor>,
     },
+}
+
+/// How an image job is cut into tiles (input pixels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tiling {
+    /// Tile edge.
+    pub tile: u32,
+    /// Overlap between neighbouring tiles; `2 * overlap < tile`.
+    pub overlap: u32,
+    /// Tiles per forward.
+    pub batch: u32,
 }
 
 /// The inputs of a `generate` forward.

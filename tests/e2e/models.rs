@@ -918,3 +918,46 @@ fn auto_runs_without_a_gpu_where_there_is_no_nvidia_driver() {
     );
     assert!(stdout(&daemon.gpuctl(&["vram"])).starts_with("no GPU (auto: no NVIDIA GPU"));
 }
+
+#[test]
+fn an_image_larger_than_its_tile_is_processed_in_tiles_with_the_same_result() {
+    let tiled_config = config("", "").replace(
+        "scale = 2\n",
+        "scale = 2\ntile = 80\noverlap = 32\nbatch = 2\n",
+    );
+    let plain = Daemon::start(&config("", ""));
+    let tiled = Daemon::start(&tiled_config);
+    let image = WireTensor::new(
+        DType::U8,
+        vec![1, 3, 90, 130],
+        (0..3 * 90 * 130).map(|i| ((i * 31) % 251) as u8).collect(),
+    )
+    .unwrap();
+    let upscale = |daemon: &Daemon| {
+        let image = image.clone();
+        runtime().block_on(async {
+            let client = Client::connect(&daemon.socket).await.unwrap();
+            let answer = generate(
+                &client,
+                GenerateRequest {
+                    input: Some(image),
+                    ..request("up")
+                },
+            )
+            .await
+            .unwrap();
+            answer.outputs.into_iter().next().unwrap()
+        })
+    };
+    let (whole, pieces) = (upscale(&plain), upscale(&tiled));
+    assert_eq!(pieces.shape, vec![1, 3, 180, 260]);
+    assert_eq!(pieces.shape, whole.shape);
+    let largest = whole
+        .data
+        .iter()
+        .zip(&pieces.data)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(largest <= 1, "tiled and untiled pixels differ by {largest}");
+}

@@ -2,11 +2,12 @@
 
 use std::time::Instant;
 
-use gpuctl_protocol::worker::{GenerateJob, Job, LoadModel, Loaded};
+use gpuctl_protocol::worker::{GenerateJob, Job, LoadModel, Loaded, Tiling};
 use gpuctl_protocol::{DType, Error, ErrorCode, ModelKind, WireTensor};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use crate::tensors::{first_line, from_wire, to_wire};
+use crate::tiling::{self, TileError};
 
 /// A model, loaded and ready.
 pub struct Host {
@@ -118,7 +119,9 @@ impl Host {
     pub fn run(&self, job: Job) -> Result<Vec<WireTensor>, Error> {
         let _no_grad = tch::no_grad_guard();
         let outputs = match (self.spec.kind, job) {
-            (ModelKind::Image, Job::Image { input }) => vec![self.run_image(&input)?],
+            (ModelKind::Image, Job::Image { input, tiling }) => {
+                vec![self.run_image(&input, tiling)?]
+            }
             (ModelKind::Generate, Job::Generate(job)) => vec![self.run_generate(&job)?],
             (ModelKind::Tensor, Job::Tensor { inputs }) => self.run_tensor(&inputs)?,
             (kind, job) => {
@@ -155,7 +158,8 @@ impl Host {
     }
 
     /// `(x: [N,3,H,W] float 0..1) -> [N,3,sH,sW]`; u8 input is scaled to 0..1.
-    fn run_image(&self, input: &WireTensor) -> Result<Tensor, Error> {
+    /// An image larger than a tile is run in tiles.
+    fn run_image(&self, input: &WireTensor, tiling: Option<Tiling>) -> Result<Tensor, Error> {
         let shape = &input.shape;
         if shape.len() != 4 || shape[1] != 3 {
             return Err(self.error(
@@ -176,10 +180,37 @@ impl Host {
             }
         }
         .map_err(|e| self.error(ErrorCode::Internal, first_line(&e)))?;
-        let y = self
-            .module
-            .forward_ts(&[x])
-            .map_err(|e| self.forward_failed("image: x[N,3,H,W] -> [N,3,sH,sW]", &e))?;
+        let contract = "image: x[N,3,H,W] -> [N,3,sH,sW]";
+        let larger_than_a_tile =
+            tiling.filter(|t| shape[2] > u64::from(t.tile) || shape[3] > u64::from(t.tile));
+        let y = match larger_than_a_tile {
+            None => self
+                .module
+                .forward_ts(&[x])
+                .map_err(|e| self.forward_failed(contract, &e))?,
+            Some(t) => {
+                let tiling = tiling::Tiling {
+                    tile: i64::from(t.tile),
+                    overlap: i64::from(t.overlap),
+                    batch: i64::from(t.batch.max(1)),
+                };
+                let forward = |tiles: &Tensor| self.module.forward_ts(&[tiles]);
+                tiling::run(&x, tiling, &forward, &mut |_, _| {}).map_err(|e| match e {
+                    TileError::Forward {
+                        tile: (row, column),
+                        error,
+                    } => self.error(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "forward failed ({contract}) on the batch starting at tile row {row}, column {column}: {}",
+                            first_line(&error)
+                        ),
+                    ),
+                    TileError::Shape(problem) => self.error(ErrorCode::InvalidRequest, problem),
+                    TileError::Torch(error) => self.error(ErrorCode::Internal, first_line(&error)),
+                })?
+            }
+        };
         let out = y.size();
         if out.len() != 4 || out[1] != 3 || out[0] != shape[0] as i64 {
             return Err(self.error(

@@ -9,6 +9,7 @@
 mod channel;
 mod host;
 mod tensors;
+mod tiling;
 
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;

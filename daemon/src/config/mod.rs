@@ -200,6 +200,9 @@ pub struct ModelConfig {
     /// Tile overlap in pixels (`image`).
     #[serde(default)]
     pub overlap: Option<u32>,
+    /// Tiles per forward (`image` with `tile`).
+    #[serde(default = "four")]
+    pub batch: u32,
     /// Requests run at once on this model.
     #[serde(default = "one")]
     pub concurrency: u32,
@@ -500,6 +503,9 @@ impl ModelConfig {
                 "defaults",
                 "applies only to models of kind \"generate\"".into(),
             ));
+        }
+        if self.batch == 0 {
+            return Err(("batch", "must be at least 1".into()));
         }
         if self.scale == Some(0) {
             return Err(("scale", "must be at least 1".into()));

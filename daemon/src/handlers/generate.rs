@@ -1,4 +1,4 @@
-use gpuctl_protocol::worker::{GenerateJob, Job};
+use gpuctl_protocol::worker::{GenerateJob, Job, Tiling};
 use gpuctl_protocol::{Error, ErrorCode, GenerateRequest, GenerateResponse};
 
 use crate::config::{Kind, ModelConfig};
@@ -59,7 +59,12 @@ fn prepare(request: &GenerateRequest, model: &ModelConfig) -> Result<(Job, Optio
                 ));
             }
             input.check().map_err(invalid)?;
-            Ok((Job::Image { input }, None))
+            let tiling = model.tile.map(|tile| Tiling {
+                tile,
+                overlap: model.overlap.unwrap_or(0),
+                batch: model.batch,
+            });
+            Ok((Job::Image { input, tiling }, None))
         }
         Kind::Tensor => {
             if request.input.is_some() || generate_given {
@@ -117,6 +122,57 @@ fn prepare(request: &GenerateRequest, model: &ModelConfig) -> Result<(Job, Optio
                 guidance,
             };
             Ok((Job::Generate(job), Some(seed)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gpuctl_protocol::{DType, WireTensor};
+
+    use super::*;
+    use crate::config::Config;
+
+    fn image_request() -> GenerateRequest {
+        GenerateRequest {
+            model: "up".into(),
+            input: Some(WireTensor::new(DType::U8, vec![1, 3, 2, 2], vec![0; 12]).unwrap()),
+            inputs: vec![],
+            prompt: String::new(),
+            negative: String::new(),
+            seed: None,
+            steps: None,
+            guidance: None,
+            size: None,
+            keep_alive: None,
+        }
+    }
+
+    #[test]
+    fn an_image_model_with_a_tile_sends_its_tiling() {
+        let config = Config::parse(
+            "[models.up]\npath = \"u.pt\"\nkind = \"image\"\ntile = 256\noverlap = 16\nbatch = 3\n\
+             [models.plain]\npath = \"p.pt\"\nkind = \"image\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        match prepare(&image_request(), &config.models["up"]).unwrap().0 {
+            Job::Image { tiling, .. } => assert_eq!(
+                tiling,
+                Some(Tiling {
+                    tile: 256,
+                    overlap: 16,
+                    batch: 3
+                })
+            ),
+            other => panic!("{other:?}"),
+        }
+        match prepare(&image_request(), &config.models["plain"])
+            .unwrap()
+            .0
+        {
+            Job::Image { tiling, .. } => assert_eq!(tiling, None),
+            other => panic!("{other:?}"),
         }
     }
 }

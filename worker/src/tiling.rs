@@ -1,0 +1,244 @@
+//! Large images in tiles: the image is cut into overlapping tiles, tiles
+//! run through the model in batches, and the results are blended back with
+//! a linear feather, so the output has exactly the untiled size and no seam.
+//!
+//! The feather gives a tile's outer quarter of each overlap no weight and
+//! ramps across the middle half, so every output pixel comes from tiles in
+//! which it is at least `overlap / 4` input pixels away from a cut: for a
+//! model whose receptive field is within that margin, the tiled result is
+//! the untiled one.
+
+use tch::{Kind, Tensor};
+
+/// How to cut: tile edge and overlap in input pixels, tiles per forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tiling {
+    pub tile: i64,
+    pub overlap: i64,
+    pub batch: i64,
+}
+
+/// Where tiles start along one axis of `length` pixels; all have the
+/// length returned alongside (the axis itself when shorter than a tile).
+/// The last tile is aligned with the far edge, so it may overlap more.
+pub fn starts(length: i64, tile: i64, overlap: i64) -> (Vec<i64>, i64) {
+    if length <= tile {
+        return (vec![0], length);
+    }
+    let stride = (tile - overlap).max(1);
+    let mut starts: Vec<i64> = (0..)
+        .map(|i| i * stride)
+        .take_while(|s| s + tile < length)
+        .collect();
+    starts.push(length - tile);
+    (starts, tile)
+}
+
+/// The feather weights along one axis of one tile, in output pixels:
+/// `length` long, cut edges (`before`, `after`) ramping over `overlap`.
+pub fn feather(length: i64, overlap: i64, before: bool, after: bool) -> Vec<f32> {
+    let margin = overlap as f32 / 4.0;
+    let ramp = (overlap as f32 / 2.0).max(1.0);
+    let weight = |distance: i64| ((distance as f32 + 0.5 - margin) / ramp).clamp(0.0, 1.0);
+    (0..length)
+        .map(|i| {
+            let mut w = 1.0f32;
+            if before && overlap > 0 {
+                w = w.min(weight(i));
+            }
+            if after && overlap > 0 {
+                w = w.min(weight(length - 1 - i));
+            }
+            w
+        })
+        .collect()
+}
+
+/// What went wrong while tiling.
+#[derive(Debug)]
+pub enum TileError {
+    /// The forward failed on the tiles starting with this one (row, column).
+    Forward {
+        tile: (usize, usize),
+        error: tch::TchError,
+    },
+    /// The model does not scale a tile by a whole factor.
+    Shape(String),
+    /// Anything else libtorch refused (allocation, …).
+    Torch(tch::TchError),
+}
+
+impl From<tch::TchError> for TileError {
+    fn from(error: tch::TchError) -> Self {
+        TileError::Torch(error)
+    }
+}
+
+/// Runs `forward` over `x` (`[N,C,H,W]` float) in tiles and blends the
+/// results; `progress(done, total)` is called after every batch.
+pub fn run(
+    x: &Tensor,
+    tiling: Tiling,
+    forward: &dyn Fn(&Tensor) -> Result<Tensor, tch::TchError>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Tensor, TileError> {
+    let size = x.size();
+    let (n, height, width) = (size[0], size[2], size[3]);
+    let (rows, tile_h) = starts(height, tiling.tile, tiling.overlap);
+    let (columns, tile_w) = starts(width, tiling.tile, tiling.overlap);
+    let tiles: Vec<(usize, usize)> = (0..rows.len())
+        .flat_map(|r| (0..columns.len()).map(move |c| (r, c)))
+        .collect();
+    let total = tiles.len();
+    let device = x.device();
+    let mut blended: Option<(Tensor, Tensor, i64)> = None;
+    for (batch_index, batch) in tiles.chunks(tiling.batch.max(1) as usize).enumerate() {
+        let inputs: Vec<Tensor> = batch
+            .iter()
+            .map(|&(r, c)| {
+                x.f_narrow(2, rows[r], tile_h)?
+                    .f_narrow(3, columns[c], tile_w)
+            })
+            .collect::<Result<_, _>>()?;
+        let first = batch[0];
+        let y = Tensor::f_cat(&inputs, 0)
+            .and_then(|input| forward(&input))
+            .map_err(|error| TileError::Forward { tile: first, error })?;
+        let out = y.size();
+        if out.len() != 4 || out[0] != n * batch.len() as i64 {
+            return Err(TileError::Shape(format!(
+                "forward returned {out:?} for {} tiles of {:?}",
+                batch.len(),
+                [n, size[1], tile_h, tile_w]
+            )));
+        }
+        let scale = out[2] / tile_h;
+        if scale < 1 || out[2] != tile_h * scale || out[3] != tile_w * scale {
+            return Err(TileError::Shape(format!(
+                "tiling needs a model whose output is a whole multiple of its input; a {tile_h}x{tile_w} tile became {}x{}",
+                out[2], out[3]
+            )));
+        }
+        let (sum, weights, known) = match &mut blended {
+            Some(state) => state,
+            None => {
+                let sum = Tensor::f_zeros(
+                    [n, out[1], height * scale, width * scale],
+                    (Kind::Float, device),
+                )?;
+                let weights =
+                    Tensor::f_zeros([1, 1, height * scale, width * scale], (Kind::Float, device))?;
+                blended.insert((sum, weights, scale))
+            }
+        };
+        if *known != scale {
+            return Err(TileError::Shape(format!(
+                "the model scaled tiles by {known} and then by {scale}"
+            )));
+        }
+        for (j, &(r, c)) in batch.iter().enumerate() {
+            let rows_w = feather(
+                tile_h * scale,
+                tiling.overlap * scale,
+                r > 0,
+                r + 1 < rows.len(),
+            );
+            let columns_w = feather(
+                tile_w * scale,
+                tiling.overlap * scale,
+                c > 0,
+                c + 1 < columns.len(),
+            );
+            let weight = Tensor::from_slice(&rows_w)
+                .f_view([1, 1, tile_h * scale, 1])?
+                .f_mul(&Tensor::from_slice(&columns_w).f_view([1, 1, 1, tile_w * scale])?)?
+                .f_to_device(device)?;
+            let part = y
+                .f_narrow(0, j as i64 * n, n)?
+                .f_to_kind(Kind::Float)?
+                .f_mul(&weight)?;
+            let (top, left) = (rows[r] * scale, columns[c] * scale);
+            // In-place adds through views of the accumulators.
+            let _ = sum
+                .f_narrow(2, top, tile_h * scale)?
+                .f_narrow(3, left, tile_w * scale)?
+                .f_add_(&part)?;
+            let _ = weights
+                .f_narrow(2, top, tile_h * scale)?
+                .f_narrow(3, left, tile_w * scale)?
+                .f_add_(&weight)?;
+        }
+        progress(
+            (batch_index * tiling.batch.max(1) as usize + batch.len()).min(total),
+            total,
+        );
+    }
+    let (sum, weights, _) =
+        blended.ok_or_else(|| TileError::Shape("the image has no pixels".to_owned()))?;
+    Ok(sum.f_div(&weights)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Device;
+
+    use super::*;
+
+    #[test]
+    fn tiles_cover_the_axis_and_the_last_one_meets_the_edge() {
+        assert_eq!(starts(100, 128, 16), (vec![0], 100), "smaller than a tile");
+        assert_eq!(starts(128, 128, 16), (vec![0], 128));
+        assert_eq!(starts(129, 128, 16), (vec![0, 1], 128));
+        assert_eq!(starts(300, 128, 32), (vec![0, 96, 172], 128));
+        let (s, t) = starts(1000, 64, 16);
+        assert!(s.windows(2).all(|w| w[1] - w[0] <= 48 && w[1] > w[0]));
+        assert_eq!(s.last().map(|l| l + t), Some(1000));
+    }
+
+    #[test]
+    fn feathers_of_neighbours_sum_to_one_across_their_overlap() {
+        // Two tiles of 64 overlapping by exactly 16.
+        let left = feather(64, 16, false, true);
+        let right = feather(64, 16, true, false);
+        for i in 0..16 {
+            let sum = left[48 + i] + right[i];
+            assert!((sum - 1.0).abs() < 1e-6, "at {i}: {sum}");
+        }
+        assert_eq!(&left[..48], &[1.0; 48][..]);
+        assert_eq!(left[63], 0.0, "the cut edge itself has no weight");
+        assert_eq!(right[0], 0.0);
+        assert_eq!(
+            feather(8, 0, true, true),
+            vec![1.0; 8],
+            "no overlap, no feather"
+        );
+    }
+
+    #[test]
+    fn tiling_a_pointwise_model_gives_the_untiled_result_at_any_size() {
+        let forward = |t: &Tensor| -> Result<Tensor, tch::TchError> {
+            t.f_upsample_nearest2d([t.size()[2] * 2, t.size()[3] * 2], None, None)
+        };
+        for (h, w) in [(7, 9), (64, 64), (100, 37), (150, 230)] {
+            let x = Tensor::rand([1, 3, h, w], (Kind::Float, Device::Cpu));
+            let whole = forward(&x).unwrap();
+            let mut calls = Vec::new();
+            let tiled = run(
+                &x,
+                Tiling {
+                    tile: 32,
+                    overlap: 8,
+                    batch: 3,
+                },
+                &forward,
+                &mut |done, total| calls.push((done, total)),
+            )
+            .unwrap();
+            assert_eq!(tiled.size(), whole.size());
+            let largest = (tiled - whole).abs().max().double_value(&[]);
+            assert!(largest < 1e-5, "{h}x{w}: {largest}");
+            let total = calls.last().unwrap().1;
+            assert_eq!(calls.last(), Some(&(total, total)));
+        }
+    }
+}
