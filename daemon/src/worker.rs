@@ -34,6 +34,37 @@ pub struct JobOutput {
 pub struct WorkerJob {
     pub job: Job,
     pub reply: oneshot::Sender<Result<JobOutput, Error>>,
+    /// Where its progress goes (its client), if anywhere.
+    pub progress: Option<crate::context::EventSink>,
+}
+
+/// A job the worker is running.
+struct Running {
+    reply: oneshot::Sender<Result<JobOutput, Error>>,
+    progress: Option<crate::context::EventSink>,
+    started: std::time::Instant,
+}
+
+impl Running {
+    /// Tells the client how far the job is, with the time it has taken and
+    /// an estimate of what is left at the same pace.
+    fn progress(&self, done: u32, total: u32) {
+        let Some(sink) = &self.progress else {
+            return;
+        };
+        let elapsed_ms = self.started.elapsed().as_millis() as u64;
+        let eta_ms = (done > 0 && total >= done)
+            .then(|| elapsed_ms * u64::from(total - done) / u64::from(done));
+        sink.send(gpuctl_protocol::Event::Progress(
+            gpuctl_protocol::ProgressEvent {
+                done: u64::from(done),
+                total: u64::from(total),
+                message: format!("tile {done}/{total}"),
+                elapsed_ms,
+                eta_ms,
+            },
+        ));
+    }
 }
 
 /// The daemon's handle on a running worker. Dropping `jobs` (or calling
@@ -47,8 +78,8 @@ pub struct WorkerHandle {
 
 impl WorkerHandle {
     /// Queues a job; `false` if the worker is already gone.
-    pub fn run(&self, job: WorkerJob) -> Result<(), WorkerJob> {
-        self.jobs.send(job).map_err(|e| e.0)
+    pub fn run(&self, job: WorkerJob) -> Result<(), Box<WorkerJob>> {
+        self.jobs.send(job).map_err(|e| Box::new(e.0))
     }
 
     /// Lets queued jobs finish, then asks the worker to exit.
@@ -206,7 +237,7 @@ async fn supervise(
     exited: impl FnOnce(Exit) + Send + 'static,
 ) {
     let pid = child.id().unwrap_or(0);
-    let mut pending: HashMap<u64, oneshot::Sender<Result<JobOutput, Error>>> = HashMap::new();
+    let mut pending: HashMap<u64, Running> = HashMap::new();
     let mut next_id = 0u64;
     let mut unloading = false;
     let mut kill_settled = false;
@@ -223,8 +254,8 @@ async fn supervise(
                     continue;
                 }
                 let _ = child.start_kill();
-                for (_, reply) in pending.drain() {
-                    let _ = reply.send(Err(Error::new(ErrorCode::Cancelled, format!("model {model} was unloaded with --force"))));
+                for (_, running) in pending.drain() {
+                    let _ = running.reply.send(Err(Error::new(ErrorCode::Cancelled, format!("model {model} was unloaded with --force"))));
                 }
                 unloading = true;
             }
@@ -234,12 +265,12 @@ async fn supervise(
                 exit_by = None;
             }
             job = queue.recv(), if !unloading => match job {
-                Some(WorkerJob { job, reply }) => {
+                Some(WorkerJob { job, reply, progress }) => {
                     next_id += 1;
                     if let Err(error) = channel.send(DaemonToWorker::Run { id: next_id, job }).await {
                         let _ = reply.send(Err(Error::new(ErrorCode::Internal, format!("model {model}: cannot send the job to its worker: {error}"))));
                     } else {
-                        pending.insert(next_id, reply);
+                        pending.insert(next_id, Running { reply, progress, started: std::time::Instant::now() });
                     }
                 }
                 None => {
@@ -252,9 +283,14 @@ async fn supervise(
                 }
             },
             message = channel.next() => match message {
+                Some(Ok(WorkerToDaemon::Progress { id, done, total })) => {
+                    if let Some(running) = pending.get(&id) {
+                        running.progress(done, total);
+                    }
+                }
                 Some(Ok(WorkerToDaemon::Done { id, outputs, run_ms })) => {
-                    if let Some(reply) = pending.remove(&id) {
-                        let _ = reply.send(Ok(JobOutput { outputs, run_ms }));
+                    if let Some(running) = pending.remove(&id) {
+                        let _ = running.reply.send(Ok(JobOutput { outputs, run_ms }));
                     }
                     if unloading && pending.is_empty() {
                         let _ = channel.send(DaemonToWorker::Unload).await;
@@ -262,8 +298,8 @@ async fn supervise(
                     }
                 }
                 Some(Ok(WorkerToDaemon::Failed { id: Some(id), error })) => {
-                    if let Some(reply) = pending.remove(&id) {
-                        let _ = reply.send(Err(error));
+                    if let Some(running) = pending.remove(&id) {
+                        let _ = running.reply.send(Err(error));
                     }
                     if unloading && pending.is_empty() {
                         let _ = channel.send(DaemonToWorker::Unload).await;
@@ -291,7 +327,7 @@ async fn supervise(
         Err(error) => format!("cannot be waited for: {error}"),
     };
     let expected = unloading && pending.is_empty();
-    for (_, reply) in pending.drain() {
+    for (_, Running { reply, .. }) in pending.drain() {
         let error = Error::new(
             ErrorCode::Internal,
             format!("model {model}: its worker (pid {pid}) died while running this request: {description}"),

@@ -330,8 +330,12 @@ pub struct ProgressEvent {
     pub done: u64,
     /// Units in all; 0 when unknown.
     pub total: u64,
-    /// What is happening, for people.
+    /// What is happening, for people ("tile 12/81").
     pub message: String,
+    /// Milliseconds since the work started.
+    pub elapsed_ms: u64,
+    /// Estimated milliseconds left; `None` when unknown.
+    pub eta_ms: Option<u64>,
 }
 
 /// `Ping` takes no arguments.

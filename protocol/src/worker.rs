@@ -116,6 +116,15 @@ pub enum WorkerToDaemon {
         /// What went wrong, naming the model.
         error: Error,
     },
+    /// A job's progress: `done` of `total` units (tiles) finished.
+    Progress {
+        /// The job's id.
+        id: u64,
+        /// Units done.
+        done: u32,
+        /// Units in all.
+        total: u32,
+    },
 }
 
 /// What loading cost.

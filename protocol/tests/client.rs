@@ -65,6 +65,8 @@ async fn calls_in_flight_are_matched_by_id_and_events_are_streamed() {
                 done,
                 total: 2,
                 message: String::new(),
+                elapsed_ms: 0,
+                eta_ms: None,
             });
             conn.send(DaemonMessage::Event { id: first, event })
                 .await

@@ -221,3 +221,39 @@ fn bad_arguments_are_named() {
     );
     daemon.assert_serving();
 }
+
+#[test]
+fn progress_goes_to_stderr_as_json_lines_with_json_and_nowhere_when_piped() {
+    let tiled = config("", "").replace(
+        "scale = 2\n",
+        "scale = 2\ntile = 32\noverlap = 8\nbatch = 1\n",
+    );
+    let daemon = Daemon::start(&tiled);
+    let dir = tempfile::tempdir().unwrap();
+    small_photo(dir.path());
+
+    // 48x40 in tiles of 32 (overlap 8): 2 x 2 tiles, one per forward.
+    let output = gpuctl_in(
+        &daemon,
+        dir.path(),
+        &["--json", "generate", "up", "photo.png"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let lines: Vec<serde_json::Value> = stderr(&output)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let done: Vec<u64> = lines
+        .iter()
+        .map(|l| l["progress"]["done"].as_u64().unwrap())
+        .collect();
+    assert_eq!(done, [1, 2, 3, 4], "{}", stderr(&output));
+    assert!(lines.iter().all(|l| l["progress"]["total"] == 4));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["shapes"][0], serde_json::json!([1, 3, 80, 96]));
+
+    // Not a terminal, not --json: no progress at all.
+    let output = gpuctl_in(&daemon, dir.path(), &["generate", "up", "photo.png"]);
+    assert!(output.status.success());
+    assert!(!stderr(&output).contains("tile"), "{}", stderr(&output));
+}

@@ -961,3 +961,39 @@ fn an_image_larger_than_its_tile_is_processed_in_tiles_with_the_same_result() {
         .unwrap();
     assert!(largest <= 1, "tiled and untiled pixels differ by {largest}");
 }
+
+#[test]
+fn tiled_requests_report_progress_per_batch() {
+    let tiled_config = config("", "").replace(
+        "scale = 2\n",
+        "scale = 2\ntile = 80\noverlap = 32\nbatch = 2\n",
+    );
+    let daemon = Daemon::start(&tiled_config);
+    let image = WireTensor::new(DType::U8, vec![1, 3, 90, 130], vec![77; 3 * 90 * 130]).unwrap();
+    let events = runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        let mut call = client
+            .start(Request::Generate(GenerateRequest {
+                input: Some(image),
+                ..request("up")
+            }))
+            .await
+            .unwrap();
+        let mut events = Vec::new();
+        while let Some(event) = call.event().await {
+            if let gpuctl_protocol::Event::Progress(progress) = event {
+                events.push(progress);
+            }
+        }
+        assert!(matches!(call.response().await, Ok(Response::Generate(_))));
+        events
+    });
+    // 90x130 in tiles of 80: 2 rows x 3 columns, 2 per forward.
+    let seen: Vec<(u64, u64)> = events.iter().map(|e| (e.done, e.total)).collect();
+    assert_eq!(seen, [(2, 6), (4, 6), (6, 6)]);
+    assert_eq!(events[0].message, "tile 2/6");
+    assert!(events
+        .windows(2)
+        .all(|w| w[0].elapsed_ms <= w[1].elapsed_ms));
+    assert_eq!(events[2].eta_ms, Some(0));
+}

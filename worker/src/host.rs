@@ -115,12 +115,17 @@ impl Host {
         Error::new(code, format!("model {}: {problem}", self.spec.name))
     }
 
-    /// Runs one job; the job must match the model's kind.
-    pub fn run(&self, job: Job) -> Result<Vec<WireTensor>, Error> {
+    /// Runs one job; the job must match the model's kind. `progress(done,
+    /// total)` hears of tiles as they finish.
+    pub fn run(
+        &self,
+        job: Job,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<WireTensor>, Error> {
         let _no_grad = tch::no_grad_guard();
         let outputs = match (self.spec.kind, job) {
             (ModelKind::Image, Job::Image { input, tiling }) => {
-                vec![self.run_image(&input, tiling)?]
+                vec![self.run_image(&input, tiling, progress)?]
             }
             (ModelKind::Generate, Job::Generate(job)) => vec![self.run_generate(&job)?],
             (ModelKind::Tensor, Job::Tensor { inputs }) => self.run_tensor(&inputs)?,
@@ -159,7 +164,12 @@ impl Host {
 
     /// `(x: [N,3,H,W] float 0..1) -> [N,3,sH,sW]`; u8 input is scaled to 0..1.
     /// An image larger than a tile is run in tiles.
-    fn run_image(&self, input: &WireTensor, tiling: Option<Tiling>) -> Result<Tensor, Error> {
+    fn run_image(
+        &self,
+        input: &WireTensor,
+        tiling: Option<Tiling>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor, Error> {
         let shape = &input.shape;
         if shape.len() != 4 || shape[1] != 3 {
             return Err(self.error(
@@ -195,7 +205,7 @@ impl Host {
                     batch: i64::from(t.batch.max(1)),
                 };
                 let forward = |tiles: &Tensor| self.module.forward_ts(&[tiles]);
-                tiling::run(&x, tiling, &forward, &mut |_, _| {}).map_err(|e| match e {
+                tiling::run(&x, tiling, &forward, progress).map_err(|e| match e {
                     TileError::Forward {
                         tile: (row, column),
                         error,

@@ -126,7 +126,16 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
         match channel.receive().map_err(|e| e.to_string())? {
             Some(DaemonToWorker::Run { id, job }) => {
                 let started = std::time::Instant::now();
-                let answer = match host.run(job) {
+                // Progress is best effort: a daemon that cannot hear it
+                // will not hear the answer either, and that is handled below.
+                let mut progress = |done: usize, total: usize| {
+                    let _ = channel.send(&WorkerToDaemon::Progress {
+                        id,
+                        done: done as u32,
+                        total: total as u32,
+                    });
+                };
+                let answer = match host.run(job, &mut progress) {
                     Ok(outputs) => WorkerToDaemon::Done {
                         id,
                         outputs,

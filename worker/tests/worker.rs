@@ -100,7 +100,18 @@ impl Worker {
 
     fn run(&mut self, id: u64, job: Job) -> Result<Vec<WireTensor>, Error> {
         self.send(&DaemonToWorker::Run { id, job });
-        match self.receive() {
+        let mut answer = self.receive();
+        while let WorkerToDaemon::Progress {
+            id: of,
+            done,
+            total,
+        } = answer
+        {
+            assert_eq!(of, id);
+            assert!(0 < done && done <= total, "{done}/{total}");
+            answer = self.receive();
+        }
+        match answer {
             WorkerToDaemon::Done {
                 id: done, outputs, ..
             } => {

@@ -90,7 +90,11 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         _ => {}
     }
     let mut call = client.start(Request::Generate(request)).await?;
+    let mut progress = crate::progress::Progress::new(output);
     while let Some(event) = call.event().await {
+        if let Event::Progress(event) = &event {
+            progress.show(event);
+        }
         if let (Event::Queued(queued), Output::Human) = (event, output) {
             if queued.waiting_for.starts_with("waiting for ") {
                 // GPU memory: the daemon's sentence says it all.
@@ -103,6 +107,7 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
             }
         }
     }
+    progress.finish();
     let answer = match call.response().await? {
         Response::Generate(answer) => answer,
         other => return Err(unexpected(&other).into()),

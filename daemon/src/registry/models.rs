@@ -541,12 +541,15 @@ impl Registry {
                         model: model_name,
                         job,
                         seed,
+                        events: progress,
                         ..
                     } = job;
-                    if let Err(WorkerJob { reply: done, .. }) =
-                        worker.run(WorkerJob { job, reply: done })
-                    {
-                        let _ = done.send(Err(Error::new(
+                    if let Err(refused) = worker.run(WorkerJob {
+                        job,
+                        reply: done,
+                        progress,
+                    }) {
+                        let _ = refused.reply.send(Err(Error::new(
                             ErrorCode::Internal,
                             format!("model {name}: its worker is gone"),
                         )));
