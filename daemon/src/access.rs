@@ -29,7 +29,8 @@ pub fn is_administrative(request: &Request) -> bool {
         | Request::Vram(_)
         | Request::Reserve(_)
         | Request::Release(_)
-        | Request::Watch(_) => false,
+        | Request::Watch(_)
+        | Request::Cancel(_) => false,
         Request::Reload(_) | Request::Load(_) | Request::Unload(_) => true,
     }
 }

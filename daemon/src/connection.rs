@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use gpuctl_protocol::{
-    ClientMessage, DaemonMessage, Error, ErrorCode, FrameCodec, FrameError, Hello, RequestId,
-    Response, Welcome, PROTOCOL_VERSION,
+    CancelRequest, CancelResponse, ClientMessage, DaemonMessage, Error, ErrorCode, FrameCodec,
+    FrameError, Hello, Request, RequestId, Response, Welcome, PROTOCOL_VERSION,
 };
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -141,6 +141,7 @@ async fn serve_requests(
 ) {
     let mut running: JoinSet<(RequestId, Result<Response, Error>)> = JoinSet::new();
     let mut ids: HashMap<tokio::task::Id, RequestId> = HashMap::new();
+    let mut aborts: HashMap<RequestId, tokio::task::AbortHandle> = HashMap::new();
     let mut draining = false;
     let (events, mut event_inbox) = mpsc::unbounded_channel();
     loop {
@@ -159,6 +160,17 @@ async fn serve_requests(
             }
             _ = shutdown.cancelled(), if !draining => draining = true,
             frame = connection.next(), if !draining => match frame {
+                Some(Ok(ClientMessage::Request { id, request: Request::Cancel(CancelRequest { id: target }) })) => {
+                    let found = aborts.remove(&target);
+                    if let Some(abort) = &found {
+                        tracing::info!(request = target, "cancelled by its client");
+                        abort.abort();
+                    }
+                    let response = Response::Cancel(CancelResponse { cancelled: found.is_some() });
+                    if !send_answer(connection, DaemonMessage::Response { id, response }).await {
+                        return;
+                    }
+                }
                 Some(Ok(ClientMessage::Request { id, request })) => {
                     if ids.values().any(|running_id| *running_id == id) {
                         let error = Error::new(ErrorCode::InvalidRequest, format!("request id {id} is already in flight on this connection"));
@@ -181,6 +193,7 @@ async fn serve_requests(
                         (id, result)
                     }.instrument(span));
                     ids.insert(task.id(), id);
+                    aborts.insert(id, task);
                 }
                 Some(Ok(ClientMessage::Hello(_))) => {
                     say_goodbye(connection, Error::new(ErrorCode::InvalidRequest, "Hello may only be sent once, as the first frame")).await;
@@ -199,14 +212,21 @@ async fn serve_requests(
                 let message = match joined {
                     Ok((task, (id, result))) => {
                         ids.remove(&task);
+                        aborts.remove(&id);
                         match result {
                             Ok(response) => DaemonMessage::Response { id, response },
                             Err(error) => DaemonMessage::Error { id, error },
                         }
                     }
+                    Err(failure) if failure.is_cancelled() => {
+                        let Some(id) = ids.remove(&failure.id()) else { continue };
+                        let error = Error::new(ErrorCode::Cancelled, format!("request {id} was cancelled by its client"));
+                        DaemonMessage::Error { id, error }
+                    }
                     Err(failure) => {
                         tracing::error!(error = %failure, "request handler failed");
                         let Some(id) = ids.remove(&failure.id()) else { continue };
+                        aborts.remove(&id);
                         let error = Error::new(ErrorCode::Internal, "gpuctld failed while handling this request; its log says why");
                         DaemonMessage::Error { id, error }
                     }

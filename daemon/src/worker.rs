@@ -36,6 +36,9 @@ pub struct WorkerJob {
     pub reply: oneshot::Sender<Result<JobOutput, Error>>,
     /// Where its progress goes (its client), if anywhere.
     pub progress: Option<crate::context::EventSink>,
+    /// Fires when its client has gone: the worker stops it at the next
+    /// batch boundary. Dropped unfired when the job ends normally.
+    pub cancel: oneshot::Receiver<()>,
 }
 
 /// A job the worker is running.
@@ -243,6 +246,7 @@ async fn supervise(
     let mut kill_settled = false;
     // Told to exit: it gets EXIT_GRACE, then it is killed.
     let mut exit_by: Option<tokio::time::Instant> = None;
+    let (cancels, mut cancelled) = mpsc::unbounded_channel::<u64>();
     let ending: Result<ExitStatus, String> = loop {
         tokio::select! {
             // A kill must win over the closed job queue that comes with it.
@@ -265,8 +269,14 @@ async fn supervise(
                 exit_by = None;
             }
             job = queue.recv(), if !unloading => match job {
-                Some(WorkerJob { job, reply, progress }) => {
+                Some(WorkerJob { job, reply, progress, cancel }) => {
                     next_id += 1;
+                    let (id, cancels) = (next_id, cancels.clone());
+                    tokio::spawn(async move {
+                        if cancel.await.is_ok() {
+                            let _ = cancels.send(id);
+                        }
+                    });
                     if let Err(error) = channel.send(DaemonToWorker::Run { id: next_id, job }).await {
                         let _ = reply.send(Err(Error::new(ErrorCode::Internal, format!("model {model}: cannot send the job to its worker: {error}"))));
                     } else {
@@ -282,6 +292,12 @@ async fn supervise(
                     }
                 }
             },
+            Some(id) = cancelled.recv() => {
+                if pending.contains_key(&id) {
+                    tracing::info!(model, job = id, "client gone; cancelling its job");
+                    let _ = channel.send(DaemonToWorker::Cancel { id }).await;
+                }
+            }
             message = channel.next() => match message {
                 Some(Ok(WorkerToDaemon::Progress { id, done, total })) => {
                     if let Some(running) = pending.get(&id) {

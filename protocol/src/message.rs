@@ -103,6 +103,9 @@ pub enum Request {
     /// Stream the daemon's notices (loads, unloads, pressure, …) as events
     /// until the client hangs up.
     Watch(WatchRequest),
+    /// Cancel another request of this connection: it ends with
+    /// `Error(Cancelled)`, a running job at its next batch boundary.
+    Cancel(CancelRequest),
 }
 
 impl Request {
@@ -120,6 +123,7 @@ impl Request {
             Request::Reserve(_) => "reserve",
             Request::Release(_) => "release",
             Request::Watch(_) => "watch",
+            Request::Cancel(_) => "cancel",
         }
     }
 }
@@ -149,6 +153,8 @@ pub enum Response {
     Release(ReleaseResponse),
     /// Answer to [`Request::Watch`], sent only when the daemon shuts down.
     Watch(WatchResponse),
+    /// Answer to [`Request::Cancel`].
+    Cancel(CancelResponse),
 }
 
 /// Something that happened while a request runs.
@@ -718,6 +724,20 @@ pub struct ReleaseRequest {
 pub struct ReleaseResponse {
     /// Bytes no longer kept free.
     pub bytes: u64,
+}
+
+/// Cancel request `id` of this connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    /// The request to cancel.
+    pub id: RequestId,
+}
+
+/// `Cancel`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelResponse {
+    /// Whether that request was still in flight.
+    pub cancelled: bool,
 }
 
 /// `Watch` takes no arguments.

@@ -32,6 +32,12 @@ pub enum DaemonToWorker {
     },
     /// Exit, releasing everything.
     Unload,
+    /// Stop job `id` at its next batch boundary (or before it starts); it
+    /// answers `Failed` with `Cancelled`.
+    Cancel {
+        /// The job.
+        id: u64,
+    },
 }
 
 /// Which model to load, where, and how.

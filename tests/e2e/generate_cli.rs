@@ -257,3 +257,47 @@ fn progress_goes_to_stderr_as_json_lines_with_json_and_nowhere_when_piped() {
     assert!(output.status.success());
     assert!(!stderr(&output).contains("tile"), "{}", stderr(&output));
 }
+
+#[test]
+fn ctrl_c_cancels_a_running_generate_and_the_model_stays() {
+    let tiled = config("", "").replace(
+        "scale = 2\n",
+        "scale = 2\ntile = 48\noverlap = 16\nbatch = 1\n",
+    );
+    let daemon = Daemon::start(&tiled);
+    let dir = tempfile::tempdir().unwrap();
+    // 512x512 in tiles of 48: 256 forwards, several seconds on 2 cores.
+    image::RgbImage::from_fn(512, 512, |x, y| image::Rgb([x as u8, y as u8, 7]))
+        .save(dir.path().join("big.png"))
+        .unwrap();
+    let child = Command::new(bin("gpuctl"))
+        .current_dir(dir.path())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["generate", "up", "big.png"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the job to run", std::time::Duration::from_secs(30), || {
+        crate::models::model_status(&daemon, "up")["in_flight"] == 1
+    });
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("gpuctl: cancelled"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!dir.path().join("big-up.png").exists());
+    wait_until(
+        "the job to stop",
+        std::time::Duration::from_secs(30),
+        || crate::models::model_status(&daemon, "up")["in_flight"] == 0,
+    );
+    assert!(daemon
+        .log_text()
+        .contains("the request was cancelled after"));
+    assert_eq!(crate::models::model_status(&daemon, "up")["state"], "Ready");
+}

@@ -997,3 +997,86 @@ fn tiled_requests_report_progress_per_batch() {
         .all(|w| w[0].elapsed_ms <= w[1].elapsed_ms));
     assert_eq!(events[2].eta_ms, Some(0));
 }
+
+/// `up` in 64 tiles of 48 (overlap 16), one per forward: a few seconds of work.
+fn many_tiles() -> (String, GenerateRequest) {
+    let config = config("", "").replace(
+        "scale = 2\n",
+        "scale = 2\ntile = 48\noverlap = 16\nbatch = 1\n",
+    );
+    let image = WireTensor::new(DType::U8, vec![1, 3, 256, 256], vec![90; 3 * 256 * 256]).unwrap();
+    let request = GenerateRequest {
+        input: Some(image),
+        ..request("up")
+    };
+    (config, request)
+}
+
+#[test]
+fn a_cancelled_or_abandoned_job_stops_at_a_batch_boundary_and_the_model_stays() {
+    let (config, job) = many_tiles();
+    let daemon = Daemon::start(&config);
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        // Cancel { id } after the first batch.
+        let mut call = client.start(Request::Generate(job.clone())).await.unwrap();
+        loop {
+            match call.event().await {
+                Some(gpuctl_protocol::Event::Progress(_)) => break,
+                Some(_) => {}
+                None => panic!("no progress"),
+            }
+        }
+        let pid = model_status(&daemon, "up")["pid"].as_u64().unwrap();
+        let cancel = Request::Cancel(gpuctl_protocol::CancelRequest { id: call.id() });
+        match client.call(cancel).await.unwrap() {
+            Response::Cancel(answer) => assert!(answer.cancelled),
+            other => panic!("{other:?}"),
+        }
+        let error = daemon_error(call.response().await);
+        assert_eq!(error.code, ErrorCode::Cancelled, "{}", error.message);
+        wait_until("the job to stop", Duration::from_secs(30), || {
+            daemon
+                .log_text()
+                .contains("job of a client that left has stopped")
+        });
+        assert!(
+            daemon
+                .log_text()
+                .contains("the request was cancelled after"),
+            "{}",
+            daemon.log_text()
+        );
+        assert_eq!(model_status(&daemon, "up")["in_flight"], 0);
+        assert_eq!(
+            model_status(&daemon, "up")["pid"],
+            pid,
+            "the model stays loaded"
+        );
+
+        // A client that disconnects mid-job.
+        let leaving = Client::connect(&daemon.socket).await.unwrap();
+        let mut call = leaving.start(Request::Generate(job.clone())).await.unwrap();
+        while !matches!(
+            call.event().await,
+            Some(gpuctl_protocol::Event::Progress(_))
+        ) {}
+        drop(call);
+        drop(leaving);
+        wait_until("the abandoned job to stop", Duration::from_secs(30), || {
+            daemon
+                .log_text()
+                .matches("job of a client that left has stopped")
+                .count()
+                == 2
+        });
+        // The model serves the next request, in the same worker.
+        let small = GenerateRequest {
+            input: Some(WireTensor::new(DType::U8, vec![1, 3, 8, 8], vec![1; 192]).unwrap()),
+            ..request("up")
+        };
+        generate(&client, small).await.unwrap();
+        assert_eq!(model_status(&daemon, "up")["pid"], pid);
+        assert_eq!(model_status(&daemon, "up")["loads"], 1);
+    });
+}

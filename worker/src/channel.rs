@@ -17,6 +17,13 @@ impl Channel {
         Channel { stream }
     }
 
+    /// A second handle on the same socket, for a reader thread.
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(Channel {
+            stream: self.stream.try_clone()?,
+        })
+    }
+
     /// The next frame, or `None` when the daemon closed its end.
     pub fn receive(&mut self) -> Result<Option<DaemonToWorker>, FrameError> {
         let mut header = [0u8; 4];

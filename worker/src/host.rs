@@ -120,7 +120,7 @@ impl Host {
     pub fn run(
         &self,
         job: Job,
-        progress: &mut dyn FnMut(usize, usize),
+        progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Vec<WireTensor>, Error> {
         let _no_grad = tch::no_grad_guard();
         let outputs = match (self.spec.kind, job) {
@@ -168,7 +168,7 @@ impl Host {
         &self,
         input: &WireTensor,
         tiling: Option<Tiling>,
-        progress: &mut dyn FnMut(usize, usize),
+        progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Tensor, Error> {
         let shape = &input.shape;
         if shape.len() != 4 || shape[1] != 3 {
@@ -218,6 +218,10 @@ impl Host {
                     ),
                     TileError::Shape(problem) => self.error(ErrorCode::InvalidRequest, problem),
                     TileError::Torch(error) => self.error(ErrorCode::Internal, first_line(&error)),
+                    TileError::Cancelled { done, total } => self.error(
+                        ErrorCode::Cancelled,
+                        format!("the request was cancelled after {done} of {total} tiles"),
+                    ),
                 })?
             }
         };

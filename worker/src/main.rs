@@ -11,9 +11,11 @@ mod host;
 mod tensors;
 mod tiling;
 
+use std::collections::HashSet;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
+use std::sync::{mpsc, Arc, Mutex};
 
 use gpuctl_protocol::worker::{DaemonToWorker, WorkerToDaemon};
 use gpuctl_protocol::{Error, ErrorCode};
@@ -122,8 +124,37 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
             return Err(message);
         }
     };
+    // A reader thread hears Cancel while a job runs; everything else it
+    // hands to this loop in order.
+    let cancelled: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let (inbox_tx, inbox) = mpsc::channel::<Result<Option<DaemonToWorker>, String>>();
+    let mut reader = channel.try_clone().map_err(|e| e.to_string())?;
+    let cancels = cancelled.clone();
+    std::thread::spawn(move || loop {
+        let message = reader.receive().map_err(|e| e.to_string());
+        let end = !matches!(message, Ok(Some(_)));
+        match message {
+            Ok(Some(DaemonToWorker::Cancel { id })) => {
+                cancels.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+            }
+            other => {
+                if inbox_tx.send(other).is_err() || end {
+                    return;
+                }
+            }
+        }
+    });
+    let is_cancelled = |id: u64| {
+        cancelled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+    };
     loop {
-        match channel.receive().map_err(|e| e.to_string())? {
+        let message = inbox
+            .recv()
+            .map_err(|_| "the socket reader stopped".to_owned())??;
+        match message {
             Some(DaemonToWorker::Run { id, job }) => {
                 let started = std::time::Instant::now();
                 // Progress is best effort: a daemon that cannot hear it
@@ -134,8 +165,21 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
                         done: done as u32,
                         total: total as u32,
                     });
+                    !is_cancelled(id)
                 };
-                let answer = match host.run(job, &mut progress) {
+                let outcome = if is_cancelled(id) {
+                    Err(Error::new(
+                        ErrorCode::Cancelled,
+                        "the request was cancelled before it started",
+                    ))
+                } else {
+                    host.run(job, &mut progress)
+                };
+                cancelled
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                let answer = match outcome {
                     Ok(outputs) => WorkerToDaemon::Done {
                         id,
                         outputs,
@@ -163,6 +207,7 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
             Some(DaemonToWorker::Load(_)) => {
                 return Err("a worker loads one model; Load came twice".to_owned())
             }
+            Some(DaemonToWorker::Cancel { .. }) => {}
         }
     }
 }

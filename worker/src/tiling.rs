@@ -66,6 +66,8 @@ pub enum TileError {
     Shape(String),
     /// Anything else libtorch refused (allocation, …).
     Torch(tch::TchError),
+    /// Stopped between batches: `done` of `total` tiles were finished.
+    Cancelled { done: usize, total: usize },
 }
 
 impl From<tch::TchError> for TileError {
@@ -75,12 +77,13 @@ impl From<tch::TchError> for TileError {
 }
 
 /// Runs `forward` over `x` (`[N,C,H,W]` float) in tiles and blends the
-/// results; `progress(done, total)` is called after every batch.
+/// results; `progress(done, total)` is called after every batch and says
+/// whether to go on.
 pub fn run(
     x: &Tensor,
     tiling: Tiling,
     forward: &dyn Fn(&Tensor) -> Result<Tensor, tch::TchError>,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<Tensor, TileError> {
     let size = x.size();
     let (n, height, width) = (size[0], size[2], size[3]);
@@ -168,10 +171,10 @@ pub fn run(
                 .f_narrow(3, left, tile_w * scale)?
                 .f_add_(&weight)?;
         }
-        progress(
-            (batch_index * tiling.batch.max(1) as usize + batch.len()).min(total),
-            total,
-        );
+        let done = (batch_index * tiling.batch.max(1) as usize + batch.len()).min(total);
+        if !progress(done, total) && done < total {
+            return Err(TileError::Cancelled { done, total });
+        }
     }
     let (sum, weights, _) =
         blended.ok_or_else(|| TileError::Shape("the image has no pixels".to_owned()))?;
@@ -231,7 +234,10 @@ mod tests {
                     batch: 3,
                 },
                 &forward,
-                &mut |done, total| calls.push((done, total)),
+                &mut |done, total| {
+                    calls.push((done, total));
+                    true
+                },
             )
             .unwrap();
             assert_eq!(tiled.size(), whole.size());

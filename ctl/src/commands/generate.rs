@@ -91,7 +91,20 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
     }
     let mut call = client.start(Request::Generate(request)).await?;
     let mut progress = crate::progress::Progress::new(output);
-    while let Some(event) = call.event().await {
+    loop {
+        let event = tokio::select! {
+            event = call.event() => event,
+            _ = tokio::signal::ctrl_c() => {
+                // The daemon stops the job at its next batch and keeps the
+                // model loaded for the next request.
+                progress.finish();
+                let cancel = Request::Cancel(gpuctl_protocol::CancelRequest { id: call.id() });
+                let _ = client.call(cancel).await;
+                eprintln!("gpuctl: cancelled");
+                return Err(CliError::Exit(130));
+            }
+        };
+        let Some(event) = event else { break };
         if let Event::Progress(event) = &event {
             progress.show(event);
         }

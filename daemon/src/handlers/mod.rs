@@ -18,9 +18,9 @@ use crate::access::{self, Peer};
 use crate::context::{Context, EventSink};
 
 /// The operations this daemon serves, as advertised in `Welcome`.
-pub const CAPABILITIES: [&str; 11] = [
+pub const CAPABILITIES: [&str; 12] = [
     "ping", "status", "models", "reload", "generate", "load", "unload", "vram", "reserve",
-    "release", "watch",
+    "release", "watch", "cancel",
 ];
 
 /// Runs one request for `peer`.
@@ -51,5 +51,10 @@ pub async fn handle(
         Request::Watch(request) => watch::handle(request, ctx, events)
             .await
             .map(Response::Watch),
+        // The connection serves Cancel itself: it owns the requests.
+        Request::Cancel(request) => Err(gpuctl_protocol::Error::new(
+            gpuctl_protocol::ErrorCode::Internal,
+            format!("request {} cannot be cancelled from here", request.id),
+        )),
     }
 }

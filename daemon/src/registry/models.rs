@@ -532,6 +532,9 @@ impl Registry {
                     let _ = reply.send(Ok(answer));
                     entry.last_used = Instant::now();
                 }
+                Waiter::Job { reply, .. } if reply.is_closed() => {
+                    tracing::debug!(model = name, "its client left while it waited; dropped");
+                }
                 Waiter::Job {
                     job, reply, since, ..
                 } => {
@@ -544,10 +547,12 @@ impl Registry {
                         events: progress,
                         ..
                     } = job;
+                    let (cancel, cancelled) = oneshot::channel();
                     if let Err(refused) = worker.run(WorkerJob {
                         job,
                         reply: done,
                         progress,
+                        cancel: cancelled,
                     }) {
                         let _ = refused.reply.send(Err(Error::new(
                             ErrorCode::Internal,
@@ -557,8 +562,27 @@ impl Registry {
                     entry.in_flight += 1;
                     let (events, device, load) = (events.clone(), device.clone(), entry.load);
                     let waited_for_load = load_ms_since(since);
+                    let mut reply = reply;
                     tokio::spawn(async move {
-                        let outcome = result.await.unwrap_or_else(|_| {
+                        let mut result = result;
+                        // A client that hangs up (or cancels) stops its job
+                        // at the worker's next batch boundary.
+                        let finished = tokio::select! {
+                            finished = &mut result => Some(finished),
+                            _ = reply.closed() => None,
+                        };
+                        let finished = match finished {
+                            Some(finished) => finished,
+                            None => {
+                                let _ = cancel.send(());
+                                let finished = result.await;
+                                if let Ok(Err(error)) = &finished {
+                                    tracing::info!(model = %model_name, error = %error.message, "job of a client that left has stopped");
+                                }
+                                finished
+                            }
+                        };
+                        let outcome = finished.unwrap_or_else(|_| {
                             Err(Error::new(
                                 ErrorCode::Internal,
                                 format!("model {model_name}: its worker is gone"),
