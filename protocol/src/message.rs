@@ -12,6 +12,9 @@ use crate::{Error, ProtocolVersion};
 pub type RequestId = u64;
 
 /// A frame sent by a client.
+// Hello is sent once per connection; boxing Request would only make every
+// client write `Box::new`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ClientMessage {
     /// Must be the first frame of a connection, and only the first.
@@ -589,6 +592,9 @@ pub struct GenerateRequest {
     pub size: Option<(u32, u32)>,
     /// Keep the model this long once idle (clamped by `max_keep_alive`).
     pub keep_alive: Option<KeepAlive>,
+    /// Give up after this many milliseconds, waiting included; `None`:
+    /// `policy.request_timeout`.
+    pub timeout_ms: Option<u64>,
 }
 
 /// What ran and what it made.

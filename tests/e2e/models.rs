@@ -82,6 +82,7 @@ pub fn request(model: &str) -> GenerateRequest {
         guidance: None,
         size: None,
         keep_alive: None,
+        timeout_ms: None,
     }
 }
 
@@ -1077,6 +1078,48 @@ fn a_cancelled_or_abandoned_job_stops_at_a_batch_boundary_and_the_model_stays() 
         };
         generate(&client, small).await.unwrap();
         assert_eq!(model_status(&daemon, "up")["pid"], pid);
+        assert_eq!(model_status(&daemon, "up")["loads"], 1);
+    });
+}
+
+#[test]
+fn a_request_past_its_timeout_is_stopped_cleanly() {
+    let (config, job) = many_tiles();
+    let config = config.replace("[policy]\n", "[policy]\nrequest_timeout = \"30m\"\n");
+    let daemon = Daemon::start(&config);
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        // Warm up, so that the limit falls inside the tiles, not the load.
+        let small = GenerateRequest {
+            input: Some(WireTensor::new(DType::U8, vec![1, 3, 8, 8], vec![1; 192]).unwrap()),
+            ..request("up")
+        };
+        generate(&client, small.clone()).await.unwrap();
+        let started = std::time::Instant::now();
+        let error = daemon_error(
+            generate(
+                &client,
+                GenerateRequest {
+                    timeout_ms: Some(300),
+                    ..job
+                },
+            )
+            .await,
+        );
+        assert_eq!(error.code, ErrorCode::Timeout, "{}", error.message);
+        assert!(
+            error.message.contains("did not finish within 300ms"),
+            "{}",
+            error.message
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        wait_until("the job to stop", Duration::from_secs(30), || {
+            daemon
+                .log_text()
+                .contains("the request was cancelled after")
+        });
+        // Nothing else was disturbed.
+        generate(&client, small).await.unwrap();
         assert_eq!(model_status(&daemon, "up")["loads"], 1);
     });
 }

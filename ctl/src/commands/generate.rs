@@ -44,6 +44,10 @@ pub struct GenerateArgs {
     /// Keep the model this long once idle: a duration ("10m", "0s") or "forever"
     #[arg(long, value_parser = crate::parse_keep_alive)]
     pub keep_alive: Option<KeepAlive>,
+    /// Give up after this long, waiting included [default: the daemon's
+    /// policy.request_timeout]
+    #[arg(long, value_parser = gpuctl_protocol::units::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
 }
 
 #[derive(Serialize)]
@@ -71,6 +75,7 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         guidance: args.guidance,
         size: args.size,
         keep_alive: args.keep_alive,
+        timeout_ms: args.timeout.map(|t| t.as_millis() as u64),
     };
     match (kind, &args.input) {
         (Some(ModelKind::Image), Some(path)) => request.input = Some(read_image(path)?),

@@ -85,6 +85,9 @@ pub struct PolicyConfig {
     /// After a failed load, requests fail at once for this long, then the
     /// next one tries again; each further failure doubles it (up to 10m).
     pub load_retry: Duration,
+    /// A generate request that has not finished after this long (waiting
+    /// included) is stopped with `Timeout`; "0s": no limit.
+    pub request_timeout: Duration,
 }
 
 /// `[gpu]`.
@@ -309,6 +312,7 @@ impl Default for PolicyConfig {
             max_loaded: 3,
             queue_max: 64,
             load_retry: Duration(std::time::Duration::from_secs(10)),
+            request_timeout: Duration(std::time::Duration::from_secs(3600)),
         }
     }
 }

@@ -22,6 +22,11 @@ pub async fn handle(
         .get(&request.model)
         .ok_or_else(|| not_found(&request.model, &config))?;
     let (job, seed) = prepare(&request, model)?;
+    let limit = request
+        .timeout_ms
+        .map(std::time::Duration::from_millis)
+        .unwrap_or(config.policy.request_timeout.0);
+    let name = request.model.clone();
     let job = PreparedJob {
         model: request.model,
         job,
@@ -29,7 +34,22 @@ pub async fn handle(
         keep_alive: request.keep_alive,
         events: Some(events),
     };
-    ctx.registry.run(job).await
+    if limit.is_zero() {
+        return ctx.registry.run(job).await;
+    }
+    // Dropping the call on timeout tells the registry its client is gone:
+    // a queued request is dropped, a running job stops at its next batch.
+    tokio::time::timeout(limit, ctx.registry.run(job))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorCode::Timeout,
+                format!(
+                    "model {name}: the request did not finish within {} (policy.request_timeout, or the request's own timeout); it was stopped",
+                    gpuctl_protocol::units::format_duration_ms(limit.as_millis() as u64)
+                ),
+            ))
+        })
 }
 
 /// Checks the request against the model's kind and builds the worker's job.
@@ -145,6 +165,7 @@ mod tests {
             guidance: None,
             size: None,
             keep_alive: None,
+            timeout_ms: None,
         }
     }
 
