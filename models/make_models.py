@@ -101,6 +101,30 @@ class TinyX4(nn.Module):
         return self.smooth(x)
 
 
+class TinyFaulty(nn.Module):
+    """Nearest x2 that fails on purpose, for the tiling tests: "CUDA out of
+    memory" for a batch of more than 2 tiles or a tile taller than 64 px, a
+    transient error on every third call when the top-left pixel of the
+    first tile is exactly 0.25 (so a retry succeeds), and a lasting one for
+    any tile holding a pixel of exactly 1.0."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if x.size(0) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated: batch > 2)")
+        if x.size(2) > 64:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated: tile > 64)")
+        if bool((x == 1.0).any()):
+            raise RuntimeError("bad pixel (simulated lasting failure)")
+        if bool(x[0, 0, 0, 0] == 0.25) and self.calls % 3 == 0:
+            raise RuntimeError("device hiccup (simulated transient failure)")
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
 class TinyTensor(nn.Module):
     """Tensors in, a tuple of tensors out: the `tensor` contract."""
 
@@ -198,6 +222,7 @@ def main() -> None:
     torch.jit.script(TinyGenerate().eval()).save(str(args.out / "tiny-generate.pt"))
     torch.jit.script(TinyTensor().eval()).save(str(args.out / "tiny-tensor.pt"))
     torch.jit.script(TinyX4().eval()).save(str(args.out / "tiny-x4.pt"))
+    torch.jit.script(TinyFaulty().eval()).save(str(args.out / "tiny-faulty.pt"))
     # A 192x256 crop of the photo as raw CHW RGB8, for the tiling tests.
     crop = (decode_png(photo_png)[0, :, 100:292, 130:386] * 255).round().to(torch.uint8)
     (args.out / "astronaut-crop-192x256.rgb").write_bytes(crop.contiguous().numpy().tobytes())
@@ -209,6 +234,7 @@ def main() -> None:
             "tiny-generate.pt": {"kind": "generate", "noise_channels": 4, "latent_scale": 8},
             "tiny-tensor.pt": {"kind": "tensor", "inputs": 2, "outputs": 2},
             "tiny-x4.pt": {"kind": "image", "scale": 4},
+            "tiny-faulty.pt": {"kind": "image", "scale": 2, "fails": "on purpose, for tests"},
         },
     }
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -28,6 +28,7 @@ pub const EXIT_GRACE: Duration = Duration::from_secs(5);
 pub struct JobOutput {
     pub outputs: Vec<WireTensor>,
     pub run_ms: u64,
+    pub notes: Vec<String>,
 }
 
 /// A job on its way to a worker, with where its answer goes.
@@ -304,9 +305,9 @@ async fn supervise(
                         running.progress(done, total);
                     }
                 }
-                Some(Ok(WorkerToDaemon::Done { id, outputs, run_ms })) => {
+                Some(Ok(WorkerToDaemon::Done { id, outputs, run_ms, notes })) => {
                     if let Some(running) = pending.remove(&id) {
-                        let _ = running.reply.send(Ok(JobOutput { outputs, run_ms }));
+                        let _ = running.reply.send(Ok(JobOutput { outputs, run_ms, notes }));
                     }
                     if unloading && pending.is_empty() {
                         let _ = channel.send(DaemonToWorker::Unload).await;

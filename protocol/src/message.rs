@@ -614,6 +614,9 @@ pub struct GenerateResponse {
     pub load_ms: Option<u64>,
     /// Milliseconds in the model.
     pub run_ms: u64,
+    /// What the worker had to do to finish: out-of-memory back-off (smaller
+    /// batches or tiles), retried tiles.
+    pub notes: Vec<String>,
 }
 
 /// Load `model` now, ahead of requests.

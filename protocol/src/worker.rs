@@ -83,6 +83,9 @@ pub struct Tiling {
     pub overlap: u32,
     /// Tiles per forward.
     pub batch: u32,
+    /// Times a failing batch is retried (out of memory aside) before the
+    /// job fails naming its tile.
+    pub retries: u32,
 }
 
 /// The inputs of a `generate` forward.
@@ -113,6 +116,9 @@ pub enum WorkerToDaemon {
         outputs: Vec<WireTensor>,
         /// Milliseconds spent in the forward, transfers included.
         run_ms: u64,
+        /// What the worker had to do to finish (out-of-memory back-off,
+        /// retries), for people.
+        notes: Vec<String>,
     },
     /// A job failed (`id: Some`), or loading failed (`id: None`, and the
     /// worker exits).

@@ -1123,3 +1123,34 @@ fn a_request_past_its_timeout_is_stopped_cleanly() {
         assert_eq!(model_status(&daemon, "up")["loads"], 1);
     });
 }
+
+#[test]
+fn out_of_memory_back_off_is_reported_in_the_response() {
+    let faulty = format!(
+        "{}\n[models.faulty]\npath = \"tiny-faulty.pt\"\nkind = \"image\"\nscale = 2\ntile = 128\noverlap = 16\nbatch = 4\n",
+        config("", "")
+    );
+    let daemon = Daemon::start(&faulty);
+    let answer = runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        let image =
+            WireTensor::new(DType::U8, vec![1, 3, 150, 200], vec![9; 3 * 150 * 200]).unwrap();
+        generate(
+            &client,
+            GenerateRequest {
+                input: Some(image),
+                ..request("faulty")
+            },
+        )
+        .await
+        .unwrap()
+    });
+    assert_eq!(answer.outputs[0].shape, vec![1, 3, 300, 400]);
+    assert!(answer.outputs[0].data.iter().all(|v| *v == 9));
+    assert_eq!(answer.notes.len(), 3, "{:?}", answer.notes);
+    assert!(
+        answer.notes[2].contains("tile 128 -> 64"),
+        "{:?}",
+        answer.notes
+    );
+}

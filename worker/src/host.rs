@@ -121,11 +121,12 @@ impl Host {
         &self,
         job: Job,
         progress: &mut dyn FnMut(usize, usize) -> bool,
+        notes: &mut Vec<String>,
     ) -> Result<Vec<WireTensor>, Error> {
         let _no_grad = tch::no_grad_guard();
         let outputs = match (self.spec.kind, job) {
             (ModelKind::Image, Job::Image { input, tiling }) => {
-                vec![self.run_image(&input, tiling, progress)?]
+                vec![self.run_image(&input, tiling, progress, notes)?]
             }
             (ModelKind::Generate, Job::Generate(job)) => vec![self.run_generate(&job)?],
             (ModelKind::Tensor, Job::Tensor { inputs }) => self.run_tensor(&inputs)?,
@@ -169,6 +170,7 @@ impl Host {
         input: &WireTensor,
         tiling: Option<Tiling>,
         progress: &mut dyn FnMut(usize, usize) -> bool,
+        notes: &mut Vec<String>,
     ) -> Result<Tensor, Error> {
         let shape = &input.shape;
         if shape.len() != 4 || shape[1] != 3 {
@@ -205,7 +207,7 @@ impl Host {
                     batch: i64::from(t.batch.max(1)),
                 };
                 let forward = |tiles: &Tensor| self.module.forward_ts(&[tiles]);
-                tiling::run(&x, tiling, &forward, progress).map_err(|e| match e {
+                tiling::run(&x, tiling, t.retries, &forward, progress, notes).map_err(|e| match e {
                     TileError::Forward {
                         tile: (row, column),
                         error,
@@ -213,7 +215,7 @@ impl Host {
                         ErrorCode::InvalidRequest,
                         format!(
                             "forward failed ({contract}) on the batch starting at tile row {row}, column {column}: {}",
-                            first_line(&error)
+                            crate::tensors::raised(&error)
                         ),
                     ),
                     TileError::Shape(problem) => self.error(ErrorCode::InvalidRequest, problem),

@@ -167,13 +167,14 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
                     });
                     !is_cancelled(id)
                 };
+                let mut notes = Vec::new();
                 let outcome = if is_cancelled(id) {
                     Err(Error::new(
                         ErrorCode::Cancelled,
                         "the request was cancelled before it started",
                     ))
                 } else {
-                    host.run(job, &mut progress)
+                    host.run(job, &mut progress, &mut notes)
                 };
                 cancelled
                     .lock()
@@ -184,6 +185,7 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
                         id,
                         outputs,
                         run_ms: started.elapsed().as_millis() as u64,
+                        notes,
                     },
                     Err(error) => WorkerToDaemon::Failed {
                         id: Some(id),

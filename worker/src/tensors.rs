@@ -59,6 +59,19 @@ pub fn to_wire(tensor: &Tensor) -> Result<WireTensor, String> {
 }
 
 /// The first line of a libtorch error: the rest is a C++ backtrace.
+/// What a failed forward raised: a TorchScript error is a traceback (with
+/// source lines, which may quote any message) ending in the exception.
+pub fn raised(error: &tch::TchError) -> String {
+    let text = error.to_string();
+    let last = text
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
+    last.strip_prefix("builtins.").unwrap_or(last).to_owned()
+}
+
 pub fn first_line(error: &tch::TchError) -> String {
     error
         .to_string()

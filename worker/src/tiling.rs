@@ -76,109 +76,200 @@ impl From<tch::TchError> for TileError {
     }
 }
 
+/// Whether libtorch failed for want of memory (CUDA or host).
+pub fn out_of_memory(error: &tch::TchError) -> bool {
+    let text = crate::tensors::raised(error).to_lowercase();
+    text.contains("out of memory")
+        || text.contains("can't allocate memory")
+        || text.contains("not enough memory")
+}
+
+/// The smallest tile back-off goes to.
+const MIN_TILE: i64 = 16;
+
+/// The blended output so far: weighted sum, weights, and the model's scale.
+struct Blend {
+    sum: Tensor,
+    weights: Tensor,
+    scale: i64,
+}
+
 /// Runs `forward` over `x` (`[N,C,H,W]` float) in tiles and blends the
 /// results; `progress(done, total)` is called after every batch and says
-/// whether to go on.
+/// whether to go on. Out of memory, it halves the batch, then the tile
+/// (keeping the tiles already done), and says so in `notes`; another
+/// failure is retried `retries` times before it names its tile.
 pub fn run(
     x: &Tensor,
     tiling: Tiling,
+    retries: u32,
     forward: &dyn Fn(&Tensor) -> Result<Tensor, tch::TchError>,
     progress: &mut dyn FnMut(usize, usize) -> bool,
+    notes: &mut Vec<String>,
 ) -> Result<Tensor, TileError> {
     let size = x.size();
     let (n, height, width) = (size[0], size[2], size[3]);
-    let (rows, tile_h) = starts(height, tiling.tile, tiling.overlap);
-    let (columns, tile_w) = starts(width, tiling.tile, tiling.overlap);
-    let tiles: Vec<(usize, usize)> = (0..rows.len())
-        .flat_map(|r| (0..columns.len()).map(move |c| (r, c)))
-        .collect();
-    let total = tiles.len();
-    let device = x.device();
-    let mut blended: Option<(Tensor, Tensor, i64)> = None;
-    for (batch_index, batch) in tiles.chunks(tiling.batch.max(1) as usize).enumerate() {
-        let inputs: Vec<Tensor> = batch
-            .iter()
-            .map(|&(r, c)| {
-                x.f_narrow(2, rows[r], tile_h)?
-                    .f_narrow(3, columns[c], tile_w)
-            })
-            .collect::<Result<_, _>>()?;
-        let first = batch[0];
-        let y = Tensor::f_cat(&inputs, 0)
-            .and_then(|input| forward(&input))
-            .map_err(|error| TileError::Forward { tile: first, error })?;
-        let out = y.size();
-        if out.len() != 4 || out[0] != n * batch.len() as i64 {
-            return Err(TileError::Shape(format!(
-                "forward returned {out:?} for {} tiles of {:?}",
-                batch.len(),
-                [n, size[1], tile_h, tile_w]
-            )));
-        }
-        let scale = out[2] / tile_h;
-        if scale < 1 || out[2] != tile_h * scale || out[3] != tile_w * scale {
-            return Err(TileError::Shape(format!(
-                "tiling needs a model whose output is a whole multiple of its input; a {tile_h}x{tile_w} tile became {}x{}",
-                out[2], out[3]
-            )));
-        }
-        let (sum, weights, known) = match &mut blended {
-            Some(state) => state,
-            None => {
-                let sum = Tensor::f_zeros(
-                    [n, out[1], height * scale, width * scale],
-                    (Kind::Float, device),
-                )?;
-                let weights =
-                    Tensor::f_zeros([1, 1, height * scale, width * scale], (Kind::Float, device))?;
-                blended.insert((sum, weights, scale))
+    let mut plan = tiling;
+    plan.batch = plan.batch.max(1);
+    let mut blend: Option<Blend> = None;
+    'plans: loop {
+        let (rows, tile_h) = starts(height, plan.tile, plan.overlap);
+        let (columns, tile_w) = starts(width, plan.tile, plan.overlap);
+        let all: Vec<(usize, usize)> = (0..rows.len())
+            .flat_map(|r| (0..columns.len()).map(move |c| (r, c)))
+            .collect();
+        let total = all.len();
+        // After a smaller tile was chosen, what earlier tiles already
+        // cover (every output pixel weighted) is not done again.
+        let mut pending = Vec::new();
+        for &(r, c) in &all {
+            let covered = match &blend {
+                Some(b) => {
+                    b.weights
+                        .f_narrow(2, rows[r] * b.scale, tile_h * b.scale)?
+                        .f_narrow(3, columns[c] * b.scale, tile_w * b.scale)?
+                        .f_min()?
+                        .double_value(&[])
+                        > 0.0
+                }
+                None => false,
+            };
+            if !covered {
+                pending.push((r, c));
             }
-        };
-        if *known != scale {
-            return Err(TileError::Shape(format!(
-                "the model scaled tiles by {known} and then by {scale}"
-            )));
         }
-        for (j, &(r, c)) in batch.iter().enumerate() {
-            let rows_w = feather(
-                tile_h * scale,
-                tiling.overlap * scale,
-                r > 0,
-                r + 1 < rows.len(),
-            );
-            let columns_w = feather(
-                tile_w * scale,
-                tiling.overlap * scale,
-                c > 0,
-                c + 1 < columns.len(),
-            );
-            let weight = Tensor::from_slice(&rows_w)
-                .f_view([1, 1, tile_h * scale, 1])?
-                .f_mul(&Tensor::from_slice(&columns_w).f_view([1, 1, 1, tile_w * scale])?)?
-                .f_to_device(device)?;
-            let part = y
-                .f_narrow(0, j as i64 * n, n)?
-                .f_to_kind(Kind::Float)?
-                .f_mul(&weight)?;
-            let (top, left) = (rows[r] * scale, columns[c] * scale);
-            // In-place adds through views of the accumulators.
-            let _ = sum
-                .f_narrow(2, top, tile_h * scale)?
-                .f_narrow(3, left, tile_w * scale)?
-                .f_add_(&part)?;
-            let _ = weights
-                .f_narrow(2, top, tile_h * scale)?
-                .f_narrow(3, left, tile_w * scale)?
-                .f_add_(&weight)?;
+        let mut done = total - pending.len();
+        let mut next = 0;
+        let mut failures = 0;
+        while next < pending.len() {
+            let batch = &pending[next..(next + plan.batch as usize).min(pending.len())];
+            let first = batch[0];
+            let inputs: Vec<Tensor> = batch
+                .iter()
+                .map(|&(r, c)| {
+                    x.f_narrow(2, rows[r], tile_h)?
+                        .f_narrow(3, columns[c], tile_w)
+                })
+                .collect::<Result<_, _>>()?;
+            let y = match Tensor::f_cat(&inputs, 0).and_then(|input| forward(&input)) {
+                Ok(y) => y,
+                Err(error) if out_of_memory(&error) => {
+                    if plan.batch > 1 {
+                        let halved = plan.batch / 2;
+                        notes.push(format!(
+                            "out of memory at tile row {}, column {}: batch {} -> {halved}",
+                            first.0, first.1, plan.batch
+                        ));
+                        plan.batch = halved;
+                        continue;
+                    }
+                    let halved = plan.tile / 2;
+                    if halved < MIN_TILE {
+                        return Err(TileError::Forward { tile: first, error });
+                    }
+                    notes.push(format!(
+                        "out of memory at tile row {}, column {} with batch 1: tile {} -> {halved}, keeping the {done} tiles done",
+                        first.0, first.1, plan.tile
+                    ));
+                    plan.tile = halved;
+                    // The margin must stay within the smaller tile.
+                    plan.overlap = plan.overlap.min(halved / 4);
+                    continue 'plans;
+                }
+                Err(error) => {
+                    failures += 1;
+                    if failures > retries {
+                        return Err(TileError::Forward { tile: first, error });
+                    }
+                    notes.push(format!(
+                        "tile row {}, column {} failed ({}); retry {failures} of {retries}",
+                        first.0,
+                        first.1,
+                        crate::tensors::raised(&error)
+                    ));
+                    continue;
+                }
+            };
+            failures = 0;
+            let out = y.size();
+            if out.len() != 4 || out[0] != n * batch.len() as i64 {
+                return Err(TileError::Shape(format!(
+                    "forward returned {out:?} for {} tiles of {:?}",
+                    batch.len(),
+                    [n, size[1], tile_h, tile_w]
+                )));
+            }
+            let scale = out[2] / tile_h;
+            if scale < 1 || out[2] != tile_h * scale || out[3] != tile_w * scale {
+                return Err(TileError::Shape(format!(
+                    "tiling needs a model whose output is a whole multiple of its input; a {tile_h}x{tile_w} tile became {}x{}",
+                    out[2], out[3]
+                )));
+            }
+            let b = match &mut blend {
+                Some(b) => b,
+                None => blend.insert(Blend {
+                    sum: Tensor::f_zeros(
+                        [n, out[1], height * scale, width * scale],
+                        (Kind::Float, x.device()),
+                    )?,
+                    weights: Tensor::f_zeros(
+                        [1, 1, height * scale, width * scale],
+                        (Kind::Float, x.device()),
+                    )?,
+                    scale,
+                }),
+            };
+            if b.scale != scale {
+                return Err(TileError::Shape(format!(
+                    "the model scaled tiles by {} and then by {scale}",
+                    b.scale
+                )));
+            }
+            for (j, &(r, c)) in batch.iter().enumerate() {
+                let rows_w = feather(
+                    tile_h * scale,
+                    plan.overlap * scale,
+                    r > 0,
+                    r + 1 < rows.len(),
+                );
+                let columns_w = feather(
+                    tile_w * scale,
+                    plan.overlap * scale,
+                    c > 0,
+                    c + 1 < columns.len(),
+                );
+                let weight = Tensor::from_slice(&rows_w)
+                    .f_view([1, 1, tile_h * scale, 1])?
+                    .f_mul(&Tensor::from_slice(&columns_w).f_view([1, 1, 1, tile_w * scale])?)?
+                    .f_to_device(x.device())?;
+                let part = y
+                    .f_narrow(0, j as i64 * n, n)?
+                    .f_to_kind(Kind::Float)?
+                    .f_mul(&weight)?;
+                let (top, left) = (rows[r] * scale, columns[c] * scale);
+                // In-place adds through views of the accumulators.
+                let _ = b
+                    .sum
+                    .f_narrow(2, top, tile_h * scale)?
+                    .f_narrow(3, left, tile_w * scale)?
+                    .f_add_(&part)?;
+                let _ = b
+                    .weights
+                    .f_narrow(2, top, tile_h * scale)?
+                    .f_narrow(3, left, tile_w * scale)?
+                    .f_add_(&weight)?;
+            }
+            next += batch.len();
+            done += batch.len();
+            if !progress(done, total) && done < total {
+                return Err(TileError::Cancelled { done, total });
+            }
         }
-        let done = (batch_index * tiling.batch.max(1) as usize + batch.len()).min(total);
-        if !progress(done, total) && done < total {
-            return Err(TileError::Cancelled { done, total });
-        }
+        break;
     }
-    let (sum, weights, _) =
-        blended.ok_or_else(|| TileError::Shape("the image has no pixels".to_owned()))?;
-    Ok(sum.f_div(&weights)?)
+    let b = blend.ok_or_else(|| TileError::Shape("the image has no pixels".to_owned()))?;
+    Ok(b.sum.f_div(&b.weights)?)
 }
 
 #[cfg(test)]
@@ -233,11 +324,13 @@ mod tests {
                     overlap: 8,
                     batch: 3,
                 },
+                0,
                 &forward,
                 &mut |done, total| {
                     calls.push((done, total));
                     true
                 },
+                &mut Vec::new(),
             )
             .unwrap();
             assert_eq!(tiled.size(), whole.size());

@@ -492,6 +492,7 @@ fn tiles_of_a_model_whose_receptive_field_fits_the_overlap_give_the_untiled_resu
             tile: 64,
             overlap: 16,
             batch: 3,
+            retries: 0,
         };
         let (whole, tiled, shape) = untiled_and_tiled(&mut worker, &input, tiling);
         assert_eq!(shape, vec![1, 3, h * 4, w * 4]);
@@ -509,10 +510,94 @@ fn waifu2x_tiled_matches_untiled_on_a_photo() {
         tile: 96,
         overlap: 32,
         batch: 2,
+        retries: 0,
     };
     let (whole, tiled, shape) = untiled_and_tiled(&mut worker, &input, tiling);
     assert_eq!(shape, vec![1, 3, 384, 512]);
     let db = psnr(&whole, &tiled);
     assert!(db >= 40.0, "tiled vs untiled {db:.1} dB");
     eprintln!("waifu2x on the photo crop, tile 96, overlap 32: tiled vs untiled {db:.1} dB");
+}
+
+fn tiled_job(input: WireTensor, tile: u32, overlap: u32, batch: u32, retries: u32) -> Job {
+    Job::Image {
+        input,
+        tiling: Some(Tiling {
+            tile,
+            overlap,
+            batch,
+            retries,
+        }),
+    }
+}
+
+/// What the worker said it had to do, with the outputs.
+fn run_noting(
+    worker: &mut Worker,
+    id: u64,
+    job: Job,
+) -> Result<(Vec<WireTensor>, Vec<String>), Error> {
+    worker.send(&DaemonToWorker::Run { id, job });
+    loop {
+        match worker.receive() {
+            WorkerToDaemon::Progress { .. } => {}
+            WorkerToDaemon::Done { outputs, notes, .. } => return Ok((outputs, notes)),
+            WorkerToDaemon::Failed { error, .. } => return Err(error),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn out_of_memory_halves_the_batch_then_the_tile_and_finishes() {
+    let (mut worker, _) = Worker::loaded("faulty", "tiny-faulty.pt", ModelKind::Image);
+    let input = f32_tensor(&[1, 3, 150, 200], |i| (i % 7) as f32 / 10.0);
+    let (outputs, notes) =
+        run_noting(&mut worker, 1, tiled_job(input.clone(), 128, 16, 4, 0)).unwrap();
+    assert_eq!(outputs[0].shape, vec![1, 3, 300, 400]);
+    // Nearest x2 is pointwise: whatever the tiles, the result is exact.
+    let values = floats(&outputs[0]);
+    let source = floats(&input);
+    for (y, x) in [(0, 0), (299, 399), (151, 17), (3, 250)] {
+        for c in 0..3 {
+            let out = values[c * 300 * 400 + y * 400 + x];
+            let want = source[c * 150 * 200 + (y / 2) * 200 + x / 2];
+            assert_eq!(out, want, "at {c},{y},{x}");
+        }
+    }
+    assert_eq!(notes.len(), 3, "{notes:?}");
+    assert!(notes[0].contains("batch 4 -> 2"), "{notes:?}");
+    assert!(notes[1].contains("batch 2 -> 1"), "{notes:?}");
+    assert!(notes[2].contains("tile 128 -> 64"), "{notes:?}");
+}
+
+#[test]
+fn a_failing_tile_is_retried_and_then_named() {
+    let (mut worker, _) = Worker::loaded("faulty", "tiny-faulty.pt", ModelKind::Image);
+    // Transient: every third forward fails once; one retry is enough.
+    let flaky = f32_tensor(&[1, 3, 60, 60], |_| 0.25);
+    let (outputs, notes) =
+        run_noting(&mut worker, 1, tiled_job(flaky.clone(), 32, 8, 1, 1)).unwrap();
+    assert_eq!(outputs[0].shape, vec![1, 3, 120, 120]);
+    assert!(
+        notes.iter().any(|n| n.contains("retry 1 of 1")),
+        "{notes:?}"
+    );
+
+    // Lasting: a pixel of exactly 1.0 in the bottom-right tile (tiles start
+    // at 0, 24 and 28 on each axis).
+    let bad = f32_tensor(
+        &[1, 3, 60, 60],
+        |i| if i == 59 * 60 + 59 { 1.0 } else { 0.5 },
+    );
+    let error = run_noting(&mut worker, 2, tiled_job(bad, 32, 8, 1, 2)).unwrap_err();
+    assert_eq!(error.code, ErrorCode::InvalidRequest);
+    assert!(
+        error.message.contains("tile row 2, column 2") && error.message.contains("bad pixel"),
+        "{}",
+        error.message
+    );
+    // The worker is fine afterwards.
+    let fine = f32_tensor(&[1, 3, 60, 60], |_| 0.5);
+    assert!(run_noting(&mut worker, 3, tiled_job(fine, 32, 8, 1, 0)).is_ok());
 }

@@ -60,6 +60,7 @@ struct Report {
     queue_ms: u64,
     load_ms: Option<u64>,
     run_ms: u64,
+    notes: Vec<String>,
 }
 
 pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<(), CliError> {
@@ -147,10 +148,16 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         queue_ms: answer.queue_ms,
         load_ms: answer.load_ms,
         run_ms: answer.run_ms,
+        notes: answer.notes.clone(),
     };
     match output {
         Output::Json => crate::print_json(&report),
-        Output::Human => crate::emit(&describe(&report)),
+        Output::Human => {
+            for note in &report.notes {
+                eprintln!("gpuctl: note: {note}");
+            }
+            crate::emit(&describe(&report))
+        }
     }
     Ok(())
 }

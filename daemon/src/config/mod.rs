@@ -206,6 +206,9 @@ pub struct ModelConfig {
     /// Tiles per forward (`image` with `tile`).
     #[serde(default = "four")]
     pub batch: u32,
+    /// Times a failing batch of tiles is retried before the request fails.
+    #[serde(default = "two")]
+    pub tile_retries: u32,
     /// Requests run at once on this model.
     #[serde(default = "one")]
     pub concurrency: u32,
@@ -226,6 +229,10 @@ pub struct ModelConfig {
     /// file size × 1.2.
     #[serde(default)]
     pub vram: Option<Bytes>,
+}
+
+fn two() -> u32 {
+    2
 }
 
 fn four() -> u32 {

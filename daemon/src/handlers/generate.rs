@@ -83,6 +83,7 @@ fn prepare(request: &GenerateRequest, model: &ModelConfig) -> Result<(Job, Optio
                 tile,
                 overlap: model.overlap.unwrap_or(0),
                 batch: model.batch,
+                retries: model.tile_retries,
             });
             Ok((Job::Image { input, tiling }, None))
         }
@@ -183,7 +184,8 @@ mod tests {
                 Some(Tiling {
                     tile: 256,
                     overlap: 16,
-                    batch: 3
+                    batch: 3,
+                    retries: 2
                 })
             ),
             other => panic!("{other:?}"),

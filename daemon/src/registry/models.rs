@@ -589,8 +589,12 @@ impl Registry {
                             ))
                         });
                         let succeeded = outcome.is_ok();
-                        let answer =
-                            outcome.map(|JobOutput { outputs, run_ms }| GenerateResponse {
+                        let answer = outcome.map(
+                            |JobOutput {
+                                 outputs,
+                                 run_ms,
+                                 notes,
+                             }| GenerateResponse {
                                 model: model_name.clone(),
                                 device,
                                 seed,
@@ -602,7 +606,9 @@ impl Registry {
                                 queue_ms,
                                 load_ms: waited_for_load,
                                 run_ms,
-                            });
+                                notes,
+                            },
+                        );
                         let _ = reply.send(answer);
                         let _ = events.send(Event::JobDone {
                             model: model_name,
