@@ -18,20 +18,24 @@ pub struct Tiling {
     pub batch: i64,
 }
 
-/// Where tiles start along one axis of `length` pixels; all have the
-/// length returned alongside (the axis itself when shorter than a tile).
-/// The last tile is aligned with the far edge, so it may overlap more.
+/// Where tiles start along one axis of `length` pixels, and their length
+/// (the axis itself when shorter than a tile). As few tiles as `tile` and
+/// `overlap` allow, each shrunk to the same size so that they share the
+/// axis evenly: a long axis just past a multiple of the tile costs one
+/// smaller tile's worth of extra work, not a whole redundant tile.
 pub fn starts(length: i64, tile: i64, overlap: i64) -> (Vec<i64>, i64) {
     if length <= tile {
         return (vec![0], length);
     }
-    let stride = (tile - overlap).max(1);
-    let mut starts: Vec<i64> = (0..)
-        .map(|i| i * stride)
-        .take_while(|s| s + tile < length)
+    let widest = (tile - overlap).max(1);
+    let count = (length - overlap + widest - 1) / widest;
+    // ceil((length + (count - 1) * overlap) / count) <= tile, by the choice of count.
+    let size = (length + (count - 1) * overlap + count - 1) / count;
+    let stride = (size - overlap).max(1);
+    let starts = (0..count)
+        .map(|i| (i * stride).min(length - size))
         .collect();
-    starts.push(length - tile);
-    (starts, tile)
+    (starts, size)
 }
 
 /// The feather weights along one axis of one tile, in output pixels:
@@ -282,11 +286,22 @@ mod tests {
     fn tiles_cover_the_axis_and_the_last_one_meets_the_edge() {
         assert_eq!(starts(100, 128, 16), (vec![0], 100), "smaller than a tile");
         assert_eq!(starts(128, 128, 16), (vec![0], 128));
-        assert_eq!(starts(129, 128, 16), (vec![0, 1], 128));
-        assert_eq!(starts(300, 128, 32), (vec![0, 96, 172], 128));
-        let (s, t) = starts(1000, 64, 16);
-        assert!(s.windows(2).all(|w| w[1] - w[0] <= 48 && w[1] > w[0]));
-        assert_eq!(s.last().map(|l| l + t), Some(1000));
+        assert_eq!(starts(129, 128, 16), (vec![0, 56], 73), "two even halves");
+        assert_eq!(starts(300, 128, 32), (vec![0, 90, 178], 122));
+        assert_eq!(
+            starts(2048, 512, 32).1,
+            436,
+            "5 tiles, not 5 and a redundant one"
+        );
+        for (length, tile, overlap) in [(1000, 64, 16), (4096, 512, 32), (777, 100, 8)] {
+            let (s, t) = starts(length, tile, overlap);
+            assert!(t <= tile);
+            assert!(s
+                .windows(2)
+                .all(|w| w[1] > w[0] && w[0] + t - w[1] >= overlap));
+            assert_eq!(s[0], 0);
+            assert_eq!(s.last().map(|l| l + t), Some(length));
+        }
     }
 
     #[test]
