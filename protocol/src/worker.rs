@@ -53,6 +53,10 @@ pub struct LoadModel {
     pub device: String,
     /// Intra-op threads for CPU work; 0 leaves libtorch's default.
     pub threads: u32,
+    /// Send `image` and `generate` outputs as RGB8 (float 0..1 clamped,
+    /// ×255, rounded; NaN → 0): what clients get anyway, in a quarter of
+    /// the bytes.
+    pub rgb8: bool,
 }
 
 /// One unit of work, shaped by the model's kind.

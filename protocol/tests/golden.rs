@@ -371,10 +371,11 @@ fn worker_messages() {
         kind: ModelKind::Image,
         device: "cpu".into(),
         threads: 2,
+        rgb8: true,
     });
     assert_eq!(
         hex(&encode_payload(&load).unwrap()),
-        "00000000 0100000000000000 6d 0500000000000000 2f6d2e7074 00000000 0300000000000000 637075 02000000"
+        "00000000 0100000000000000 6d 0500000000000000 2f6d2e7074 00000000 0300000000000000 637075 02000000 01"
             .replace(' ', "")
     );
     let run = DaemonToWorker::Run {

@@ -3,9 +3,9 @@
 //! untiled forward of the same module on the same image, their ratio, and
 //! tiles per second.
 //!
-//! `cargo bench -p gpuctl-worker --bench tiling [-- SIZE]` (default 2048:
-//! 2048² → 4096² with the waifu2x model; needs `cargo build` first, for
-//! gpuctld, and the models from models/make_models.py).
+//! `cargo bench -p gpuctl-worker --bench tiling [-- SIZE [TILE]]` (default
+//! 2048 and 1024: 2048² → 4096² with the waifu2x model; needs `cargo build`
+//! first, for gpuctld, and the models from models/make_models.py).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use gpuctl_protocol::{Client, DType, GenerateRequest, Request, Response, WireTensor};
 use tch::{CModule, Device, Kind, Tensor};
 
-const TILE: i64 = 512;
 const OVERLAP: i64 = 32;
 const BATCH: i64 = 1;
 
@@ -37,20 +36,22 @@ fn pixels(size: usize) -> Vec<u8> {
 }
 
 /// Tiles along an axis and their edge, as worker/src/tiling.rs plans them.
-fn plan(length: i64) -> (i64, i64) {
-    if length <= TILE {
+fn plan(length: i64, tile: i64) -> (i64, i64) {
+    if length <= tile {
         return (1, length);
     }
-    let widest = TILE - OVERLAP;
+    let widest = tile - OVERLAP;
     let count = (length - OVERLAP + widest - 1) / widest;
     (count, (length + (count - 1) * OVERLAP + count - 1) / count)
 }
 
 fn main() {
-    let size: usize = std::env::args()
+    let numbers: Vec<usize> = std::env::args()
         .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(2048);
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let size = numbers.first().copied().unwrap_or(2048);
+    let tile = numbers.get(1).copied().unwrap_or(1024) as i64;
     let models = root().join("target/models");
     let model = models.join("waifu2x-upconv7-x2.pt");
     let gpuctld = ["release", "debug"]
@@ -90,7 +91,7 @@ fn main() {
         format!(
             "model_root = \"{}\"\n[daemon]\nmax_frame = \"64MiB\"\n[gpu]\nbackend = \"none\"\n\
              [models.up]\npath = \"waifu2x-upconv7-x2.pt\"\nkind = \"image\"\nscale = 2\n\
-             tile = {TILE}\noverlap = {OVERLAP}\nbatch = {BATCH}\n",
+             tile = {tile}\noverlap = {OVERLAP}\nbatch = {BATCH}\n",
             models.display()
         ),
     )
@@ -158,14 +159,14 @@ fn main() {
     let _ = daemon.kill();
     let _ = daemon.wait();
 
-    let (per_axis, edge) = plan(size as i64);
+    let (per_axis, edge) = plan(size as i64, tile);
     let tiles = per_axis * per_axis;
     println!(
         "direct untiled forward, in process:  {:>8.2} s",
         direct.as_secs_f64()
     );
     println!(
-        "tiled request through gpuctld:       {:>8.2} s  ({tiles} tiles of {edge}² (tile = {TILE}), overlap {OVERLAP}, batch {BATCH}; model load {:.2} s not included)",
+        "tiled request through gpuctld:       {:>8.2} s  ({tiles} tiles of {edge}² (tile = {tile}), overlap {OVERLAP}, batch {BATCH}; model load {:.2} s not included)",
         through.as_secs_f64(),
         load.as_secs_f64()
     );

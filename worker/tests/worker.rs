@@ -85,6 +85,7 @@ impl Worker {
             kind,
             device: "cpu".into(),
             threads: 1,
+            rgb8: false,
         };
         self.send(&DaemonToWorker::Load(spec));
         self.receive()
@@ -600,4 +601,34 @@ fn a_failing_tile_is_retried_and_then_named() {
     // The worker is fine afterwards.
     let fine = f32_tensor(&[1, 3, 60, 60], |_| 0.5);
     assert!(run_noting(&mut worker, 3, tiled_job(fine, 32, 8, 1, 0)).is_ok());
+}
+
+#[test]
+fn rgb8_outputs_are_the_floats_clamped_and_rounded() {
+    let (mut floats_worker, _) = Worker::loaded("x4", "tiny-x4.pt", ModelKind::Image);
+    let mut pixels_worker = Worker::spawn();
+    pixels_worker.send(&DaemonToWorker::Load(LoadModel {
+        name: "x4".into(),
+        path: model("tiny-x4.pt"),
+        kind: ModelKind::Image,
+        device: "cpu".into(),
+        threads: 1,
+        rgb8: true,
+    }));
+    assert!(matches!(pixels_worker.receive(), WorkerToDaemon::Loaded(_)));
+    // Values past both ends of 0..1, to see the clamping.
+    let input = f32_tensor(&[1, 3, 6, 5], |i| (i as f32 - 20.0) / 30.0);
+    let job = || Job::Image {
+        input: input.clone(),
+        tiling: None,
+    };
+    let want: Vec<u8> = floats(&floats_worker.run(1, job()).unwrap()[0])
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    let got = pixels_worker.run(1, job()).unwrap();
+    assert_eq!(got[0].dtype, DType::U8);
+    assert_eq!(got[0].shape, vec![1, 3, 24, 20]);
+    assert_eq!(got[0].data, want);
+    assert!(want.contains(&0) && want.contains(&255));
 }

@@ -648,6 +648,7 @@ impl Registry {
             kind: model.kind.into(),
             device,
             threads: worker_threads(model, config),
+            rgb8: model.kind != Kind::Tensor,
         };
         tracing::info!(model = name, path = %spec.path, device = %spec.device, "loading");
         let program = self.worker_program.clone();
