@@ -597,6 +597,26 @@ pub struct GenerateRequest {
     pub timeout_ms: Option<u64>,
 }
 
+impl GenerateRequest {
+    /// A request for `model` with every argument left to its defaults; fill
+    /// in what its kind takes with struct update syntax.
+    pub fn new(model: impl Into<String>) -> GenerateRequest {
+        GenerateRequest {
+            model: model.into(),
+            input: None,
+            inputs: Vec::new(),
+            prompt: String::new(),
+            negative: String::new(),
+            seed: None,
+            steps: None,
+            guidance: None,
+            size: None,
+            keep_alive: None,
+            timeout_ms: None,
+        }
+    }
+}
+
 /// What ran and what it made.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateResponse {

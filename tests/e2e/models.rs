@@ -71,19 +71,7 @@ fn f32_tensor(shape: &[u64], value: impl Fn(usize) -> f32) -> WireTensor {
 }
 
 pub fn request(model: &str) -> GenerateRequest {
-    GenerateRequest {
-        model: model.into(),
-        input: None,
-        inputs: vec![],
-        prompt: String::new(),
-        negative: String::new(),
-        seed: None,
-        steps: None,
-        guidance: None,
-        size: None,
-        keep_alive: None,
-        timeout_ms: None,
-    }
+    GenerateRequest::new(model)
 }
 
 pub fn tensor_request() -> GenerateRequest {

@@ -132,17 +132,10 @@ fn main() {
         let input =
             WireTensor::new(DType::U8, vec![1, 3, size as u64, size as u64], image).unwrap();
         let request = GenerateRequest {
-            model: "up".into(),
             input: Some(input),
-            inputs: vec![],
-            prompt: String::new(),
-            negative: String::new(),
-            seed: None,
-            steps: None,
-            guidance: None,
-            size: None,
-            keep_alive: None,
+            // No time limit: this is what is being measured.
             timeout_ms: Some(0),
+            ..GenerateRequest::new("up")
         };
         let started = Instant::now();
         match client.call(Request::Generate(request)).await.unwrap() {

@@ -156,17 +156,8 @@ mod tests {
 
     fn image_request() -> GenerateRequest {
         GenerateRequest {
-            model: "up".into(),
             input: Some(WireTensor::new(DType::U8, vec![1, 3, 2, 2], vec![0; 12]).unwrap()),
-            inputs: vec![],
-            prompt: String::new(),
-            negative: String::new(),
-            seed: None,
-            steps: None,
-            guidance: None,
-            size: None,
-            keep_alive: None,
-            timeout_ms: None,
+            ..GenerateRequest::new("up")
         }
     }
 

@@ -128,7 +128,7 @@ impl Registry {
             }
             wait.told = Some(waiting_for.clone());
             let message = format!("waiting for {waiting_for}");
-            entry.tell_waiting(&name, &message);
+            entry.tell_waiting(&name, &message, true);
             tracing::info!(model = %name, %message, "load waits for GPU memory");
             self.notice(NoticeKind::WaitingForVram {
                 model: name.clone(),

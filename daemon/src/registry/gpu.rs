@@ -121,10 +121,6 @@ fn descends_from(pid: u32, ancestor: u32) -> bool {
 }
 
 impl Registry {
-    pub(super) fn gpu_backend(&self) -> &'static str {
-        self.gpu.backend
-    }
-
     pub(super) fn gpu_reason(&self) -> &str {
         &self.gpu.reason
     }
@@ -284,11 +280,7 @@ impl Registry {
     fn measure(&mut self) {
         let config = self.config();
         let mut changed = false;
-        let names: Vec<String> = self.models.keys().cloned().collect();
-        for name in names {
-            let Some(entry) = self.models.get(&name) else {
-                continue;
-            };
+        for (name, entry) in self.models.iter_mut() {
             let (Some(device), Some(pid), true) = (entry.placement, entry.pid(), entry.ready())
             else {
                 continue;
@@ -304,28 +296,24 @@ impl Registry {
             else {
                 continue;
             };
-            let Some(model) = config.models.get(&name) else {
-                continue;
-            };
-            let path = config.model_path(model);
-            let file_bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
-            let Some(entry) = self.models.get_mut(&name) else {
-                continue;
-            };
             entry.held = bytes;
             let peak = entry.measured.unwrap_or(0).max(bytes);
             if entry.measured == Some(peak) {
                 continue;
             }
             entry.measured = Some(peak);
+            let Some(model) = config.models.get(name) else {
+                continue;
+            };
             tracing::debug!(model = %name, bytes = peak, "measured");
+            // Keyed by the file as it was when loaded, which is what was measured.
             let measured = Measured {
-                path: path.display().to_string(),
-                file_bytes,
+                path: config.model_path(model).display().to_string(),
+                file_bytes: entry.loaded_file_bytes(),
                 vram_bytes: peak,
             };
-            if self.measured.models.get(&name) != Some(&measured) {
-                self.measured.models.insert(name, measured);
+            if self.measured.models.get(name) != Some(&measured) {
+                self.measured.models.insert(name.clone(), measured);
                 changed = true;
             }
         }

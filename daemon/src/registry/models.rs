@@ -151,6 +151,11 @@ impl ModelEntry {
         }
     }
 
+    /// The size of its file when it was last loaded.
+    pub fn loaded_file_bytes(&self) -> u64 {
+        self.loaded_file.map_or(0, |(_, bytes)| bytes)
+    }
+
     /// The worker's pid while it is running.
     pub fn pid(&self) -> Option<u32> {
         match &self.life {
@@ -201,20 +206,26 @@ impl ModelEntry {
         fail_all(&mut self.queue, error);
     }
 
-    /// Tells waiting generate clients what they wait for.
-    pub fn tell_waiting(&mut self, model: &str, waiting_for: &str) {
+    /// Tells waiting generate clients their place and what they wait for:
+    /// all of them when `what changed`, else those whose place changed.
+    pub fn tell_waiting(&mut self, model: &str, waiting_for: &str, what_changed: bool) {
         for (index, waiter) in self.queue.iter_mut().enumerate() {
-            if let Waiter::Job { job, told, .. } = waiter {
-                *told = Some(index as u32 + 1);
-                if let Some(events) = &job.events {
-                    events.send(gpuctl_protocol::Event::Queued(
-                        gpuctl_protocol::QueuedEvent {
-                            model: model.to_owned(),
-                            position: index as u32 + 1,
-                            waiting_for: waiting_for.to_owned(),
-                        },
-                    ));
-                }
+            let Waiter::Job { job, told, .. } = waiter else {
+                continue;
+            };
+            let position = index as u32 + 1;
+            if !what_changed && *told == Some(position) {
+                continue;
+            }
+            *told = Some(position);
+            if let Some(events) = &job.events {
+                events.send(gpuctl_protocol::Event::Queued(
+                    gpuctl_protocol::QueuedEvent {
+                        model: model.to_owned(),
+                        position,
+                        waiting_for: waiting_for.to_owned(),
+                    },
+                ));
             }
         }
     }
@@ -389,30 +400,12 @@ impl Registry {
             return; // the GPU sampler tells them
         }
         let waiting_for = match entry.life {
-            Life::Unloaded => "its turn to load (group switch or max_loaded)".to_owned(),
-            Life::Loading { .. } => "the model to load".to_owned(),
-            Life::Ready { .. } => "a free slot".to_owned(),
-            Life::Unloading { .. } => "the previous worker to exit".to_owned(),
+            Life::Unloaded => "its turn to load (group switch or max_loaded)",
+            Life::Loading { .. } => "the model to load",
+            Life::Ready { .. } => "a free slot",
+            Life::Unloading { .. } => "the previous worker to exit",
         };
-        for (index, waiter) in entry.queue.iter_mut().enumerate() {
-            let Waiter::Job { job, told, .. } = waiter else {
-                continue;
-            };
-            let position = index as u32 + 1;
-            if *told == Some(position) {
-                continue;
-            }
-            *told = Some(position);
-            if let Some(events) = &job.events {
-                events.send(gpuctl_protocol::Event::Queued(
-                    gpuctl_protocol::QueuedEvent {
-                        model: name.to_owned(),
-                        position,
-                        waiting_for: waiting_for.clone(),
-                    },
-                ));
-            }
-        }
+        entry.tell_waiting(name, waiting_for, false);
     }
 
     /// Dispatches jobs to a ready worker, or starts a load (evicting what

@@ -47,7 +47,7 @@ impl Registry {
             )));
             return;
         }
-        if self.gpu_backend() == "none" {
+        if !self.gpu.active() {
             let _ = reply.send(Err(Error::new(
                 ErrorCode::InvalidRequest,
                 format!(
