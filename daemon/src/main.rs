@@ -52,7 +52,10 @@ fn main() -> ExitCode {
 fn start(flags: Flags, source: ConfigSource, config: Config) -> anyhow::Result<()> {
     // Socket activation reads and clears LISTEN_* variables: do it before
     // any thread exists.
-    let listening = match listener::from_systemd()? {
+    let inherited = listener::from_systemd()?;
+    // Before the socket exists: a client that can connect may signal us.
+    let signals = signals::listen().context("cannot install signal handlers")?;
+    let listening = match inherited {
         Some(inherited) => inherited,
         None => {
             let uid = nix::unistd::geteuid().as_raw();
@@ -65,7 +68,6 @@ fn start(flags: Flags, source: ConfigSource, config: Config) -> anyhow::Result<(
             listener::bind(&path, &config.daemon)?
         }
     };
-    let signals = signals::listen().context("cannot install signal handlers")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
