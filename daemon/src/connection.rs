@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use gpuctl_protocol::{
     CancelRequest, CancelResponse, ClientMessage, DaemonMessage, Error, ErrorCode, FrameCodec,
-    FrameError, Hello, Request, RequestId, Response, Welcome, PROTOCOL_VERSION,
+    FrameError, Hello, Request, RequestId, Response, Welcome, WireTensor, CHUNK_BYTES,
+    PROTOCOL_VERSION,
 };
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -20,6 +21,7 @@ use tracing::Instrument;
 use crate::access::Peer;
 use crate::context::{Context, EventSink};
 use crate::handlers;
+use crate::uploads::Uploads;
 
 type Connection = Framed<UnixStream, FrameCodec<ClientMessage, DaemonMessage>>;
 
@@ -63,7 +65,8 @@ pub async fn serve(stream: UnixStream, ctx: Arc<Context>, shutdown: Cancellation
         match hello {
             Ok(Some(hello)) => {
                 tracing::debug!(client = %hello.client, version = %hello.protocol, "client connected");
-                serve_requests(&mut connection, peer, &ctx, &shutdown).await;
+                let streams = hello.protocol.streams_tensors();
+                serve_requests(&mut connection, peer, &ctx, &shutdown, streams).await;
             }
             Ok(None) => {}
             Err(reason) => say_goodbye(&mut connection, reason).await,
@@ -98,7 +101,7 @@ async fn handshake(connection: &mut Connection, limit: Duration) -> Result<Optio
         None => return Ok(None),
         Some(Err(error)) => return Err(frame_error(&error).unwrap_or_else(|| closed_error(&error))),
         Some(Ok(ClientMessage::Hello(hello))) => hello,
-        Some(Ok(ClientMessage::Request { .. })) => {
+        Some(Ok(_)) => {
             return Err(Error::new(
                 ErrorCode::InvalidRequest,
                 "the first frame must be Hello",
@@ -138,7 +141,9 @@ async fn serve_requests(
     peer: Peer,
     ctx: &Arc<Context>,
     shutdown: &CancellationToken,
+    streams: bool,
 ) {
+    let mut uploads = Uploads::new(ctx.registry.config().daemon.max_upload.0 as usize);
     let mut running: JoinSet<(RequestId, Result<Response, Error>)> = JoinSet::new();
     let mut ids: HashMap<tokio::task::Id, RequestId> = HashMap::new();
     let mut aborts: HashMap<RequestId, tokio::task::AbortHandle> = HashMap::new();
@@ -167,11 +172,20 @@ async fn serve_requests(
                         abort.abort();
                     }
                     let response = Response::Cancel(CancelResponse { cancelled: found.is_some() });
-                    if !send_answer(connection, DaemonMessage::Response { id, response }).await {
+                    if !send_answer(connection, DaemonMessage::Response { id, response }, streams).await {
                         return;
                     }
                 }
-                Some(Ok(ClientMessage::Request { id, request })) => {
+                Some(Ok(ClientMessage::TensorBegin { id, dtype, shape })) => uploads.begin(id, dtype, shape),
+                Some(Ok(ClientMessage::TensorChunk { id, data })) => uploads.chunk(id, &data),
+                Some(Ok(ClientMessage::TensorEnd { id })) => uploads.end(id),
+                Some(Ok(ClientMessage::Request { id, mut request })) => {
+                    if let Err(error) = uploads.attach(id, &mut request) {
+                        if !send_answer(connection, DaemonMessage::Error { id, error }, streams).await {
+                            return;
+                        }
+                        continue;
+                    }
                     if ids.values().any(|running_id| *running_id == id) {
                         let error = Error::new(ErrorCode::InvalidRequest, format!("request id {id} is already in flight on this connection"));
                         if connection.send(DaemonMessage::Error { id, error }).await.is_err() {
@@ -231,7 +245,7 @@ async fn serve_requests(
                         DaemonMessage::Error { id, error }
                     }
                 };
-                if !send_answer(connection, message).await {
+                if !send_answer(connection, message, streams).await {
                     return;
                 }
             }
@@ -239,13 +253,32 @@ async fn serve_requests(
     }
 }
 
-/// Sends a final answer; an answer too large for a frame becomes an error
-/// for that request alone. `false`: the connection is gone.
-async fn send_answer(connection: &mut Connection, message: DaemonMessage) -> bool {
+/// Sends a final answer, its large output tensors streamed ahead of it
+/// when the client takes streams; an answer still too large for a frame
+/// becomes an error for that request alone. `false`: the connection is gone.
+async fn send_answer(
+    connection: &mut Connection,
+    mut message: DaemonMessage,
+    streams: bool,
+) -> bool {
     let id = match &message {
         DaemonMessage::Response { id, .. } | DaemonMessage::Error { id, .. } => Some(*id),
         _ => None,
     };
+    if let (
+        true,
+        DaemonMessage::Response {
+            id,
+            response: Response::Generate(generate),
+        },
+    ) = (streams, &mut message)
+    {
+        for tensor in gpuctl_protocol::stream::take_streamed(&mut generate.outputs) {
+            if send_stream(connection, *id, tensor).await.is_err() {
+                return false;
+            }
+        }
+    }
     match connection.send(message).await {
         Ok(()) => true,
         Err(FrameError::TooLarge { max }) => {
@@ -264,6 +297,25 @@ async fn send_answer(connection: &mut Connection, message: DaemonMessage) -> boo
             false
         }
     }
+}
+
+/// Streams one output tensor: begin, chunks, end.
+async fn send_stream(
+    connection: &mut Connection,
+    id: RequestId,
+    tensor: WireTensor,
+) -> Result<(), FrameError> {
+    let WireTensor { dtype, shape, data } = tensor;
+    connection
+        .feed(DaemonMessage::TensorBegin { id, dtype, shape })
+        .await?;
+    for chunk in data.chunks(CHUNK_BYTES) {
+        let data = chunk.to_vec();
+        connection
+            .feed(DaemonMessage::TensorChunk { id, data })
+            .await?;
+    }
+    connection.send(DaemonMessage::TensorEnd { id }).await
 }
 
 /// Sends `Closing(reason)` if the client still listens, then returns so the

@@ -20,4 +20,5 @@ mod registry;
 pub mod server;
 pub mod signals;
 pub mod state;
+mod uploads;
 mod worker;

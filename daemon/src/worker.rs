@@ -12,8 +12,13 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use gpuctl_protocol::stream::take_streamed;
+use gpuctl_protocol::units::format_bytes;
 use gpuctl_protocol::worker::{DaemonToWorker, Job, LoadModel, Loaded, WorkerToDaemon, WORKER_FD};
-use gpuctl_protocol::{Error, ErrorCode, FrameCodec, WireTensor, MAX_FRAME_CEILING};
+use gpuctl_protocol::{
+    DType, Error, ErrorCode, FrameCodec, FrameError, TensorReceiver, WireTensor, CHUNK_BYTES,
+    MAX_FRAME_CEILING,
+};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
@@ -122,6 +127,7 @@ pub fn worker_program(configured: &str) -> PathBuf {
 pub async fn start(
     program: &Path,
     spec: LoadModel,
+    max_output: usize,
     exited: impl FnOnce(Exit) + Send + 'static,
 ) -> Result<WorkerHandle, Error> {
     let name = spec.name.clone();
@@ -193,7 +199,13 @@ pub async fn start(
     };
     let (jobs, queue) = mpsc::unbounded_channel();
     let (kill, killed) = oneshot::channel();
-    tokio::spawn(supervise(name, channel, child, queue, killed, exited));
+    let worker = Supervised {
+        model: name,
+        channel,
+        child,
+        max_output,
+    };
+    tokio::spawn(supervise(worker, queue, killed, exited));
     Ok(WorkerHandle {
         pid,
         loaded,
@@ -231,15 +243,122 @@ pub fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// A started worker, as its supervisor holds it.
+struct Supervised {
+    model: String,
+    channel: Channel,
+    child: Child,
+    /// The most output bytes one job may stream back.
+    max_output: usize,
+}
+
+/// Sends a job, its large tensors streamed ahead of it.
+async fn send_job(channel: &mut Channel, id: u64, mut job: Job) -> Result<(), FrameError> {
+    for tensor in take_streamed(job.tensors_mut()) {
+        let WireTensor { dtype, shape, data } = tensor;
+        channel
+            .feed(DaemonToWorker::TensorBegin { dtype, shape })
+            .await?;
+        for chunk in data.chunks(CHUNK_BYTES) {
+            let data = chunk.to_vec();
+            channel.feed(DaemonToWorker::TensorChunk { data }).await?;
+        }
+        channel.feed(DaemonToWorker::TensorEnd).await?;
+    }
+    channel.send(DaemonToWorker::Run { id, job }).await
+}
+
+/// The outputs a worker streams ahead of its next `Done`.
+#[derive(Default)]
+struct Outputs {
+    received: TensorReceiver,
+    refused: Option<Error>,
+}
+
+impl Outputs {
+    fn begin(&mut self, model: &str, dtype: DType, shape: Vec<u64>, limit: usize) {
+        if self.refused.is_some() {
+            return;
+        }
+        let size = shape
+            .iter()
+            .try_fold(dtype.size() as u64, |n, d| n.checked_mul(*d))
+            .unwrap_or(u64::MAX);
+        let held = self.received.bytes() as u64;
+        if held.saturating_add(size) > limit as u64 {
+            self.refuse(Error::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "model {model}: its output of shape {shape:?} ({}) exceeds daemon.max_output ({})",
+                    format_bytes(held.saturating_add(size)),
+                    format_bytes(limit as u64)
+                ),
+            ));
+            return;
+        }
+        let result = self.received.begin(dtype, shape, usize::MAX);
+        self.check(model, result);
+    }
+
+    fn chunk(&mut self, model: &str, data: &[u8]) {
+        if self.refused.is_none() {
+            let result = self.received.chunk(data);
+            self.check(model, result);
+        }
+    }
+
+    fn end(&mut self, model: &str) {
+        if self.refused.is_none() {
+            let result = self.received.end();
+            self.check(model, result);
+        }
+    }
+
+    /// Fills `outputs`' placeholders; the receiver starts afresh.
+    fn fill(&mut self, model: &str, outputs: &mut [WireTensor]) -> Result<(), Error> {
+        let Outputs { received, refused } = std::mem::take(self);
+        if let Some(error) = refused {
+            return Err(error);
+        }
+        received
+            .fill(outputs)
+            .map_err(|problem| internal(model, &problem))
+    }
+
+    fn check(&mut self, model: &str, result: Result<(), String>) {
+        if let Err(problem) = result {
+            self.refuse(internal(model, &problem));
+        }
+    }
+
+    fn refuse(&mut self, error: Error) {
+        // Its bytes are freed now; the rest of the stream is dropped.
+        self.received = TensorReceiver::default();
+        self.refused = Some(error);
+    }
+}
+
+fn internal(model: &str, problem: &str) -> Error {
+    Error::new(
+        ErrorCode::Internal,
+        format!("model {model}: its worker streamed a bad output: {problem}"),
+    )
+}
+
 /// Feeds jobs to the worker, matches answers to them, and reports its exit.
 async fn supervise(
-    model: String,
-    mut channel: Channel,
-    mut child: Child,
+    worker: Supervised,
     mut queue: mpsc::UnboundedReceiver<WorkerJob>,
     mut killed: oneshot::Receiver<()>,
     exited: impl FnOnce(Exit) + Send + 'static,
 ) {
+    let Supervised {
+        model,
+        mut channel,
+        mut child,
+        max_output,
+    } = worker;
+    let mut outputs = Outputs::default();
     let pid = child.id().unwrap_or(0);
     let mut pending: HashMap<u64, Running> = HashMap::new();
     let mut next_id = 0u64;
@@ -278,7 +397,7 @@ async fn supervise(
                             let _ = cancels.send(id);
                         }
                     });
-                    if let Err(error) = channel.send(DaemonToWorker::Run { id: next_id, job }).await {
+                    if let Err(error) = send_job(&mut channel, next_id, job).await {
                         let _ = reply.send(Err(Error::new(ErrorCode::Internal, format!("model {model}: cannot send the job to its worker: {error}"))));
                     } else {
                         pending.insert(next_id, Running { reply, progress, started: std::time::Instant::now() });
@@ -305,9 +424,14 @@ async fn supervise(
                         running.progress(done, total);
                     }
                 }
-                Some(Ok(WorkerToDaemon::Done { id, outputs, run_ms, notes })) => {
+                Some(Ok(WorkerToDaemon::TensorBegin { dtype, shape })) => outputs.begin(&model, dtype, shape, max_output),
+                Some(Ok(WorkerToDaemon::TensorChunk { data })) => outputs.chunk(&model, &data),
+                Some(Ok(WorkerToDaemon::TensorEnd)) => outputs.end(&model),
+                Some(Ok(WorkerToDaemon::Done { id, outputs: mut made, run_ms, notes })) => {
+                    let filled = outputs.fill(&model, &mut made);
                     if let Some(running) = pending.remove(&id) {
-                        let _ = running.reply.send(Ok(JobOutput { outputs, run_ms, notes }));
+                        let answer = filled.map(|()| JobOutput { outputs: made, run_ms, notes });
+                        let _ = running.reply.send(answer);
                     }
                     if unloading && pending.is_empty() {
                         let _ = channel.send(DaemonToWorker::Unload).await;
@@ -315,6 +439,7 @@ async fn supervise(
                     }
                 }
                 Some(Ok(WorkerToDaemon::Failed { id: Some(id), error })) => {
+                    outputs = Outputs::default();
                     if let Some(running) = pending.remove(&id) {
                         let _ = running.reply.send(Err(error));
                     }

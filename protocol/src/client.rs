@@ -16,7 +16,8 @@
 //! it, so calls may be made from several tasks at once. A call's events and
 //! its final answer come back on a [`Call`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +30,8 @@ use tokio_util::codec::Framed;
 
 use crate::{
     ClientMessage, DaemonMessage, Error, Event, FrameCodec, FrameError, Hello, Request, RequestId,
-    Response, Welcome, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    Response, TensorReceiver, Welcome, WireTensor, CHUNK_BYTES, DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
 };
 
 /// Why a call or a connection failed.
@@ -157,9 +159,10 @@ impl Client {
         let (submit, submissions) = mpsc::channel(64);
         let closed = tokio_util::sync::CancellationToken::new();
         let on_close = closed.clone().drop_guard();
+        let stream_tensors = welcome.protocol.streams_tensors();
         let owner = tokio::spawn(async move {
             let _on_close = on_close;
-            own_connection(connection, submissions).await;
+            own_connection(connection, submissions, stream_tensors).await;
         });
         Ok(Client {
             submit,
@@ -258,30 +261,125 @@ impl Call {
     }
 }
 
-async fn own_connection(mut connection: Connection, mut submissions: mpsc::Receiver<Submit>) {
+/// A request on its way out: the tensors it streams, then itself.
+struct Outgoing {
+    id: RequestId,
+    streamed: VecDeque<WireTensor>,
+    begun: bool,
+    sent: usize,
+    request: Request,
+    updates: mpsc::UnboundedSender<Update>,
+}
+
+impl Outgoing {
+    fn new(submit: Submit, stream: bool) -> Outgoing {
+        let Submit {
+            id,
+            mut request,
+            updates,
+        } = submit;
+        let streamed = match &mut request {
+            Request::Generate(generate) if stream => {
+                crate::stream::take_streamed(generate.tensors_mut())
+            }
+            _ => Vec::new(),
+        };
+        Outgoing {
+            id,
+            streamed: streamed.into(),
+            begun: false,
+            sent: 0,
+            request,
+            updates,
+        }
+    }
+
+    /// The next frame of the tensors streamed ahead of the request; `None`
+    /// once only the request itself is left.
+    fn next_stream_frame(&mut self) -> Option<ClientMessage> {
+        let id = self.id;
+        let tensor = self.streamed.front()?;
+        if !self.begun {
+            self.begun = true;
+            return Some(ClientMessage::TensorBegin {
+                id,
+                dtype: tensor.dtype,
+                shape: tensor.shape.clone(),
+            });
+        }
+        if self.sent < tensor.data.len() {
+            let end = (self.sent + CHUNK_BYTES).min(tensor.data.len());
+            let data = tensor.data[self.sent..end].to_vec();
+            self.sent = end;
+            return Some(ClientMessage::TensorChunk { id, data });
+        }
+        self.streamed.pop_front();
+        (self.begun, self.sent) = (false, 0);
+        Some(ClientMessage::TensorEnd { id })
+    }
+}
+
+/// Writes frames only when the socket takes them, so that reading never
+/// waits behind a large upload (the daemon may be sending us as much).
+async fn own_connection(
+    connection: Connection,
+    mut submissions: mpsc::Receiver<Submit>,
+    stream_tensors: bool,
+) {
+    let (mut sink, mut frames) = connection.split();
+    let mut outbox: VecDeque<Outgoing> = VecDeque::new();
+    let mut unflushed = false;
     let mut pending: HashMap<RequestId, mpsc::UnboundedSender<Update>> = HashMap::new();
+    let mut receiving: HashMap<RequestId, TensorReceiver> = HashMap::new();
     let closing_reason = loop {
+        // One branch for the sink: room for the next frame while there is
+        // one to send, else the flush of what was sent.
+        let sending = !outbox.is_empty();
         tokio::select! {
-            submitted = submissions.recv() => {
-                let Some(Submit { id, request, updates }) = submitted else {
-                    return; // every handle dropped: close the socket
-                };
-                match connection.send(ClientMessage::Request { id, request }).await {
-                    Ok(()) => {
-                        pending.insert(id, updates);
-                    }
-                    Err(FrameError::TooLarge { max }) => {
-                        let _ = updates.send(Update::Done(Err(FrameError::TooLarge { max }.into())));
-                    }
-                    Err(error) => {
-                        let _ = updates.send(Update::Done(Err(error.into())));
+            ready = poll_fn(|cx| if sending { sink.poll_ready_unpin(cx) } else { sink.poll_flush_unpin(cx) }), if sending || unflushed => {
+                if !sending {
+                    if ready.is_err() {
                         break None;
                     }
+                    unflushed = false;
+                    continue;
                 }
+                let Some(front) = outbox.front_mut() else { continue };
+                let sent = match (ready, front.next_stream_frame()) {
+                    (Err(error), _) => Err(error),
+                    (Ok(()), Some(frame)) => sink.start_send_unpin(frame),
+                    (Ok(()), None) => {
+                        let Some(Outgoing { id, request, updates, .. }) = outbox.pop_front() else { continue };
+                        match sink.start_send_unpin(ClientMessage::Request { id, request }) {
+                            Ok(()) => {
+                                pending.insert(id, updates);
+                                Ok(())
+                            }
+                            Err(FrameError::TooLarge { max }) => {
+                                let _ = updates.send(Update::Done(Err(FrameError::TooLarge { max }.into())));
+                                Ok(())
+                            }
+                            Err(error) => {
+                                let _ = updates.send(Update::Done(Err(error.duplicate().into())));
+                                Err(error)
+                            }
+                        }
+                    }
+                };
+                if sent.is_err() {
+                    break None;
+                }
+                unflushed = true;
             }
-            received = connection.next() => match received {
+            submitted = submissions.recv() => {
+                let Some(submit) = submitted else {
+                    return; // every handle dropped: close the socket
+                };
+                outbox.push_back(Outgoing::new(submit, stream_tensors));
+            }
+            received = frames.next() => match received {
                 Some(Ok(message)) => {
-                    if let Some(reason) = route(message, &mut pending) {
+                    if let Some(reason) = route(message, &mut pending, &mut receiving) {
                         break Some(reason);
                     }
                 }
@@ -295,7 +393,8 @@ async fn own_connection(mut connection: Connection, mut submissions: mpsc::Recei
             },
         }
     };
-    for (_, updates) in pending.drain() {
+    let unsent = outbox.into_iter().map(|o| o.updates);
+    for updates in pending.into_values().chain(unsent) {
         let reason = closing_reason.clone();
         let _ = updates.send(Update::Done(Err(ClientError::Closed { reason })));
     }
@@ -305,14 +404,26 @@ async fn own_connection(mut connection: Connection, mut submissions: mpsc::Recei
 fn route(
     message: DaemonMessage,
     pending: &mut HashMap<RequestId, mpsc::UnboundedSender<Update>>,
+    receiving: &mut HashMap<RequestId, TensorReceiver>,
 ) -> Option<Error> {
+    let streamed = |id: RequestId, receiving: &mut HashMap<RequestId, TensorReceiver>| {
+        receiving.remove(&id).unwrap_or_default()
+    };
     match message {
-        DaemonMessage::Response { id, response } => {
+        DaemonMessage::Response { id, mut response } => {
+            let filled = match &mut response {
+                Response::Generate(generate) => streamed(id, receiving).fill(&mut generate.outputs),
+                _ => Ok(()),
+            };
             if let Some(updates) = pending.remove(&id) {
-                let _ = updates.send(Update::Done(Ok(response)));
+                let done = filled
+                    .map(|()| response)
+                    .map_err(|problem| ClientError::Unexpected(format!("request {id}: {problem}")));
+                let _ = updates.send(Update::Done(done));
             }
         }
         DaemonMessage::Error { id, error } => {
+            receiving.remove(&id);
             if let Some(updates) = pending.remove(&id) {
                 let _ = updates.send(Update::Done(Err(ClientError::Daemon(error))));
             }
@@ -322,8 +433,39 @@ fn route(
                 let _ = updates.send(Update::Event(event));
             }
         }
+        DaemonMessage::TensorBegin { id, dtype, shape } => {
+            let problem = receiving
+                .entry(id)
+                .or_default()
+                .begin(dtype, shape, usize::MAX)
+                .err();
+            fail_stream(id, problem, pending, receiving);
+        }
+        DaemonMessage::TensorChunk { id, data } => {
+            let problem = receiving.get_mut(&id).and_then(|r| r.chunk(&data).err());
+            fail_stream(id, problem, pending, receiving);
+        }
+        DaemonMessage::TensorEnd { id } => {
+            let problem = receiving.get_mut(&id).and_then(|r| r.end().err());
+            fail_stream(id, problem, pending, receiving);
+        }
         DaemonMessage::Closing(error) => return Some(error),
         DaemonMessage::Welcome(_) => {}
     }
     None
+}
+
+/// A stream the daemon got wrong (or we cannot hold) ends its call.
+fn fail_stream(
+    id: RequestId,
+    problem: Option<String>,
+    pending: &mut HashMap<RequestId, mpsc::UnboundedSender<Update>>,
+    receiving: &mut HashMap<RequestId, TensorReceiver>,
+) {
+    let Some(problem) = problem else { return };
+    receiving.remove(&id);
+    if let Some(updates) = pending.remove(&id) {
+        let error = ClientError::Unexpected(format!("request {id}: {problem}"));
+        let _ = updates.send(Update::Done(Err(error)));
+    }
 }

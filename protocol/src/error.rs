@@ -38,6 +38,9 @@ pub enum ErrorCode {
     FrameTooLarge,
     /// A frame could not be decoded.
     MalformedFrame,
+    /// A tensor or image exceeds a configured limit (`daemon.max_upload`,
+    /// `daemon.max_output`).
+    TooLarge,
 }
 
 impl ErrorCode {
@@ -58,6 +61,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::MalformedFrame => "malformed_frame",
+            ErrorCode::TooLarge => "too_large",
         }
     }
 }

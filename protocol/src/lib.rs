@@ -35,6 +35,7 @@ mod codec;
 mod error;
 mod message;
 mod socket;
+pub mod stream;
 mod tensor;
 pub mod units;
 mod version;
@@ -50,6 +51,7 @@ pub use message::*;
 pub use socket::{
     client_default_socket, daemon_default_socket, user_socket, SOCKET_ENV, SYSTEM_SOCKET,
 };
+pub use stream::{TensorReceiver, CHUNK_BYTES};
 pub use tensor::{DType, WireTensor};
 pub use version::{ProtocolVersion, PROTOCOL_VERSION};
 

@@ -27,6 +27,29 @@ pub enum ClientMessage {
         /// The operation.
         request: Request,
     },
+    /// The start of a tensor streamed for request `id` (sent before it);
+    /// see [`crate::stream`].
+    TensorBegin {
+        /// The request the tensor belongs to.
+        id: RequestId,
+        /// Its element type.
+        dtype: crate::DType,
+        /// Its dimensions.
+        shape: Vec<u64>,
+    },
+    /// The next bytes of the tensor begun last for request `id`.
+    TensorChunk {
+        /// The request the tensor belongs to.
+        id: RequestId,
+        /// At most [`crate::CHUNK_BYTES`].
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The tensor begun last for request `id` is complete.
+    TensorEnd {
+        /// The request the tensor belongs to.
+        id: RequestId,
+    },
 }
 
 /// A frame sent by the daemon.
@@ -58,6 +81,29 @@ pub enum DaemonMessage {
     /// The daemon is closing this connection, for this reason (incompatible
     /// version, malformed frame, handshake timeout, shutdown, …).
     Closing(Error),
+    /// The start of an output tensor of request `id`, streamed before its
+    /// `Response` (clients of protocol 1.1 and later); see [`crate::stream`].
+    TensorBegin {
+        /// The request the tensor answers.
+        id: RequestId,
+        /// Its element type.
+        dtype: crate::DType,
+        /// Its dimensions.
+        shape: Vec<u64>,
+    },
+    /// The next bytes of the tensor begun last for request `id`.
+    TensorChunk {
+        /// The request the tensor answers.
+        id: RequestId,
+        /// At most [`crate::CHUNK_BYTES`].
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The tensor begun last for request `id` is complete.
+    TensorEnd {
+        /// The request the tensor answers.
+        id: RequestId,
+    },
 }
 
 /// The client's first frame.
@@ -81,6 +127,9 @@ pub struct Welcome {
 }
 
 /// One variant per operation.
+// Generate is the request that matters; boxing it would make every client
+// write `Box::new`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     /// Liveness and round-trip check.
@@ -595,9 +644,20 @@ pub struct GenerateRequest {
     /// Give up after this many milliseconds, waiting included; `None`:
     /// `policy.request_timeout`.
     pub timeout_ms: Option<u64>,
+    /// `image` models: tile edge in input pixels, overriding the model's
+    /// `tile`; `Some(0)`: one forward over the whole image.
+    pub tile: Option<u32>,
+    /// `image` models: overlap between tiles, overriding the model's.
+    pub overlap: Option<u32>,
 }
 
 impl GenerateRequest {
+    /// Its tensors, in wire order (`input`, then `inputs`): the order in
+    /// which streamed ones fill their placeholders.
+    pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut crate::WireTensor> {
+        self.input.iter_mut().chain(self.inputs.iter_mut())
+    }
+
     /// A request for `model` with every argument left to its defaults; fill
     /// in what its kind takes with struct update syntax.
     pub fn new(model: impl Into<String>) -> GenerateRequest {
@@ -613,6 +673,8 @@ impl GenerateRequest {
             size: None,
             keep_alive: None,
             timeout_ms: None,
+            tile: None,
+            overlap: None,
         }
     }
 }

@@ -15,12 +15,21 @@ pub struct ProtocolVersion {
 }
 
 /// The version this crate speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+
+/// The first version whose peers stream large tensors (`TensorBegin`,
+/// `TensorChunk`, `TensorEnd`).
+pub const STREAMING: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
 
 impl ProtocolVersion {
     /// Whether a peer speaking `other` can talk to one speaking `self`.
     pub fn is_compatible_with(self, other: ProtocolVersion) -> bool {
         self.major == other.major
+    }
+
+    /// Whether a peer speaking this version streams large tensors.
+    pub fn streams_tensors(self) -> bool {
+        self.major == STREAMING.major && self.minor >= STREAMING.minor
     }
 }
 

@@ -7,16 +7,21 @@
 //!   | -- Load(LoadModel) ---------------->  |  first frame
 //!   | <--------------------- Loaded(..)     |  or Failed { id: None }, then exit
 //!   | -- Run { id, job } ---------------->  |  one at a time per worker
+//!   | <------------ Progress { id, .. }     |  tiles done, any number
 //!   | <------------ Done { id, outputs }    |  or Failed { id: Some(id) }
 //!   | -- Unload ------------------------->  |  the worker exits, freeing all
 //! ```
+//!
+//! Tensors over [`crate::stream::STREAM_ABOVE`] bytes travel as
+//! `TensorBegin`, `TensorChunk`s, `TensorEnd` just before the `Run` or
+//! `Done` that holds them as placeholders (see [`crate::stream`]).
 //!
 //! EOF on the socket also makes the worker exit, and the worker dies with
 //! its parent (PR_SET_PDEATHSIG), so no orphan ever holds GPU memory.
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, ModelKind, WireTensor};
+use crate::{DType, Error, ModelKind, WireTensor};
 
 /// A frame from the daemon to a worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +43,21 @@ pub enum DaemonToWorker {
         /// The job.
         id: u64,
     },
+    /// The start of a tensor of the next `Run`, streamed ahead of it.
+    TensorBegin {
+        /// Its element type.
+        dtype: DType,
+        /// Its dimensions.
+        shape: Vec<u64>,
+    },
+    /// The next bytes of the tensor begun last.
+    TensorChunk {
+        /// At most [`crate::CHUNK_BYTES`].
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The tensor begun last is complete.
+    TensorEnd,
 }
 
 /// Which model to load, where, and how.
@@ -76,6 +96,18 @@ pub enum Job {
         /// The forward's arguments, in order.
         inputs: Vec<WireTensor>,
     },
+}
+
+impl Job {
+    /// Its tensors, in wire order: the order in which streamed ones fill
+    /// their placeholders.
+    pub fn tensors_mut(&mut self) -> Box<dyn Iterator<Item = &mut WireTensor> + '_> {
+        match self {
+            Job::Image { input, .. } => Box::new(std::iter::once(input)),
+            Job::Generate(job) => Box::new(std::iter::once(&mut job.noise)),
+            Job::Tensor { inputs } => Box::new(inputs.iter_mut()),
+        }
+    }
 }
 
 /// How an image job is cut into tiles (input pixels).
@@ -141,6 +173,21 @@ pub enum WorkerToDaemon {
         /// Units in all.
         total: u32,
     },
+    /// The start of an output of the next `Done`, streamed ahead of it.
+    TensorBegin {
+        /// Its element type.
+        dtype: DType,
+        /// Its dimensions.
+        shape: Vec<u64>,
+    },
+    /// The next bytes of the tensor begun last.
+    TensorChunk {
+        /// At most [`crate::CHUNK_BYTES`].
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The tensor begun last is complete.
+    TensorEnd,
 }
 
 /// What loading cost.

@@ -39,10 +39,10 @@ fn hello_and_welcome() {
         protocol: PROTOCOL_VERSION,
         client: "ab".into(),
     });
-    // len=16 | variant 0 (Hello) | major 1 | minor 0 | string len 2 | "ab"
+    // len=16 | variant 0 (Hello) | major 1 | minor 1 | string len 2 | "ab"
     assert_eq!(
         frame(&hello),
-        "00000012".to_owned() + "00000000" + "0100" + "0000" + "0200000000000000" + "6162"
+        "00000012".to_owned() + "00000000" + "0100" + "0100" + "0200000000000000" + "6162"
     );
     let welcome = DaemonMessage::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,
@@ -53,7 +53,7 @@ fn hello_and_welcome() {
         frame(&welcome),
         "00000029".to_owned()
             + "00000000" // Welcome
-            + "01000000" // 1.0
+            + "01000100" // 1.1
             + "0500000000000000"
             + "302e312e30" // "0.1.0"
             + "0100000000000000" // one capability
@@ -86,6 +86,60 @@ fn requests() {
     ];
     for (message, expected) in cases {
         assert_eq!(frame(&message), expected.replace(' ', ""), "{message:?}");
+        roundtrip(&message);
+    }
+}
+
+#[test]
+fn tensor_streams() {
+    let cases = [
+        (
+            ClientMessage::TensorBegin {
+                id: 7,
+                dtype: DType::U8,
+                shape: vec![2],
+            },
+            // variant 2 | id 7 | dtype 0 (U8) | one dimension: 2
+            "00000020 02000000 0700000000000000 00000000 0100000000000000 0200000000000000",
+        ),
+        (
+            ClientMessage::TensorChunk {
+                id: 7,
+                data: vec![0xab, 0xcd],
+            },
+            // variant 3 | id 7 | two bytes
+            "00000016 03000000 0700000000000000 0200000000000000 abcd",
+        ),
+        (
+            ClientMessage::TensorEnd { id: 7 },
+            "0000000c 04000000 0700000000000000",
+        ),
+    ];
+    for (message, expected) in cases {
+        assert_eq!(frame(&message), expected.replace(' ', ""), "{message:?}");
+        roundtrip(&message);
+    }
+    // The daemon's are the same after its five earlier variants.
+    let begin = DaemonMessage::TensorBegin {
+        id: 7,
+        dtype: DType::F32,
+        shape: vec![],
+    };
+    assert_eq!(
+        frame(&begin),
+        "00000018 05000000 0700000000000000 02000000 0000000000000000".replace(' ', "")
+    );
+    let chunk = DaemonMessage::TensorChunk {
+        id: 7,
+        data: vec![1],
+    };
+    assert_eq!(
+        frame(&chunk),
+        "00000015 06000000 0700000000000000 0100000000000000 01".replace(' ', "")
+    );
+    let end = DaemonMessage::TensorEnd { id: 7 };
+    assert_eq!(frame(&end), "0000000c070000000700000000000000");
+    for message in [begin, chunk, end] {
         roundtrip(&message);
     }
 }
@@ -340,6 +394,7 @@ fn error_codes_are_stable() {
         ErrorCode::ShuttingDown,
         ErrorCode::FrameTooLarge,
         ErrorCode::MalformedFrame,
+        ErrorCode::TooLarge,
     ];
     for (index, code) in codes.iter().enumerate() {
         assert_eq!(

@@ -9,6 +9,7 @@ mod fixture;
 mod generate_cli;
 mod hygiene;
 mod journald;
+mod large_images;
 mod lifecycle;
 mod models;
 mod notify;

@@ -5,7 +5,9 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 
 use gpuctl_protocol::worker::{DaemonToWorker, WorkerToDaemon};
-use gpuctl_protocol::{decode_payload, encode_payload, FrameError, MAX_FRAME_CEILING};
+use gpuctl_protocol::{
+    decode_payload, encode_payload, FrameError, WireTensor, CHUNK_BYTES, MAX_FRAME_CEILING,
+};
 
 /// The worker's end of the socketpair.
 pub struct Channel {
@@ -41,6 +43,17 @@ impl Channel {
         let mut payload = vec![0u8; length];
         self.stream.read_exact(&mut payload)?;
         decode_payload(&payload).map(Some)
+    }
+
+    /// Streams one output ahead of the `Done` that holds it as a placeholder.
+    pub fn send_tensor(&mut self, tensor: WireTensor) -> Result<(), FrameError> {
+        let WireTensor { dtype, shape, data } = tensor;
+        self.send(&WorkerToDaemon::TensorBegin { dtype, shape })?;
+        for chunk in data.chunks(CHUNK_BYTES) {
+            let data = chunk.to_vec();
+            self.send(&WorkerToDaemon::TensorChunk { data })?;
+        }
+        self.send(&WorkerToDaemon::TensorEnd)
     }
 
     pub fn send(&mut self, message: &WorkerToDaemon) -> Result<(), FrameError> {

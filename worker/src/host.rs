@@ -147,12 +147,12 @@ impl Host {
         };
         let as_pixels = self.spec.rgb8 && self.spec.kind != ModelKind::Tensor;
         outputs
-            .iter()
+            .into_iter()
             .map(|t| {
                 let t = if as_pixels {
                     to_rgb8(t).map_err(|e| self.error(ErrorCode::Internal, first_line(&e)))?
                 } else {
-                    t.shallow_clone()
+                    t
                 };
                 to_wire(&t).map_err(|p| self.error(ErrorCode::Internal, p))
             })
@@ -305,15 +305,19 @@ impl Host {
 }
 
 /// float 0..1 → u8 0..255: clamped, rounded, NaN as 0 (as the daemon's
-/// `pixels::to_rgb8` does for workers that send floats).
-fn to_rgb8(t: &Tensor) -> Result<Tensor, tch::TchError> {
-    t.f_nan_to_num(0.0, 1.0, 0.0)?
-        .f_clamp(0.0, 1.0)?
-        .f_mul_scalar(255.0)?
-        // Half away from zero, like Rust's f32::round (torch rounds half to even).
-        .f_add_scalar(0.5)?
-        .f_floor()?
-        .f_to_kind(Kind::Uint8)
+/// `pixels::to_rgb8` does for workers that send floats). In place, but for
+/// the bytes: an 8K output is 768 MiB of floats, and each temporary of a
+/// chain of operations would be as large.
+fn to_rgb8(mut t: Tensor) -> Result<Tensor, tch::TchError> {
+    // A float tensor that owns its memory (an expanded view would not).
+    t = t.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let _ = t.f_nan_to_num_(0.0, 1.0, 0.0)?;
+    let _ = t.f_clamp_(0.0, 1.0)?;
+    let _ = t.f_mul_scalar_(255.0)?;
+    // Half away from zero, like Rust's f32::round (torch rounds half to even).
+    let _ = t.f_add_scalar_(0.5)?;
+    let _ = t.f_floor_()?;
+    t.f_to_kind(Kind::Uint8)
 }
 
 /// A tensor, or a (nested) tuple or list of tensors, as a flat list.

@@ -17,8 +17,9 @@ use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc, Mutex};
 
+use gpuctl_protocol::stream::take_streamed;
 use gpuctl_protocol::worker::{DaemonToWorker, WorkerToDaemon};
-use gpuctl_protocol::{Error, ErrorCode};
+use gpuctl_protocol::{Error, ErrorCode, TensorReceiver};
 
 use crate::channel::Channel;
 use crate::host::Host;
@@ -127,23 +128,10 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
     // A reader thread hears Cancel while a job runs; everything else it
     // hands to this loop in order.
     let cancelled: Arc<Mutex<HashSet<u64>>> = Arc::default();
-    let (inbox_tx, inbox) = mpsc::channel::<Result<Option<DaemonToWorker>, String>>();
-    let mut reader = channel.try_clone().map_err(|e| e.to_string())?;
+    let (inbox_tx, inbox) = mpsc::channel::<Inbound>();
+    let reader = channel.try_clone().map_err(|e| e.to_string())?;
     let cancels = cancelled.clone();
-    std::thread::spawn(move || loop {
-        let message = reader.receive().map_err(|e| e.to_string());
-        let end = !matches!(message, Ok(Some(_)));
-        match message {
-            Ok(Some(DaemonToWorker::Cancel { id })) => {
-                cancels.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
-            }
-            other => {
-                if inbox_tx.send(other).is_err() || end {
-                    return;
-                }
-            }
-        }
-    });
+    std::thread::spawn(move || read_messages(reader, &cancels, &inbox_tx));
     let is_cancelled = |id: u64| {
         cancelled
             .lock()
@@ -181,12 +169,17 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&id);
                 let answer = match outcome {
-                    Ok(outputs) => WorkerToDaemon::Done {
-                        id,
-                        outputs,
-                        run_ms: started.elapsed().as_millis() as u64,
-                        notes,
-                    },
+                    Ok(mut outputs) => {
+                        for tensor in take_streamed(&mut outputs) {
+                            channel.send_tensor(tensor).map_err(|e| e.to_string())?;
+                        }
+                        WorkerToDaemon::Done {
+                            id,
+                            outputs,
+                            run_ms: started.elapsed().as_millis() as u64,
+                            notes,
+                        }
+                    }
                     Err(error) => WorkerToDaemon::Failed {
                         id: Some(id),
                         error,
@@ -209,7 +202,59 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
             Some(DaemonToWorker::Load(_)) => {
                 return Err("a worker loads one model; Load came twice".to_owned())
             }
-            Some(DaemonToWorker::Cancel { .. }) => {}
+            // The reader thread keeps these for itself.
+            Some(
+                DaemonToWorker::Cancel { .. }
+                | DaemonToWorker::TensorBegin { .. }
+                | DaemonToWorker::TensorChunk { .. }
+                | DaemonToWorker::TensorEnd,
+            ) => {}
+        }
+    }
+}
+
+/// What the reader thread hands on: a message, the daemon hanging up
+/// (`None`), or a broken socket.
+type Inbound = Result<Option<DaemonToWorker>, String>;
+
+/// Reads the socket for the job loop: Cancel is noted at once (a job may be
+/// running), streamed tensors are put into the `Run` they precede, the rest
+/// goes to `inbox` in order.
+fn read_messages(
+    mut reader: Channel,
+    cancels: &Mutex<HashSet<u64>>,
+    inbox: &mpsc::Sender<Inbound>,
+) {
+    let mut streamed = TensorReceiver::default();
+    loop {
+        let next = match reader.receive() {
+            Err(error) => Err(error.to_string()),
+            Ok(Some(DaemonToWorker::Cancel { id })) => {
+                cancels.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+                continue;
+            }
+            Ok(Some(DaemonToWorker::TensorBegin { dtype, shape })) => {
+                match streamed.begin(dtype, shape, usize::MAX) {
+                    Ok(()) => continue,
+                    Err(problem) => Err(problem),
+                }
+            }
+            Ok(Some(DaemonToWorker::TensorChunk { data })) => match streamed.chunk(&data) {
+                Ok(()) => continue,
+                Err(problem) => Err(problem),
+            },
+            Ok(Some(DaemonToWorker::TensorEnd)) => match streamed.end() {
+                Ok(()) => continue,
+                Err(problem) => Err(problem),
+            },
+            Ok(Some(DaemonToWorker::Run { id, mut job })) => std::mem::take(&mut streamed)
+                .fill(job.tensors_mut())
+                .map(|()| Some(DaemonToWorker::Run { id, job })),
+            Ok(other) => Ok(other),
+        };
+        let end = !matches!(next, Ok(Some(_)));
+        if inbox.send(next).is_err() || end {
+            return;
         }
     }
 }

@@ -272,8 +272,12 @@ pub fn run(
         }
         break;
     }
-    let b = blend.ok_or_else(|| TileError::Shape("the image has no pixels".to_owned()))?;
-    Ok(b.sum.f_div(&b.weights)?)
+    let Blend {
+        mut sum, weights, ..
+    } = blend.ok_or_else(|| TileError::Shape("the image has no pixels".to_owned()))?;
+    // In place: the output is the largest thing a worker holds.
+    let _ = sum.f_div_(&weights)?;
+    Ok(sum)
 }
 
 #[cfg(test)]

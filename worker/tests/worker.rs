@@ -100,24 +100,58 @@ impl Worker {
     }
 
     fn run(&mut self, id: u64, job: Job) -> Result<Vec<WireTensor>, Error> {
-        self.send(&DaemonToWorker::Run { id, job });
-        let mut answer = self.receive();
-        while let WorkerToDaemon::Progress {
-            id: of,
-            done,
-            total,
-        } = answer
-        {
-            assert_eq!(of, id);
-            assert!(0 < done && done <= total, "{done}/{total}");
-            answer = self.receive();
+        self.run_noting(id, job).map(|(outputs, _)| outputs)
+    }
+
+    /// Runs a job as the daemon does (tensors over 1 MiB stream ahead of
+    /// their `Run`, and so do outputs ahead of their `Done`); the outputs,
+    /// with what the worker said it had to do.
+    fn run_noting(
+        &mut self,
+        id: u64,
+        mut job: Job,
+    ) -> Result<(Vec<WireTensor>, Vec<String>), Error> {
+        for tensor in gpuctl_protocol::stream::take_streamed(job.tensors_mut()) {
+            self.send(&DaemonToWorker::TensorBegin {
+                dtype: tensor.dtype,
+                shape: tensor.shape.clone(),
+            });
+            for chunk in tensor.data.chunks(gpuctl_protocol::CHUNK_BYTES) {
+                let data = chunk.to_vec();
+                self.send(&DaemonToWorker::TensorChunk { data });
+            }
+            self.send(&DaemonToWorker::TensorEnd);
         }
+        self.send(&DaemonToWorker::Run { id, job });
+        let mut streamed = gpuctl_protocol::TensorReceiver::default();
+        let answer = loop {
+            match self.receive() {
+                WorkerToDaemon::Progress {
+                    id: of,
+                    done,
+                    total,
+                } => {
+                    assert_eq!(of, id);
+                    assert!(0 < done && done <= total, "{done}/{total}");
+                }
+                WorkerToDaemon::TensorBegin { dtype, shape } => {
+                    streamed.begin(dtype, shape, usize::MAX).unwrap()
+                }
+                WorkerToDaemon::TensorChunk { data } => streamed.chunk(&data).unwrap(),
+                WorkerToDaemon::TensorEnd => streamed.end().unwrap(),
+                other => break other,
+            }
+        };
         match answer {
             WorkerToDaemon::Done {
-                id: done, outputs, ..
+                id: done,
+                mut outputs,
+                notes,
+                ..
             } => {
                 assert_eq!(done, id);
-                Ok(outputs)
+                streamed.fill(&mut outputs).unwrap();
+                Ok((outputs, notes))
             }
             WorkerToDaemon::Failed { id: failed, error } => {
                 assert_eq!(failed, Some(id));
@@ -532,29 +566,13 @@ fn tiled_job(input: WireTensor, tile: u32, overlap: u32, batch: u32, retries: u3
     }
 }
 
-/// What the worker said it had to do, with the outputs.
-fn run_noting(
-    worker: &mut Worker,
-    id: u64,
-    job: Job,
-) -> Result<(Vec<WireTensor>, Vec<String>), Error> {
-    worker.send(&DaemonToWorker::Run { id, job });
-    loop {
-        match worker.receive() {
-            WorkerToDaemon::Progress { .. } => {}
-            WorkerToDaemon::Done { outputs, notes, .. } => return Ok((outputs, notes)),
-            WorkerToDaemon::Failed { error, .. } => return Err(error),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
-
 #[test]
 fn out_of_memory_halves_the_batch_then_the_tile_and_finishes() {
     let (mut worker, _) = Worker::loaded("faulty", "tiny-faulty.pt", ModelKind::Image);
     let input = f32_tensor(&[1, 3, 150, 200], |i| (i % 7) as f32 / 10.0);
-    let (outputs, notes) =
-        run_noting(&mut worker, 1, tiled_job(input.clone(), 128, 16, 4, 0)).unwrap();
+    let (outputs, notes) = worker
+        .run_noting(1, tiled_job(input.clone(), 128, 16, 4, 0))
+        .unwrap();
     assert_eq!(outputs[0].shape, vec![1, 3, 300, 400]);
     // Nearest x2 is pointwise: whatever the tiles, the result is exact.
     let values = floats(&outputs[0]);
@@ -577,8 +595,9 @@ fn a_failing_tile_is_retried_and_then_named() {
     let (mut worker, _) = Worker::loaded("faulty", "tiny-faulty.pt", ModelKind::Image);
     // Transient: every third forward fails once; one retry is enough.
     let flaky = f32_tensor(&[1, 3, 60, 60], |_| 0.25);
-    let (outputs, notes) =
-        run_noting(&mut worker, 1, tiled_job(flaky.clone(), 32, 8, 1, 1)).unwrap();
+    let (outputs, notes) = worker
+        .run_noting(1, tiled_job(flaky.clone(), 32, 8, 1, 1))
+        .unwrap();
     assert_eq!(outputs[0].shape, vec![1, 3, 120, 120]);
     assert!(
         notes.iter().any(|n| n.contains("retry 1 of 1")),
@@ -591,7 +610,9 @@ fn a_failing_tile_is_retried_and_then_named() {
         &[1, 3, 60, 60],
         |i| if i == 59 * 60 + 59 { 1.0 } else { 0.5 },
     );
-    let error = run_noting(&mut worker, 2, tiled_job(bad, 32, 8, 1, 2)).unwrap_err();
+    let error = worker
+        .run_noting(2, tiled_job(bad, 32, 8, 1, 2))
+        .unwrap_err();
     assert_eq!(error.code, ErrorCode::InvalidRequest);
     assert!(
         error.message.contains("tile row 2, column 2") && error.message.contains("bad pixel"),
@@ -600,7 +621,7 @@ fn a_failing_tile_is_retried_and_then_named() {
     );
     // The worker is fine afterwards.
     let fine = f32_tensor(&[1, 3, 60, 60], |_| 0.5);
-    assert!(run_noting(&mut worker, 3, tiled_job(fine, 32, 8, 1, 0)).is_ok());
+    assert!(worker.run_noting(3, tiled_job(fine, 32, 8, 1, 0)).is_ok());
 }
 
 #[test]

@@ -48,6 +48,14 @@ pub struct GenerateArgs {
     /// policy.request_timeout]
     #[arg(long, value_parser = gpuctl_protocol::units::parse_duration)]
     pub timeout: Option<std::time::Duration>,
+    /// Image models: tile edge in input pixels, 0 for one forward over the
+    /// whole image [default: the model's `tile`]
+    #[arg(long, value_name = "PIXELS")]
+    pub tile: Option<u32>,
+    /// Image models: overlap between tiles [default: the model's, else an
+    /// eighth of --tile]
+    #[arg(long, value_name = "PIXELS")]
+    pub overlap: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -77,6 +85,8 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         size: args.size,
         keep_alive: args.keep_alive,
         timeout_ms: args.timeout.map(|t| t.as_millis() as u64),
+        tile: args.tile,
+        overlap: args.overlap,
     };
     match (kind, &args.input) {
         (Some(ModelKind::Image), Some(path)) => request.input = Some(read_image(path)?),

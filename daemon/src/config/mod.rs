@@ -58,6 +58,11 @@ pub struct DaemonConfig {
     pub max_connections: u32,
     /// Largest frame accepted or sent.
     pub max_frame: Bytes,
+    /// Tensor bytes one connection may stream in ahead of its requests.
+    pub max_upload: Bytes,
+    /// The largest output a request may make (an image model's is known
+    /// before it runs: input pixels × scale² × 3 bytes).
+    pub max_output: Bytes,
     /// A connection must say Hello within this.
     pub handshake_timeout: Duration,
     /// On SIGTERM, in-flight requests get this long to finish.
@@ -303,6 +308,8 @@ impl Default for DaemonConfig {
             log_level: LogLevel("info".to_owned()),
             max_connections: 256,
             max_frame: Bytes(gpuctl_protocol::DEFAULT_MAX_FRAME as u64),
+            max_upload: Bytes(2 << 30),
+            max_output: Bytes(4 << 30),
             handshake_timeout: Duration(std::time::Duration::from_secs(5)),
             shutdown_grace: Duration(std::time::Duration::from_secs(10)),
             worker: String::new(),

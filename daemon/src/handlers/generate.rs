@@ -12,7 +12,7 @@ const DEFAULT_STEPS: u32 = 20;
 const DEFAULT_GUIDANCE: f32 = 7.5;
 
 pub async fn handle(
-    request: GenerateRequest,
+    mut request: GenerateRequest,
     ctx: &Context,
     events: EventSink,
 ) -> Result<GenerateResponse, Error> {
@@ -21,7 +21,8 @@ pub async fn handle(
         .models
         .get(&request.model)
         .ok_or_else(|| not_found(&request.model, &config))?;
-    let (job, seed) = prepare(&request, model)?;
+    let (job, seed) = prepare(&mut request, model)?;
+    check_output_size(&job, model, &request.model, config.daemon.max_output.0)?;
     let limit = request
         .timeout_ms
         .map(std::time::Duration::from_millis)
@@ -52,8 +53,76 @@ pub async fn handle(
         })
 }
 
-/// Checks the request against the model's kind and builds the worker's job.
-fn prepare(request: &GenerateRequest, model: &ModelConfig) -> Result<(Job, Option<u64>), Error> {
+/// An image model's output size is known before it runs: refuse one that
+/// would be too large at once, rather than after minutes of work.
+fn check_output_size(job: &Job, model: &ModelConfig, name: &str, limit: u64) -> Result<(), Error> {
+    let (Job::Image { input, .. }, Some(scale)) = (job, model.scale) else {
+        return Ok(());
+    };
+    let [n, c, h, w] = input.shape[..] else {
+        return Ok(());
+    };
+    let bytes = [n, c, h, w, u64::from(scale), u64::from(scale)]
+        .iter()
+        .try_fold(1u64, |a, b| a.checked_mul(*b))
+        .unwrap_or(u64::MAX);
+    if bytes <= limit {
+        return Ok(());
+    }
+    let (s, fmt) = (u64::from(scale), gpuctl_protocol::units::format_bytes);
+    Err(Error::new(
+        ErrorCode::TooLarge,
+        format!(
+            "model {name}: a {w}x{h} input makes a {}x{} output ({} as RGB8), over daemon.max_output ({})",
+            w.saturating_mul(s),
+            h.saturating_mul(s),
+            fmt(bytes),
+            fmt(limit)
+        ),
+    ))
+}
+
+/// The tiling of an image request: the request's tile and overlap, else
+/// the model's; tile 0 means none.
+fn tiling(request: &GenerateRequest, model: &ModelConfig) -> Result<Option<Tiling>, String> {
+    let tile = request.tile.or(model.tile).unwrap_or(0);
+    if tile == 0 {
+        return match request.overlap {
+            Some(_) => Err("an overlap needs a tile, and this request has none".into()),
+            None => Ok(None),
+        };
+    }
+    // The model's overlap suits its receptive field; without one, an
+    // eighth of the tile is enough for the feather to hide most seams.
+    let overlap = match (request.overlap, request.tile) {
+        (Some(overlap), _) => overlap,
+        (None, None) => model.overlap.unwrap_or(0),
+        (None, Some(_)) => model.overlap.unwrap_or(tile / 8),
+    };
+    if tile < 16 {
+        return Err(format!(
+            "tile {tile} is too small: at least 16 pixels (or 0 for none)"
+        ));
+    }
+    if overlap.saturating_mul(2) >= tile {
+        return Err(format!(
+            "overlap {overlap} is too large for tile {tile}: twice the overlap must be less than the tile"
+        ));
+    }
+    Ok(Some(Tiling {
+        tile,
+        overlap,
+        batch: model.batch,
+        retries: model.tile_retries,
+    }))
+}
+
+/// Checks the request against the model's kind and builds the worker's
+/// job, moving the request's tensors into it.
+fn prepare(
+    request: &mut GenerateRequest,
+    model: &ModelConfig,
+) -> Result<(Job, Option<u64>), Error> {
     let name = &request.model;
     let invalid = |problem: String| {
         Error::new(
@@ -62,6 +131,7 @@ fn prepare(request: &GenerateRequest, model: &ModelConfig) -> Result<(Job, Optio
         )
     };
     let text_given = !request.prompt.is_empty() || !request.negative.is_empty();
+    let tiling_given = request.tile.is_some() || request.overlap.is_some();
     let generate_given = text_given
         || request.seed.is_some()
         || request.steps.is_some()
@@ -69,26 +139,21 @@ fn prepare(request: &GenerateRequest, model: &ModelConfig) -> Result<(Job, Optio
         || request.size.is_some();
     match model.kind {
         Kind::Image => {
-            let input = request
-                .input
-                .clone()
-                .ok_or_else(|| invalid("is an image model: send an input image".into()))?;
             if !request.inputs.is_empty() || generate_given {
                 return Err(invalid(
                     "is an image model: it takes one input image and nothing else".into(),
                 ));
             }
+            let tiling = tiling(request, model).map_err(invalid)?;
+            let input = request
+                .input
+                .take()
+                .ok_or_else(|| invalid("is an image model: send an input image".into()))?;
             input.check().map_err(invalid)?;
-            let tiling = model.tile.map(|tile| Tiling {
-                tile,
-                overlap: model.overlap.unwrap_or(0),
-                batch: model.batch,
-                retries: model.tile_retries,
-            });
             Ok((Job::Image { input, tiling }, None))
         }
         Kind::Tensor => {
-            if request.input.is_some() || generate_given {
+            if request.input.is_some() || generate_given || tiling_given {
                 return Err(invalid(
                     "is a tensor model: it takes input tensors only".into(),
                 ));
@@ -96,17 +161,14 @@ fn prepare(request: &GenerateRequest, model: &ModelConfig) -> Result<(Job, Optio
             for tensor in &request.inputs {
                 tensor.check().map_err(invalid)?;
             }
-            Ok((
-                Job::Tensor {
-                    inputs: request.inputs.clone(),
-                },
-                None,
-            ))
+            let inputs = std::mem::take(&mut request.inputs);
+            Ok((Job::Tensor { inputs }, None))
         }
         Kind::Generate => {
-            if request.input.is_some() || !request.inputs.is_empty() {
+            if request.input.is_some() || !request.inputs.is_empty() || tiling_given {
                 return Err(invalid(
-                    "is a generate model: it takes a prompt, not input images or tensors".into(),
+                    "is a generate model: it takes a prompt, not input images, tensors or tiles"
+                        .into(),
                 ));
             }
             let defaults = &model.defaults;
@@ -162,6 +224,75 @@ mod tests {
     }
 
     #[test]
+    fn the_request_may_choose_its_tiles() {
+        let config = Config::parse(
+            "[models.up]\npath = \"u.pt\"\nkind = \"image\"\ntile = 256\noverlap = 16\n\
+             [models.plain]\npath = \"p.pt\"\nkind = \"image\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        let (up, plain) = (&config.models["up"], &config.models["plain"]);
+        let ask = |tile: Option<u32>, overlap: Option<u32>| GenerateRequest {
+            tile,
+            overlap,
+            ..image_request()
+        };
+        let edges = |t: Option<Tiling>| t.map(|t| (t.tile, t.overlap));
+        assert_eq!(
+            edges(tiling(&ask(None, None), up).unwrap()),
+            Some((256, 16))
+        );
+        assert_eq!(
+            edges(tiling(&ask(Some(512), None), up).unwrap()),
+            Some((512, 16))
+        );
+        assert_eq!(
+            edges(tiling(&ask(None, Some(8)), up).unwrap()),
+            Some((256, 8))
+        );
+        assert_eq!(edges(tiling(&ask(Some(0), None), up).unwrap()), None);
+        assert_eq!(edges(tiling(&ask(None, None), plain).unwrap()), None);
+        assert_eq!(
+            edges(tiling(&ask(Some(128), None), plain).unwrap()),
+            Some((128, 16))
+        );
+        let error = tiling(&ask(None, Some(8)), plain).unwrap_err();
+        assert!(error.contains("needs a tile"), "{error}");
+        let error = tiling(&ask(Some(64), Some(32)), plain).unwrap_err();
+        assert!(
+            error.contains("overlap 32 is too large for tile 64"),
+            "{error}"
+        );
+        let error = tiling(&ask(Some(8), None), plain).unwrap_err();
+        assert!(error.contains("at least 16"), "{error}");
+    }
+
+    #[test]
+    fn an_output_over_max_output_is_refused_before_it_runs() {
+        let config = Config::parse(
+            "[models.up]\npath = \"u.pt\"\nkind = \"image\"\nscale = 4\n",
+            "t.toml",
+        )
+        .unwrap();
+        let up = &config.models["up"];
+        let job = |side: u64| Job::Image {
+            input: WireTensor::placeholder(DType::U8, vec![1, 3, side, side]),
+            tiling: None,
+        };
+        // 2048² × 4 → 8192² RGB8 is 192 MiB.
+        assert!(check_output_size(&job(2048), up, "up", 192 << 20).is_ok());
+        let error = check_output_size(&job(2048), up, "up", (192 << 20) - 1).unwrap_err();
+        assert_eq!(error.code, ErrorCode::TooLarge);
+        assert!(
+            error
+                .message
+                .contains("a 2048x2048 input makes a 8192x8192 output (192.0 MiB as RGB8)"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
     fn an_image_model_with_a_tile_sends_its_tiling() {
         let config = Config::parse(
             "[models.up]\npath = \"u.pt\"\nkind = \"image\"\ntile = 256\noverlap = 16\nbatch = 3\n\
@@ -169,7 +300,10 @@ mod tests {
             "t.toml",
         )
         .unwrap();
-        match prepare(&image_request(), &config.models["up"]).unwrap().0 {
+        match prepare(&mut image_request(), &config.models["up"])
+            .unwrap()
+            .0
+        {
             Job::Image { tiling, .. } => assert_eq!(
                 tiling,
                 Some(Tiling {
@@ -181,7 +315,7 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        match prepare(&image_request(), &config.models["plain"])
+        match prepare(&mut image_request(), &config.models["plain"])
             .unwrap()
             .0
         {

@@ -645,6 +645,7 @@ impl Registry {
         };
         tracing::info!(model = name, path = %spec.path, device = %spec.device, "loading");
         let program = self.worker_program.clone();
+        let max_output = config.daemon.max_output.0 as usize;
         let events = self.events.clone();
         let model_name = name.to_owned();
         tokio::spawn(async move {
@@ -654,7 +655,7 @@ impl Registry {
                     let _ = events.send(Event::Exited { model, load, exit });
                 }
             };
-            let result = worker::start(&program, spec, on_exit).await;
+            let result = worker::start(&program, spec, max_output, on_exit).await;
             let _ = events.send(Event::Loaded {
                 model: model_name,
                 load,
