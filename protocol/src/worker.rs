@@ -77,6 +77,9 @@ pub struct LoadModel {
     /// ×255, rounded; NaN → 0): what clients get anyway, in a quarter of
     /// the bytes.
     pub rgb8: bool,
+    /// Run the forward in float16 when the device is CUDA (the CPU keeps
+    /// float32).
+    pub fp16: bool,
 }
 
 /// One unit of work, shaped by the model's kind.
@@ -201,6 +204,8 @@ pub struct Loaded {
     pub parameter_bytes: u64,
     /// Bytes of parameters and buffers on the device.
     pub device_bytes: u64,
+    /// The precision the forward runs in: `fp32` or `fp16`.
+    pub precision: String,
 }
 
 /// The descriptor a worker finds its socket on.

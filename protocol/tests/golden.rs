@@ -427,10 +427,11 @@ fn worker_messages() {
         device: "cpu".into(),
         threads: 2,
         rgb8: true,
+        fp16: false,
     });
     assert_eq!(
         hex(&encode_payload(&load).unwrap()),
-        "00000000 0100000000000000 6d 0500000000000000 2f6d2e7074 00000000 0300000000000000 637075 02000000 01"
+        "00000000 0100000000000000 6d 0500000000000000 2f6d2e7074 00000000 0300000000000000 637075 02000000 01 00"
             .replace(' ', "")
     );
     let run = DaemonToWorker::Run {
@@ -452,6 +453,7 @@ fn worker_messages() {
         load_ms: 1,
         parameter_bytes: 2,
         device_bytes: 3,
+        precision: "fp32".into(),
     });
     roundtrip(&load);
     roundtrip(&run);

@@ -14,6 +14,8 @@ pub struct Host {
     spec: LoadModel,
     module: CModule,
     device: Device,
+    /// The forward runs in float16 (CUDA, `precision = "fp16"`).
+    half: bool,
 }
 
 fn device_name(device: Device) -> String {
@@ -82,6 +84,20 @@ impl Host {
             )
         })?;
         module.set_eval();
+        let half = spec.fp16 && device.is_cuda();
+        if half {
+            // CModule::to panics where libtorch fails; a panic here is a
+            // model that cannot run in half precision, not a worker bug.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                module.to(device, Kind::Half, false)
+            }))
+            .map_err(|_| {
+                fail(
+                    ErrorCode::InvalidRequest,
+                    "cannot convert it to float16 (precision = \"fp16\")".to_owned(),
+                )
+            })?;
+        }
         let parameter_bytes = module
             .named_parameters()
             .map_err(|e| {
@@ -100,12 +116,14 @@ impl Host {
             // Parameters are what a CPU model holds; on CUDA the daemon
             // measures the process's real use through NVML instead.
             device_bytes: parameter_bytes,
+            precision: if half { "fp16" } else { "fp32" }.to_owned(),
         };
         Ok((
             Host {
                 spec,
                 module,
                 device,
+                half,
             },
             loaded,
         ))
@@ -164,6 +182,17 @@ impl Host {
             .map_err(|p| self.error(ErrorCode::InvalidRequest, format!("{what}: {p}")))
     }
 
+    /// The forward of an image model on `x` (float32), in the model's
+    /// precision; the result is float32 whatever the model returned.
+    fn forward_image(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        let y = if self.half {
+            self.module.forward_ts(&[x.f_to_kind(Kind::Half)?])?
+        } else {
+            self.module.forward_ts(&[x])?
+        };
+        y.f_to_kind(Kind::Float)
+    }
+
     fn forward_failed(&self, contract: &str, error: &tch::TchError) -> Error {
         self.error(
             ErrorCode::InvalidRequest,
@@ -205,8 +234,7 @@ impl Host {
             tiling.filter(|t| shape[2] > u64::from(t.tile) || shape[3] > u64::from(t.tile));
         let y = match larger_than_a_tile {
             None => self
-                .module
-                .forward_ts(&[x])
+                .forward_image(&x)
                 .map_err(|e| self.forward_failed(contract, &e))?,
             Some(t) => {
                 let tiling = tiling::Tiling {
@@ -214,7 +242,7 @@ impl Host {
                     overlap: i64::from(t.overlap),
                     batch: i64::from(t.batch.max(1)),
                 };
-                let forward = |tiles: &Tensor| self.module.forward_ts(&[tiles]);
+                let forward = |tiles: &Tensor| self.forward_image(tiles);
                 tiling::run(&x, tiling, t.retries, &forward, progress, notes).map_err(|e| match e {
                     TileError::Forward {
                         tile: (row, column),
@@ -257,7 +285,12 @@ impl Host {
                 ),
             ));
         }
-        let noise = self.input(&job.noise, "noise")?;
+        let mut noise = self.input(&job.noise, "noise")?;
+        if self.half {
+            noise = noise
+                .f_to_kind(Kind::Half)
+                .map_err(|e| self.error(ErrorCode::Internal, first_line(&e)))?;
+        }
         let inputs = [
             IValue::Tensor(noise),
             IValue::String(job.prompt.clone()),

@@ -27,6 +27,19 @@ fn models() -> PathBuf {
     dir
 }
 
+/// A CPU model, sending floats, in float32.
+fn spec(name: &str, path: &str, kind: ModelKind) -> LoadModel {
+    LoadModel {
+        name: name.into(),
+        path: path.into(),
+        kind,
+        device: "cpu".into(),
+        threads: 1,
+        rgb8: false,
+        fp16: false,
+    }
+}
+
 fn model(name: &str) -> String {
     models().join(name).display().to_string()
 }
@@ -79,15 +92,7 @@ impl Worker {
     }
 
     fn load(&mut self, name: &str, path: &str, kind: ModelKind) -> WorkerToDaemon {
-        let spec = LoadModel {
-            name: name.into(),
-            path: path.into(),
-            kind,
-            device: "cpu".into(),
-            threads: 1,
-            rgb8: false,
-        };
-        self.send(&DaemonToWorker::Load(spec));
+        self.send(&DaemonToWorker::Load(spec(name, path, kind)));
         self.receive()
     }
 
@@ -629,12 +634,8 @@ fn rgb8_outputs_are_the_floats_clamped_and_rounded() {
     let (mut floats_worker, _) = Worker::loaded("x4", "tiny-x4.pt", ModelKind::Image);
     let mut pixels_worker = Worker::spawn();
     pixels_worker.send(&DaemonToWorker::Load(LoadModel {
-        name: "x4".into(),
-        path: model("tiny-x4.pt"),
-        kind: ModelKind::Image,
-        device: "cpu".into(),
-        threads: 1,
         rgb8: true,
+        ..spec("x4", &model("tiny-x4.pt"), ModelKind::Image)
     }));
     assert!(matches!(pixels_worker.receive(), WorkerToDaemon::Loaded(_)));
     // Values past both ends of 0..1, to see the clamping.
@@ -652,4 +653,29 @@ fn rgb8_outputs_are_the_floats_clamped_and_rounded() {
     assert_eq!(got[0].shape, vec![1, 3, 24, 20]);
     assert_eq!(got[0].data, want);
     assert!(want.contains(&0) && want.contains(&255));
+}
+
+#[test]
+fn fp16_is_for_cuda_and_the_cpu_keeps_float32() {
+    let (mut plain, loaded) = Worker::loaded("x4", "tiny-x4.pt", ModelKind::Image);
+    assert_eq!(loaded.precision, "fp32");
+    let mut asked = Worker::spawn();
+    asked.send(&DaemonToWorker::Load(LoadModel {
+        fp16: true,
+        ..spec("x4", &model("tiny-x4.pt"), ModelKind::Image)
+    }));
+    let WorkerToDaemon::Loaded(loaded) = asked.receive() else {
+        panic!("tiny-x4 did not load with fp16 asked for")
+    };
+    assert_eq!(
+        (loaded.device.as_str(), loaded.precision.as_str()),
+        ("cpu", "fp32")
+    );
+    let job = || Job::Image {
+        input: f32_tensor(&[1, 3, 6, 5], |i| i as f32 / 90.0),
+        tiling: None,
+    };
+    let (a, b) = (plain.run(1, job()).unwrap(), asked.run(1, job()).unwrap());
+    assert_eq!(a, b);
+    assert_eq!(a[0].dtype, DType::F32);
 }

@@ -117,6 +117,16 @@ fn bad_values_name_key_and_problem() {
             "only to models of kind \"image\"",
         ),
         (
+            "[models.a]\npath = \"a.pt\"\nkind = \"tensor\"\nprecision = \"fp16\"",
+            "models.a.precision",
+            "only to models of kind \"image\" and \"generate\"",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"image\"\nprecision = \"fp8\"",
+            "models.a.precision",
+            "unknown variant `fp8`, expected `fp32` or `fp16`",
+        ),
+        (
             "[models.a]\npath = \"a.pt\"\nkind = \"generate\"\ndefaults = { size = \"big\" }",
             "models.a.defaults.size",
             "invalid size",

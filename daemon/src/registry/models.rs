@@ -642,6 +642,7 @@ impl Registry {
             device,
             threads: worker_threads(model, config),
             rgb8: model.kind != Kind::Tensor,
+            fp16: model.precision == crate::config::Precision::Fp16,
         };
         tracing::info!(model = name, path = %spec.path, device = %spec.device, "loading");
         let program = self.worker_program.clone();
@@ -710,7 +711,7 @@ impl Registry {
         match result {
             Ok(worker) => {
                 let took = ms(since.elapsed());
-                tracing::info!(model = name, pid = worker.pid, device = %worker.loaded.device, load_ms = took, parameter_bytes = worker.loaded.parameter_bytes, "loaded");
+                tracing::info!(model = name, pid = worker.pid, device = %worker.loaded.device, load_ms = took, parameter_bytes = worker.loaded.parameter_bytes, precision = %worker.loaded.precision, "loaded");
                 let notice = NoticeKind::Loaded {
                     model: name.to_owned(),
                     device: worker.loaded.device.clone(),
