@@ -7,8 +7,13 @@ use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use gpuctl_protocol::{
+    Client, ClientMessage, DType, DaemonMessage, ErrorCode, GenerateRequest, Request, Response,
+    WireTensor,
+};
+
 use crate::fixture::*;
-use crate::models::models_dir;
+use crate::models::{daemon_error, generate, model_status, models_dir, runtime};
 
 const MIB: u64 = 1 << 20;
 
@@ -188,4 +193,223 @@ fn an_image_of_2048_squared_becomes_8192_squared_through_gpuctl_in_bounded_memor
         worker_peak <= worker_base + blend + 8 * batch + 8 * input_bytes + 128 * MIB,
         "worker: {report}"
     );
+}
+
+fn x4_daemon(daemon_section: &str) -> Daemon {
+    Daemon::start(&format!(
+        "model_root = \"{}\"\n[daemon]\n{daemon_section}\n[gpu]\nbackend = \"none\"\n\
+         [models.x4]\npath = \"tiny-x4.pt\"\nkind = \"image\"\nscale = 4\n",
+        models_dir().display()
+    ))
+}
+
+fn image(side: u64) -> WireTensor {
+    WireTensor::new(
+        DType::U8,
+        vec![1, 3, side, side],
+        vec![100; 3 * (side * side) as usize],
+    )
+    .unwrap()
+}
+
+#[test]
+fn an_upload_over_max_upload_or_an_output_over_max_output_is_refused_and_the_connection_goes_on() {
+    let daemon = x4_daemon("max_upload = \"4MiB\"\nmax_output = \"2MiB\"");
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        // 1300² RGB8 is 4.8 MiB: streamed, and refused before it is held.
+        let error = daemon_error(
+            client
+                .call(Request::Generate(GenerateRequest {
+                    input: Some(image(1300)),
+                    ..GenerateRequest::new("x4")
+                }))
+                .await,
+        );
+        assert_eq!(error.code, ErrorCode::TooLarge);
+        assert!(
+            error.message.contains("[1, 3, 1300, 1300] (4.8 MiB)")
+                && error.message.contains("daemon.max_upload (4.0 MiB"),
+            "{}",
+            error.message
+        );
+        // 1000² (2.9 MiB) streams in, but its ×4 output would be 45.8 MiB.
+        let error = daemon_error(
+            client
+                .call(Request::Generate(GenerateRequest {
+                    input: Some(image(1000)),
+                    ..GenerateRequest::new("x4")
+                }))
+                .await,
+        );
+        assert_eq!(error.code, ErrorCode::TooLarge);
+        assert_eq!(
+            error.message,
+            "model x4: a 1000x1000 input makes a 4000x4000 output (45.8 MiB as RGB8), over daemon.max_output (2.0 MiB)"
+        );
+        // The same connection still serves: 200² → 800² is 1.8 MiB.
+        let answer = generate(
+            &client,
+            GenerateRequest {
+                input: Some(image(200)),
+                ..GenerateRequest::new("x4")
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.outputs[0].shape, vec![1, 3, 800, 800]);
+    });
+    // Nothing ran for the refused ones: one load, for the last request.
+    assert_eq!(model_status(&daemon, "x4")["loads"], 1);
+}
+
+#[test]
+fn a_broken_stream_fails_its_request_only() {
+    let daemon = x4_daemon("");
+    let mut raw = RawClient::handshaken(&daemon.socket);
+    // A chunk with no begin, then the request that would have used it.
+    raw.send(&ClientMessage::TensorChunk {
+        id: 1,
+        data: vec![1, 2, 3],
+    });
+    raw.request(
+        1,
+        Request::Generate(GenerateRequest {
+            input: Some(WireTensor::placeholder(DType::U8, vec![1, 3, 1, 1])),
+            ..GenerateRequest::new("x4")
+        }),
+    );
+    match raw.receive() {
+        Some(DaemonMessage::Error { id: 1, error }) => {
+            assert_eq!(error.code, ErrorCode::InvalidRequest);
+            assert!(
+                error.message.contains("TensorChunk without TensorBegin"),
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("expected the request's error, got {other:?}"),
+    }
+    // A placeholder with nothing streamed for it.
+    raw.request(
+        2,
+        Request::Generate(GenerateRequest {
+            input: Some(WireTensor::placeholder(DType::U8, vec![1, 3, 4, 4])),
+            ..GenerateRequest::new("x4")
+        }),
+    );
+    match raw.receive() {
+        Some(DaemonMessage::Error { id: 2, error }) => {
+            assert!(
+                error.message.contains("none was streamed"),
+                "{}",
+                error.message
+            )
+        }
+        other => panic!("expected the request's error, got {other:?}"),
+    }
+    // A stream done right on the same connection: 2×2 pixels in two chunks.
+    raw.send(&ClientMessage::TensorBegin {
+        id: 3,
+        dtype: DType::U8,
+        shape: vec![1, 3, 2, 2],
+    });
+    for data in [vec![255; 6], vec![0; 6]] {
+        raw.send(&ClientMessage::TensorChunk { id: 3, data });
+    }
+    raw.send(&ClientMessage::TensorEnd { id: 3 });
+    raw.request(
+        3,
+        Request::Generate(GenerateRequest {
+            input: Some(WireTensor::placeholder(DType::U8, vec![1, 3, 2, 2])),
+            ..GenerateRequest::new("x4")
+        }),
+    );
+    loop {
+        match raw.receive() {
+            Some(DaemonMessage::Event { .. }) => {}
+            Some(DaemonMessage::Response {
+                id: 3,
+                response: Response::Generate(answer),
+            }) => {
+                // 8×8×3 bytes: small enough to come back inline.
+                assert_eq!(answer.outputs[0].shape, vec![1, 3, 8, 8]);
+                assert_eq!(answer.outputs[0].data.len(), 192);
+                break;
+            }
+            other => panic!("expected the answer, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_request_may_choose_its_own_tiles() {
+    let daemon = x4_daemon("");
+    let progress = |tile: Option<u32>, overlap: Option<u32>| {
+        runtime().block_on(async {
+            let client = Client::connect(&daemon.socket).await.unwrap();
+            let mut call = client
+                .start(Request::Generate(GenerateRequest {
+                    input: Some(image(100)),
+                    tile,
+                    overlap,
+                    ..GenerateRequest::new("x4")
+                }))
+                .await
+                .unwrap();
+            let mut totals = Vec::new();
+            while let Some(event) = call.event().await {
+                if let gpuctl_protocol::Event::Progress(p) = event {
+                    totals.push((p.done, p.total));
+                }
+            }
+            let answer = call.response().await;
+            (totals, answer)
+        })
+    };
+    // x4 has no tile of its own: one forward, no progress.
+    let (totals, answer) = progress(None, None);
+    assert!(totals.is_empty() && answer.is_ok(), "{totals:?}");
+    // Tiles of 48 overlapping by 16 on 100 px: 3 × 3, 4 per forward.
+    let (totals, answer) = progress(Some(48), Some(16));
+    assert_eq!(totals, [(4, 9), (8, 9), (9, 9)]);
+    assert!(answer.is_ok());
+    let (_, answer) = progress(Some(40), Some(20));
+    let error = daemon_error(answer);
+    assert_eq!(error.code, ErrorCode::InvalidRequest);
+    assert!(
+        error
+            .message
+            .contains("overlap 20 is too large for tile 40"),
+        "{}",
+        error.message
+    );
+}
+
+#[test]
+fn a_worker_output_over_max_output_is_refused_when_the_scale_is_not_known_ahead() {
+    // No `scale`: the size shows only when the worker streams its output.
+    let daemon = Daemon::start(&format!(
+        "model_root = \"{}\"\n[daemon]\nmax_output = \"2MiB\"\n[gpu]\nbackend = \"none\"\n\
+         [models.x4]\npath = \"tiny-x4.pt\"\nkind = \"image\"\n",
+        models_dir().display()
+    ));
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        let ask = |side| {
+            client.call(Request::Generate(GenerateRequest {
+                input: Some(image(side)),
+                ..GenerateRequest::new("x4")
+            }))
+        };
+        let error = daemon_error(ask(256).await);
+        assert_eq!(error.code, ErrorCode::TooLarge);
+        assert_eq!(
+            error.message,
+            "model x4: its output of shape [1, 3, 1024, 1024] (3.0 MiB) exceeds daemon.max_output (2.0 MiB)"
+        );
+        // The worker and the daemon go on.
+        assert!(ask(100).await.is_ok());
+    });
+    assert_eq!(model_status(&daemon, "x4")["loads"], 1);
 }
