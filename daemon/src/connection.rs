@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use gpuctl_protocol::{
     CancelRequest, CancelResponse, ClientMessage, DaemonMessage, Error, ErrorCode, FrameCodec,
-    FrameError, Hello, Request, RequestId, Response, Welcome, WireTensor, CHUNK_BYTES,
-    PROTOCOL_VERSION,
+    FrameError, Hello, Request, RequestId, Response, Welcome, WireTensor, PROTOCOL_VERSION,
 };
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -181,6 +180,7 @@ async fn serve_requests(
                 Some(Ok(ClientMessage::TensorEnd { id })) => uploads.end(id),
                 Some(Ok(ClientMessage::Request { id, mut request })) => {
                     if let Err(error) = uploads.attach(id, &mut request) {
+                        tracing::info!(request = id, code = %error.code, error = %error.message, "streamed tensors refused");
                         if !send_answer(connection, DaemonMessage::Error { id, error }, streams).await {
                             return;
                         }
@@ -305,17 +305,12 @@ async fn send_stream(
     id: RequestId,
     tensor: WireTensor,
 ) -> Result<(), FrameError> {
-    let WireTensor { dtype, shape, data } = tensor;
-    connection
-        .feed(DaemonMessage::TensorBegin { id, dtype, shape })
-        .await?;
-    for chunk in data.chunks(CHUNK_BYTES) {
-        let data = chunk.to_vec();
+    for frame in gpuctl_protocol::stream::frames(tensor) {
         connection
-            .feed(DaemonMessage::TensorChunk { id, data })
+            .feed(DaemonMessage::tensor_frame(id, frame))
             .await?;
     }
-    connection.send(DaemonMessage::TensorEnd { id }).await
+    connection.flush().await
 }
 
 /// Sends `Closing(reason)` if the client still listens, then returns so the

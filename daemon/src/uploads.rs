@@ -8,13 +8,12 @@
 use std::collections::HashMap;
 
 use gpuctl_protocol::units::format_bytes;
-use gpuctl_protocol::{DType, Error, ErrorCode, Request, RequestId, TensorReceiver};
+use gpuctl_protocol::{DType, Error, ErrorCode, Request, RequestId, StreamError, TensorReceiver};
 
 /// One connection's streamed tensors.
 pub struct Uploads {
     limit: usize,
     receiving: HashMap<RequestId, TensorReceiver>,
-    refused: HashMap<RequestId, Error>,
 }
 
 impl Uploads {
@@ -23,7 +22,6 @@ impl Uploads {
         Uploads {
             limit,
             receiving: HashMap::new(),
-            refused: HashMap::new(),
         }
     }
 
@@ -33,81 +31,45 @@ impl Uploads {
     }
 
     pub fn begin(&mut self, id: RequestId, dtype: DType, shape: Vec<u64>) {
-        if self.refused.contains_key(&id) {
-            return;
-        }
-        let size = shape
-            .iter()
-            .try_fold(dtype.size() as u64, |n, d| n.checked_mul(*d))
-            .unwrap_or(u64::MAX);
-        let held = self.held() as u64;
-        if held.saturating_add(size) > self.limit as u64 {
-            let error = Error::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "a streamed tensor of shape {shape:?} ({}) would take this connection past daemon.max_upload ({}; {} held already)",
-                    format_bytes(size),
-                    format_bytes(self.limit as u64),
-                    format_bytes(held)
-                ),
-            );
-            return self.refuse(id, error);
-        }
-        let result = self
-            .receiving
+        let room = self.limit.saturating_sub(self.held());
+        self.receiving
             .entry(id)
             .or_default()
-            .begin(dtype, shape, usize::MAX);
-        self.check(id, result);
+            .begin(dtype, shape, room);
     }
 
     pub fn chunk(&mut self, id: RequestId, data: &[u8]) {
-        if let Some(receiver) = self.receiving.get_mut(&id) {
-            let result = receiver.chunk(data);
-            self.check(id, result);
-        } else if !self.refused.contains_key(&id) {
-            self.check(id, Err("TensorChunk without TensorBegin".to_owned()));
-        }
+        self.receiving.entry(id).or_default().chunk(data);
     }
 
     pub fn end(&mut self, id: RequestId) {
-        if let Some(receiver) = self.receiving.get_mut(&id) {
-            let result = receiver.end();
-            self.check(id, result);
-        } else if !self.refused.contains_key(&id) {
-            self.check(id, Err("TensorEnd without TensorBegin".to_owned()));
-        }
+        self.receiving.entry(id).or_default().end();
     }
 
     /// Gives request `id` what was streamed for it, or the reason its
     /// stream was refused.
     pub fn attach(&mut self, id: RequestId, request: &mut Request) -> Result<(), Error> {
-        if let Some(error) = self.refused.remove(&id) {
-            return Err(error);
-        }
         let streamed = self.receiving.remove(&id).unwrap_or_default();
-        let invalid = |problem: String| Error::new(ErrorCode::InvalidRequest, problem);
-        match request {
-            Request::Generate(generate) => streamed.fill(generate.tensors_mut()).map_err(invalid),
-            _ if streamed.bytes() > 0 => Err(invalid(format!(
+        let result = match request {
+            Request::Generate(generate) => streamed.fill(generate.tensors_mut()),
+            _ if streamed.bytes() > 0 => Err(StreamError::Broken(format!(
                 "tensors were streamed for request {id}, but {} takes none",
                 request.operation()
             ))),
             _ => Ok(()),
-        }
-    }
-
-    fn check(&mut self, id: RequestId, result: Result<(), String>) {
-        if let Err(problem) = result {
-            self.refuse(id, Error::new(ErrorCode::InvalidRequest, problem));
-        }
-    }
-
-    fn refuse(&mut self, id: RequestId, error: Error) {
-        tracing::info!(request = id, error = %error.message, "streamed tensor refused");
-        // Its bytes are freed now, not when its request comes.
-        self.receiving.remove(&id);
-        self.refused.entry(id).or_insert(error);
+        };
+        result.map_err(|error| match error {
+            StreamError::TooLarge { shape, bytes, room } => Error::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "a streamed tensor of shape {shape:?} ({}) would take this connection past daemon.max_upload ({}; {} held already)",
+                    format_bytes(bytes),
+                    format_bytes(self.limit as u64),
+                    format_bytes((self.limit as u64).saturating_sub(room))
+                ),
+            ),
+            StreamError::Broken(problem) => Error::new(ErrorCode::InvalidRequest, problem),
+        })
     }
 }
 

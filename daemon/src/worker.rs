@@ -12,11 +12,11 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use gpuctl_protocol::stream::take_streamed;
+use gpuctl_protocol::stream::{frames, take_streamed};
 use gpuctl_protocol::units::format_bytes;
 use gpuctl_protocol::worker::{DaemonToWorker, Job, LoadModel, Loaded, WorkerToDaemon, WORKER_FD};
 use gpuctl_protocol::{
-    DType, Error, ErrorCode, FrameCodec, FrameError, TensorReceiver, WireTensor, CHUNK_BYTES,
+    Error, ErrorCode, FrameCodec, FrameError, StreamError, TensorReceiver, WireTensor,
     MAX_FRAME_CEILING,
 };
 use tokio::net::UnixStream;
@@ -255,94 +255,34 @@ struct Supervised {
 /// Sends a job, its large tensors streamed ahead of it.
 async fn send_job(channel: &mut Channel, id: u64, mut job: Job) -> Result<(), FrameError> {
     for tensor in take_streamed(job.tensors_mut()) {
-        let WireTensor { dtype, shape, data } = tensor;
-        channel
-            .feed(DaemonToWorker::TensorBegin { dtype, shape })
-            .await?;
-        for chunk in data.chunks(CHUNK_BYTES) {
-            let data = chunk.to_vec();
-            channel.feed(DaemonToWorker::TensorChunk { data }).await?;
+        for frame in frames(tensor) {
+            channel.feed(DaemonToWorker::tensor_frame(frame)).await?;
         }
-        channel.feed(DaemonToWorker::TensorEnd).await?;
     }
     channel.send(DaemonToWorker::Run { id, job }).await
 }
 
-/// The outputs a worker streams ahead of its next `Done`.
-#[derive(Default)]
-struct Outputs {
-    received: TensorReceiver,
-    refused: Option<Error>,
-}
-
-impl Outputs {
-    fn begin(&mut self, model: &str, dtype: DType, shape: Vec<u64>, limit: usize) {
-        if self.refused.is_some() {
-            return;
-        }
-        let size = shape
-            .iter()
-            .try_fold(dtype.size() as u64, |n, d| n.checked_mul(*d))
-            .unwrap_or(u64::MAX);
-        let held = self.received.bytes() as u64;
-        if held.saturating_add(size) > limit as u64 {
-            self.refuse(Error::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "model {model}: its output of shape {shape:?} ({}) exceeds daemon.max_output ({})",
-                    format_bytes(held.saturating_add(size)),
-                    format_bytes(limit as u64)
-                ),
-            ));
-            return;
-        }
-        let result = self.received.begin(dtype, shape, usize::MAX);
-        self.check(model, result);
-    }
-
-    fn chunk(&mut self, model: &str, data: &[u8]) {
-        if self.refused.is_none() {
-            let result = self.received.chunk(data);
-            self.check(model, result);
-        }
-    }
-
-    fn end(&mut self, model: &str) {
-        if self.refused.is_none() {
-            let result = self.received.end();
-            self.check(model, result);
-        }
-    }
-
-    /// Fills `outputs`' placeholders; the receiver starts afresh.
-    fn fill(&mut self, model: &str, outputs: &mut [WireTensor]) -> Result<(), Error> {
-        let Outputs { received, refused } = std::mem::take(self);
-        if let Some(error) = refused {
-            return Err(error);
-        }
-        received
-            .fill(outputs)
-            .map_err(|problem| internal(model, &problem))
-    }
-
-    fn check(&mut self, model: &str, result: Result<(), String>) {
-        if let Err(problem) = result {
-            self.refuse(internal(model, &problem));
-        }
-    }
-
-    fn refuse(&mut self, error: Error) {
-        // Its bytes are freed now; the rest of the stream is dropped.
-        self.received = TensorReceiver::default();
-        self.refused = Some(error);
-    }
-}
-
-fn internal(model: &str, problem: &str) -> Error {
-    Error::new(
-        ErrorCode::Internal,
-        format!("model {model}: its worker streamed a bad output: {problem}"),
-    )
+/// Fills a job's outputs with what its worker streamed ahead of `Done`.
+fn fill_outputs(
+    model: &str,
+    streamed: TensorReceiver,
+    limit: usize,
+    outputs: &mut [WireTensor],
+) -> Result<(), Error> {
+    streamed.fill(outputs).map_err(|error| match error {
+        StreamError::TooLarge { shape, bytes, .. } => Error::new(
+            ErrorCode::TooLarge,
+            format!(
+                "model {model}: its output of shape {shape:?} ({}) exceeds daemon.max_output ({})",
+                format_bytes(bytes),
+                format_bytes(limit as u64)
+            ),
+        ),
+        StreamError::Broken(problem) => Error::new(
+            ErrorCode::Internal,
+            format!("model {model}: its worker streamed a bad output: {problem}"),
+        ),
+    })
 }
 
 /// Feeds jobs to the worker, matches answers to them, and reports its exit.
@@ -358,7 +298,7 @@ async fn supervise(
         mut child,
         max_output,
     } = worker;
-    let mut outputs = Outputs::default();
+    let mut streamed = TensorReceiver::default();
     let pid = child.id().unwrap_or(0);
     let mut pending: HashMap<u64, Running> = HashMap::new();
     let mut next_id = 0u64;
@@ -424,13 +364,16 @@ async fn supervise(
                         running.progress(done, total);
                     }
                 }
-                Some(Ok(WorkerToDaemon::TensorBegin { dtype, shape })) => outputs.begin(&model, dtype, shape, max_output),
-                Some(Ok(WorkerToDaemon::TensorChunk { data })) => outputs.chunk(&model, &data),
-                Some(Ok(WorkerToDaemon::TensorEnd)) => outputs.end(&model),
-                Some(Ok(WorkerToDaemon::Done { id, outputs: mut made, run_ms, notes })) => {
-                    let filled = outputs.fill(&model, &mut made);
+                Some(Ok(WorkerToDaemon::TensorBegin { dtype, shape })) => {
+                    let room = max_output.saturating_sub(streamed.bytes());
+                    streamed.begin(dtype, shape, room);
+                }
+                Some(Ok(WorkerToDaemon::TensorChunk { data })) => streamed.chunk(&data),
+                Some(Ok(WorkerToDaemon::TensorEnd)) => streamed.end(),
+                Some(Ok(WorkerToDaemon::Done { id, mut outputs, run_ms, notes })) => {
+                    let filled = fill_outputs(&model, std::mem::take(&mut streamed), max_output, &mut outputs);
                     if let Some(running) = pending.remove(&id) {
-                        let answer = filled.map(|()| JobOutput { outputs: made, run_ms, notes });
+                        let answer = filled.map(|()| JobOutput { outputs, run_ms, notes });
                         let _ = running.reply.send(answer);
                     }
                     if unloading && pending.is_empty() {
@@ -439,7 +382,7 @@ async fn supervise(
                     }
                 }
                 Some(Ok(WorkerToDaemon::Failed { id: Some(id), error })) => {
-                    outputs = Outputs::default();
+                    streamed = TensorReceiver::default();
                     if let Some(running) = pending.remove(&id) {
                         let _ = running.reply.send(Err(error));
                     }

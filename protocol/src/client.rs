@@ -30,8 +30,7 @@ use tokio_util::codec::Framed;
 
 use crate::{
     ClientMessage, DaemonMessage, Error, Event, FrameCodec, FrameError, Hello, Request, RequestId,
-    Response, TensorReceiver, Welcome, WireTensor, CHUNK_BYTES, DEFAULT_MAX_FRAME,
-    PROTOCOL_VERSION,
+    Response, TensorFrame, TensorReceiver, Welcome, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 
 /// Why a call or a connection failed.
@@ -261,12 +260,11 @@ impl Call {
     }
 }
 
-/// A request on its way out: the tensors it streams, then itself.
+/// A request on its way out: the frames of the tensors it streams, then
+/// itself.
 struct Outgoing {
     id: RequestId,
-    streamed: VecDeque<WireTensor>,
-    begun: bool,
-    sent: usize,
+    frames: Box<dyn Iterator<Item = TensorFrame> + Send>,
     request: Request,
     updates: mpsc::UnboundedSender<Update>,
 }
@@ -286,9 +284,7 @@ impl Outgoing {
         };
         Outgoing {
             id,
-            streamed: streamed.into(),
-            begun: false,
-            sent: 0,
+            frames: Box::new(streamed.into_iter().flat_map(crate::stream::frames)),
             request,
             updates,
         }
@@ -297,25 +293,8 @@ impl Outgoing {
     /// The next frame of the tensors streamed ahead of the request; `None`
     /// once only the request itself is left.
     fn next_stream_frame(&mut self) -> Option<ClientMessage> {
-        let id = self.id;
-        let tensor = self.streamed.front()?;
-        if !self.begun {
-            self.begun = true;
-            return Some(ClientMessage::TensorBegin {
-                id,
-                dtype: tensor.dtype,
-                shape: tensor.shape.clone(),
-            });
-        }
-        if self.sent < tensor.data.len() {
-            let end = (self.sent + CHUNK_BYTES).min(tensor.data.len());
-            let data = tensor.data[self.sent..end].to_vec();
-            self.sent = end;
-            return Some(ClientMessage::TensorChunk { id, data });
-        }
-        self.streamed.pop_front();
-        (self.begun, self.sent) = (false, 0);
-        Some(ClientMessage::TensorEnd { id })
+        let frame = self.frames.next()?;
+        Some(ClientMessage::tensor_frame(self.id, frame))
     }
 }
 
@@ -406,13 +385,11 @@ fn route(
     pending: &mut HashMap<RequestId, mpsc::UnboundedSender<Update>>,
     receiving: &mut HashMap<RequestId, TensorReceiver>,
 ) -> Option<Error> {
-    let streamed = |id: RequestId, receiving: &mut HashMap<RequestId, TensorReceiver>| {
-        receiving.remove(&id).unwrap_or_default()
-    };
     match message {
         DaemonMessage::Response { id, mut response } => {
+            let streamed = receiving.remove(&id).unwrap_or_default();
             let filled = match &mut response {
-                Response::Generate(generate) => streamed(id, receiving).fill(&mut generate.outputs),
+                Response::Generate(generate) => streamed.fill(&mut generate.outputs),
                 _ => Ok(()),
             };
             if let Some(updates) = pending.remove(&id) {
@@ -433,39 +410,17 @@ fn route(
                 let _ = updates.send(Update::Event(event));
             }
         }
+        // What the daemon streams is checked when its Response comes.
         DaemonMessage::TensorBegin { id, dtype, shape } => {
-            let problem = receiving
+            receiving
                 .entry(id)
                 .or_default()
-                .begin(dtype, shape, usize::MAX)
-                .err();
-            fail_stream(id, problem, pending, receiving);
+                .begin(dtype, shape, usize::MAX);
         }
-        DaemonMessage::TensorChunk { id, data } => {
-            let problem = receiving.get_mut(&id).and_then(|r| r.chunk(&data).err());
-            fail_stream(id, problem, pending, receiving);
-        }
-        DaemonMessage::TensorEnd { id } => {
-            let problem = receiving.get_mut(&id).and_then(|r| r.end().err());
-            fail_stream(id, problem, pending, receiving);
-        }
+        DaemonMessage::TensorChunk { id, data } => receiving.entry(id).or_default().chunk(&data),
+        DaemonMessage::TensorEnd { id } => receiving.entry(id).or_default().end(),
         DaemonMessage::Closing(error) => return Some(error),
         DaemonMessage::Welcome(_) => {}
     }
     None
-}
-
-/// A stream the daemon got wrong (or we cannot hold) ends its call.
-fn fail_stream(
-    id: RequestId,
-    problem: Option<String>,
-    pending: &mut HashMap<RequestId, mpsc::UnboundedSender<Update>>,
-    receiving: &mut HashMap<RequestId, TensorReceiver>,
-) {
-    let Some(problem) = problem else { return };
-    receiving.remove(&id);
-    if let Some(updates) = pending.remove(&id) {
-        let error = ClientError::Unexpected(format!("request {id}: {problem}"));
-        let _ = updates.send(Update::Done(Err(error)));
-    }
 }

@@ -51,7 +51,7 @@ pub use message::*;
 pub use socket::{
     client_default_socket, daemon_default_socket, user_socket, SOCKET_ENV, SYSTEM_SOCKET,
 };
-pub use stream::{TensorReceiver, CHUNK_BYTES};
+pub use stream::{StreamError, TensorFrame, TensorReceiver, CHUNK_BYTES};
 pub use tensor::{DType, WireTensor};
 pub use version::{ProtocolVersion, PROTOCOL_VERSION};
 

@@ -106,6 +106,32 @@ pub enum DaemonMessage {
     },
 }
 
+impl ClientMessage {
+    /// A frame of a tensor streamed for request `id`.
+    pub fn tensor_frame(id: RequestId, frame: crate::TensorFrame) -> ClientMessage {
+        match frame {
+            crate::TensorFrame::Begin { dtype, shape } => {
+                ClientMessage::TensorBegin { id, dtype, shape }
+            }
+            crate::TensorFrame::Chunk(data) => ClientMessage::TensorChunk { id, data },
+            crate::TensorFrame::End => ClientMessage::TensorEnd { id },
+        }
+    }
+}
+
+impl DaemonMessage {
+    /// A frame of an output tensor of request `id`.
+    pub fn tensor_frame(id: RequestId, frame: crate::TensorFrame) -> DaemonMessage {
+        match frame {
+            crate::TensorFrame::Begin { dtype, shape } => {
+                DaemonMessage::TensorBegin { id, dtype, shape }
+            }
+            crate::TensorFrame::Chunk(data) => DaemonMessage::TensorChunk { id, data },
+            crate::TensorFrame::End => DaemonMessage::TensorEnd { id },
+        }
+    }
+}
+
 /// The client's first frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {

@@ -42,39 +42,81 @@ impl WireTensor {
     }
 }
 
-/// Collects the tensors streamed ahead of one message.
+/// Why tensors streamed ahead of a message cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    /// A tensor would take the receiver past the room it was given.
+    TooLarge {
+        /// The tensor's shape.
+        shape: Vec<u64>,
+        /// Its size.
+        bytes: u64,
+        /// The bytes the receiver had room for when it began.
+        room: u64,
+    },
+    /// The frames broke the rules: order, sizes, placeholders.
+    Broken(String),
+}
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamError::TooLarge { shape, bytes, room } => write!(
+                f,
+                "a streamed tensor of shape {shape:?} ({}) exceeds the {} left to receive",
+                crate::units::format_bytes(*bytes),
+                crate::units::format_bytes(*room)
+            ),
+            StreamError::Broken(problem) => f.write_str(problem),
+        }
+    }
+}
+
+/// Collects the tensors streamed ahead of one message. The first problem
+/// is kept and everything after it dropped (its memory freed at once); the
+/// message hears of it when it asks for its tensors ([`TensorReceiver::fill`]).
 #[derive(Debug, Default)]
 pub struct TensorReceiver {
     finished: Vec<WireTensor>,
     current: Option<WireTensor>,
     expected: usize,
     bytes: usize,
+    refused: Option<StreamError>,
 }
 
 impl TensorReceiver {
-    /// Starts a tensor of `dtype` and `shape`, if it keeps everything this
-    /// receiver holds within `limit` bytes. Reserves its whole size at once.
-    pub fn begin(&mut self, dtype: DType, shape: Vec<u64>, limit: usize) -> Result<(), String> {
+    /// Starts a tensor of `dtype` and `shape`, if its size fits in `room`
+    /// bytes. Reserves its whole size at once.
+    pub fn begin(&mut self, dtype: DType, shape: Vec<u64>, room: usize) {
+        if self.refused.is_some() {
+            return;
+        }
+        let result = self.try_begin(dtype, shape, room);
+        self.check(result);
+    }
+
+    fn try_begin(&mut self, dtype: DType, shape: Vec<u64>, room: usize) -> Result<(), StreamError> {
         if self.current.is_some() {
-            return Err("TensorBegin before the previous tensor's TensorEnd".to_owned());
+            return Err(broken("TensorBegin before the previous tensor's TensorEnd"));
         }
+        let size = shape
+            .iter()
+            .try_fold(dtype.size() as u64, |n, d| n.checked_mul(*d))
+            .unwrap_or(u64::MAX);
+        if size > room as u64 {
+            return Err(StreamError::TooLarge {
+                shape,
+                bytes: size,
+                room: room as u64,
+            });
+        }
+        let size = size as usize;
         let mut tensor = WireTensor::placeholder(dtype, shape);
-        let size = tensor
-            .numel()
-            .and_then(|n| n.checked_mul(dtype.size()))
-            .ok_or_else(|| format!("tensor shape {:?} is too large", tensor.shape))?;
-        if self.bytes.saturating_add(size) > limit {
-            return Err(format!(
-                "a streamed tensor of shape {:?} ({}) would exceed the limit of {}",
-                tensor.shape,
-                crate::units::format_bytes(size as u64),
-                crate::units::format_bytes(limit as u64)
-            ));
-        }
-        tensor
-            .data
-            .try_reserve_exact(size)
-            .map_err(|_| format!("cannot allocate {size} bytes for a streamed tensor"))?;
+        tensor.data.try_reserve_exact(size).map_err(|_| {
+            broken(&format!(
+                "cannot allocate {size} bytes for a streamed tensor"
+            ))
+        })?;
         self.bytes += size;
         self.expected = size;
         self.current = Some(tensor);
@@ -82,28 +124,35 @@ impl TensorReceiver {
     }
 
     /// Appends one chunk to the tensor begun last.
-    pub fn chunk(&mut self, data: &[u8]) -> Result<(), String> {
-        let Some(tensor) = &mut self.current else {
-            return Err("TensorChunk without TensorBegin".to_owned());
+    pub fn chunk(&mut self, data: &[u8]) {
+        let result = match &mut self.current {
+            _ if self.refused.is_some() => Ok(()),
+            None => Err(broken("TensorChunk without TensorBegin")),
+            Some(tensor) if tensor.data.len() + data.len() > self.expected => {
+                Err(broken(&format!(
+                    "streamed tensor of shape {:?} got more than its {} bytes",
+                    tensor.shape, self.expected
+                )))
+            }
+            Some(tensor) => {
+                tensor.data.extend_from_slice(data);
+                Ok(())
+            }
         };
-        if tensor.data.len() + data.len() > self.expected {
-            return Err(format!(
-                "streamed tensor of shape {:?} got more than its {} bytes",
-                tensor.shape, self.expected
-            ));
-        }
-        tensor.data.extend_from_slice(data);
-        Ok(())
+        self.check(result);
     }
 
     /// Ends the tensor begun last; it must be complete.
-    pub fn end(&mut self) -> Result<(), String> {
-        let Some(tensor) = self.current.take() else {
-            return Err("TensorEnd without TensorBegin".to_owned());
+    pub fn end(&mut self) {
+        let result = match self.current.take() {
+            _ if self.refused.is_some() => Ok(()),
+            None => Err(broken("TensorEnd without TensorBegin")),
+            Some(tensor) => tensor
+                .check()
+                .map(|()| self.finished.push(tensor))
+                .map_err(StreamError::Broken),
         };
-        tensor.check()?;
-        self.finished.push(tensor);
-        Ok(())
+        self.check(result);
     }
 
     /// Bytes announced so far (what the receiver holds or will hold).
@@ -117,33 +166,77 @@ impl TensorReceiver {
     pub fn fill<'a>(
         self,
         slots: impl IntoIterator<Item = &'a mut WireTensor>,
-    ) -> Result<(), String> {
+    ) -> Result<(), StreamError> {
+        if let Some(refused) = self.refused {
+            return Err(refused);
+        }
         if self.current.is_some() {
-            return Err("a streamed tensor was not ended before its message".to_owned());
+            return Err(broken("a streamed tensor was not ended before its message"));
         }
         let mut streamed = self.finished.into_iter();
         for slot in slots.into_iter().filter(|t| t.is_placeholder()) {
             let tensor = streamed.next().ok_or_else(|| {
-                format!(
+                broken(&format!(
                     "the message holds a tensor of shape {:?} without data, and none was streamed for it",
                     slot.shape
-                )
+                ))
             })?;
             if tensor.dtype != slot.dtype || tensor.shape != slot.shape {
-                return Err(format!(
+                return Err(broken(&format!(
                     "streamed tensor {:?} {:?} does not match its place in the message, {:?} {:?}",
                     tensor.dtype, tensor.shape, slot.dtype, slot.shape
-                ));
+                )));
             }
             *slot = tensor;
         }
         match streamed.len() {
             0 => Ok(()),
-            n => Err(format!(
+            n => Err(broken(&format!(
                 "{n} streamed tensor(s) have no placeholder in the message"
-            )),
+            ))),
         }
     }
+
+    fn check(&mut self, result: Result<(), StreamError>) {
+        if let (Err(error), None) = (result, &self.refused) {
+            // The rest of the stream is dropped; its memory goes now.
+            *self = TensorReceiver {
+                refused: Some(error),
+                ..TensorReceiver::default()
+            };
+        }
+    }
+}
+
+fn broken(problem: &str) -> StreamError {
+    StreamError::Broken(problem.to_owned())
+}
+
+/// One frame of a streamed tensor, whatever message carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TensorFrame {
+    /// `TensorBegin`.
+    Begin {
+        /// Element type.
+        dtype: DType,
+        /// Dimensions.
+        shape: Vec<u64>,
+    },
+    /// `TensorChunk`: at most [`CHUNK_BYTES`].
+    Chunk(Vec<u8>),
+    /// `TensorEnd`.
+    End,
+}
+
+/// The frames that stream `tensor`: begin, chunks, end.
+pub fn frames(tensor: WireTensor) -> impl Iterator<Item = TensorFrame> + Send {
+    let WireTensor { dtype, shape, data } = tensor;
+    let chunks = (0..data.len()).step_by(CHUNK_BYTES).map(move |start| {
+        TensorFrame::Chunk(data[start..(start + CHUNK_BYTES).min(data.len())].to_vec())
+    });
+    std::iter::once(TensorFrame::Begin { dtype, shape })
+        .chain(chunks)
+        .chain(std::iter::once(TensorFrame::End))
 }
 
 /// The tensors of `slots` that should stream, in order, with their data
@@ -176,12 +269,17 @@ mod tests {
         .unwrap()
     }
 
-    fn send(receiver: &mut TensorReceiver, tensor: &WireTensor) -> Result<(), String> {
-        receiver.begin(tensor.dtype, tensor.shape.clone(), usize::MAX)?;
-        for chunk in tensor.data.chunks(CHUNK_BYTES) {
-            receiver.chunk(chunk)?;
+    fn receive(receiver: &mut TensorReceiver, tensor: WireTensor) {
+        for frame in frames(tensor) {
+            match frame {
+                TensorFrame::Begin { dtype, shape } => receiver.begin(dtype, shape, usize::MAX),
+                TensorFrame::Chunk(data) => {
+                    assert!(data.len() <= CHUNK_BYTES);
+                    receiver.chunk(&data)
+                }
+                TensorFrame::End => receiver.end(),
+            }
         }
-        receiver.end()
     }
 
     #[test]
@@ -193,51 +291,76 @@ mod tests {
         assert_eq!(streamed, vec![a.clone(), b.clone()]);
         assert!(message[0].is_placeholder() && message[2].is_placeholder());
         assert_eq!(message[1], small);
+        assert_eq!(frames(a.clone()).count(), 1 + 4 + 1);
 
         let mut receiver = TensorReceiver::default();
-        for t in &streamed {
-            send(&mut receiver, t).unwrap();
+        for t in streamed {
+            receive(&mut receiver, t);
         }
         assert_eq!(receiver.bytes(), a.data.len() + b.data.len());
         receiver.fill(&mut message).unwrap();
         assert_eq!(message, vec![a, small, b]);
     }
 
+    fn refused(receiver: TensorReceiver) -> String {
+        let error = receiver.fill(&mut []).unwrap_err();
+        error.to_string()
+    }
+
     #[test]
-    fn a_stream_that_breaks_the_rules_is_named() {
+    fn a_stream_that_breaks_the_rules_is_named_and_the_rest_dropped() {
         let mut receiver = TensorReceiver::default();
-        let error = receiver
-            .begin(DType::F32, vec![1 << 20, 1 << 10], 1 << 30)
-            .unwrap_err();
+        receiver.begin(DType::F32, vec![1 << 20, 1 << 10], 1 << 30);
+        assert_eq!(receiver.bytes(), 0);
+        // What follows a refusal is dropped, not held.
+        receiver.begin(DType::U8, vec![2], 10);
+        receiver.chunk(&[1, 2]);
+        assert_eq!(receiver.bytes(), 0);
+        let error = receiver.fill(&mut []).unwrap_err();
+        assert_eq!(
+            error,
+            StreamError::TooLarge {
+                shape: vec![1 << 20, 1 << 10],
+                bytes: 4 << 30,
+                room: 1 << 30
+            }
+        );
         assert!(
-            error.contains("4.0 GiB") && error.contains("limit of 1.0 GiB"),
+            error
+                .to_string()
+                .contains("(4.0 GiB) exceeds the 1.0 GiB left"),
             "{error}"
         );
-        assert!(receiver
-            .chunk(&[1])
-            .unwrap_err()
-            .contains("without TensorBegin"));
-        receiver.begin(DType::U8, vec![2], 10).unwrap();
-        assert!(receiver
-            .chunk(&[1, 2, 3])
-            .unwrap_err()
-            .contains("more than its 2 bytes"));
-        receiver.chunk(&[1]).unwrap();
-        assert!(receiver.end().unwrap_err().contains("needs 2 bytes, got 1"));
 
         let mut receiver = TensorReceiver::default();
-        send(&mut receiver, &tensor(4)).unwrap();
+        receiver.chunk(&[1]);
+        assert!(refused(receiver).contains("without TensorBegin"));
+        let mut receiver = TensorReceiver::default();
+        receiver.begin(DType::U8, vec![2], 10);
+        receiver.chunk(&[1, 2, 3]);
+        assert!(refused(receiver).contains("more than its 2 bytes"));
+        let mut receiver = TensorReceiver::default();
+        receiver.begin(DType::U8, vec![2], 10);
+        receiver.chunk(&[1]);
+        receiver.end();
+        assert!(refused(receiver).contains("needs 2 bytes, got 1"));
+
+        let mut receiver = TensorReceiver::default();
+        receive(&mut receiver, tensor(4));
         let mut wrong = vec![WireTensor::placeholder(DType::U8, vec![5])];
-        let error = receiver.fill(&mut wrong).unwrap_err();
+        let error = receiver.fill(&mut wrong).unwrap_err().to_string();
         assert!(error.contains("does not match"), "{error}");
 
         let mut missing = vec![WireTensor::placeholder(DType::U8, vec![5])];
-        let error = TensorReceiver::default().fill(&mut missing).unwrap_err();
+        let error = TensorReceiver::default()
+            .fill(&mut missing)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("none was streamed"), "{error}");
 
         let mut receiver = TensorReceiver::default();
-        send(&mut receiver, &tensor(4)).unwrap();
-        let error = receiver.fill(&mut [tensor(2)]).unwrap_err();
+        receive(&mut receiver, tensor(4));
+        let error = receiver.fill(&mut [tensor(2)]).unwrap_err().to_string();
         assert!(
             error.contains("1 streamed tensor(s) have no placeholder"),
             "{error}"
@@ -249,5 +372,6 @@ mod tests {
         let empty = WireTensor::new(DType::F32, vec![0, 3], vec![]).unwrap();
         assert!(!empty.is_placeholder());
         assert!(WireTensor::placeholder(DType::F32, vec![1, 3]).is_placeholder());
+        assert_eq!(frames(empty).count(), 2);
     }
 }

@@ -21,7 +21,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{DType, Error, ModelKind, WireTensor};
+use crate::{DType, Error, ModelKind, TensorFrame, WireTensor};
 
 /// A frame from the daemon to a worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,6 +99,28 @@ pub enum Job {
         /// The forward's arguments, in order.
         inputs: Vec<WireTensor>,
     },
+}
+
+impl DaemonToWorker {
+    /// A frame of a tensor streamed ahead of the next `Run`.
+    pub fn tensor_frame(frame: TensorFrame) -> DaemonToWorker {
+        match frame {
+            TensorFrame::Begin { dtype, shape } => DaemonToWorker::TensorBegin { dtype, shape },
+            TensorFrame::Chunk(data) => DaemonToWorker::TensorChunk { data },
+            TensorFrame::End => DaemonToWorker::TensorEnd,
+        }
+    }
+}
+
+impl WorkerToDaemon {
+    /// A frame of an output streamed ahead of the next `Done`.
+    pub fn tensor_frame(frame: TensorFrame) -> WorkerToDaemon {
+        match frame {
+            TensorFrame::Begin { dtype, shape } => WorkerToDaemon::TensorBegin { dtype, shape },
+            TensorFrame::Chunk(data) => WorkerToDaemon::TensorChunk { data },
+            TensorFrame::End => WorkerToDaemon::TensorEnd,
+        }
+    }
 }
 
 impl Job {

@@ -5,9 +5,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 
 use gpuctl_protocol::worker::{DaemonToWorker, WorkerToDaemon};
-use gpuctl_protocol::{
-    decode_payload, encode_payload, FrameError, WireTensor, CHUNK_BYTES, MAX_FRAME_CEILING,
-};
+use gpuctl_protocol::{decode_payload, encode_payload, FrameError, WireTensor, MAX_FRAME_CEILING};
 
 /// The worker's end of the socketpair.
 pub struct Channel {
@@ -47,13 +45,10 @@ impl Channel {
 
     /// Streams one output ahead of the `Done` that holds it as a placeholder.
     pub fn send_tensor(&mut self, tensor: WireTensor) -> Result<(), FrameError> {
-        let WireTensor { dtype, shape, data } = tensor;
-        self.send(&WorkerToDaemon::TensorBegin { dtype, shape })?;
-        for chunk in data.chunks(CHUNK_BYTES) {
-            let data = chunk.to_vec();
-            self.send(&WorkerToDaemon::TensorChunk { data })?;
+        for frame in gpuctl_protocol::stream::frames(tensor) {
+            self.send(&WorkerToDaemon::tensor_frame(frame))?;
         }
-        self.send(&WorkerToDaemon::TensorEnd)
+        Ok(())
     }
 
     pub fn send(&mut self, message: &WorkerToDaemon) -> Result<(), FrameError> {

@@ -233,23 +233,23 @@ fn read_messages(
                 cancels.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
                 continue;
             }
+            // Checked when the Run they precede comes.
             Ok(Some(DaemonToWorker::TensorBegin { dtype, shape })) => {
-                match streamed.begin(dtype, shape, usize::MAX) {
-                    Ok(()) => continue,
-                    Err(problem) => Err(problem),
-                }
+                streamed.begin(dtype, shape, usize::MAX);
+                continue;
             }
-            Ok(Some(DaemonToWorker::TensorChunk { data })) => match streamed.chunk(&data) {
-                Ok(()) => continue,
-                Err(problem) => Err(problem),
-            },
-            Ok(Some(DaemonToWorker::TensorEnd)) => match streamed.end() {
-                Ok(()) => continue,
-                Err(problem) => Err(problem),
-            },
+            Ok(Some(DaemonToWorker::TensorChunk { data })) => {
+                streamed.chunk(&data);
+                continue;
+            }
+            Ok(Some(DaemonToWorker::TensorEnd)) => {
+                streamed.end();
+                continue;
+            }
             Ok(Some(DaemonToWorker::Run { id, mut job })) => std::mem::take(&mut streamed)
                 .fill(job.tensors_mut())
-                .map(|()| Some(DaemonToWorker::Run { id, job })),
+                .map(|()| Some(DaemonToWorker::Run { id, job }))
+                .map_err(|e| e.to_string()),
             Ok(other) => Ok(other),
         };
         let end = !matches!(next, Ok(Some(_)));

@@ -117,15 +117,9 @@ impl Worker {
         mut job: Job,
     ) -> Result<(Vec<WireTensor>, Vec<String>), Error> {
         for tensor in gpuctl_protocol::stream::take_streamed(job.tensors_mut()) {
-            self.send(&DaemonToWorker::TensorBegin {
-                dtype: tensor.dtype,
-                shape: tensor.shape.clone(),
-            });
-            for chunk in tensor.data.chunks(gpuctl_protocol::CHUNK_BYTES) {
-                let data = chunk.to_vec();
-                self.send(&DaemonToWorker::TensorChunk { data });
+            for frame in gpuctl_protocol::stream::frames(tensor) {
+                self.send(&DaemonToWorker::tensor_frame(frame));
             }
-            self.send(&DaemonToWorker::TensorEnd);
         }
         self.send(&DaemonToWorker::Run { id, job });
         let mut streamed = gpuctl_protocol::TensorReceiver::default();
@@ -140,10 +134,10 @@ impl Worker {
                     assert!(0 < done && done <= total, "{done}/{total}");
                 }
                 WorkerToDaemon::TensorBegin { dtype, shape } => {
-                    streamed.begin(dtype, shape, usize::MAX).unwrap()
+                    streamed.begin(dtype, shape, usize::MAX)
                 }
-                WorkerToDaemon::TensorChunk { data } => streamed.chunk(&data).unwrap(),
-                WorkerToDaemon::TensorEnd => streamed.end().unwrap(),
+                WorkerToDaemon::TensorChunk { data } => streamed.chunk(&data),
+                WorkerToDaemon::TensorEnd => streamed.end(),
                 other => break other,
             }
         };
