@@ -24,6 +24,17 @@ use crate::uploads::Uploads;
 
 type Connection = Framed<UnixStream, FrameCodec<ClientMessage, DaemonMessage>>;
 
+/// Requests a connection may have streamed tensors for without sending
+/// them yet; past it the client is misbehaving and is disconnected.
+const MAX_STREAMS: usize = 1024;
+
+fn too_many_streams() -> Error {
+    Error::new(
+        ErrorCode::InvalidRequest,
+        format!("tensors streamed for more than {MAX_STREAMS} requests that were never sent; closing the connection"),
+    )
+}
+
 /// How long a goodbye frame may take to write before we just hang up.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -151,6 +162,10 @@ async fn serve_requests(
     loop {
         if draining && running.is_empty() {
             say_goodbye(connection, shutting_down()).await;
+            return;
+        }
+        if uploads.streams() > MAX_STREAMS {
+            say_goodbye(connection, too_many_streams()).await;
             return;
         }
         tokio::select! {

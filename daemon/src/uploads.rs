@@ -30,6 +30,11 @@ impl Uploads {
         self.receiving.values().map(TensorReceiver::bytes).sum()
     }
 
+    /// Requests with tensors streamed for them and not yet sent.
+    pub fn streams(&self) -> usize {
+        self.receiving.len()
+    }
+
     pub fn begin(&mut self, id: RequestId, dtype: DType, shape: Vec<u64>) {
         let room = self.limit.saturating_sub(self.held());
         self.receiving

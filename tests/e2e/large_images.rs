@@ -413,3 +413,18 @@ fn a_worker_output_over_max_output_is_refused_when_the_scale_is_not_known_ahead(
     });
     assert_eq!(model_status(&daemon, "x4")["loads"], 1);
 }
+
+#[test]
+fn streams_for_requests_that_never_come_are_capped() {
+    let daemon = x4_daemon("");
+    let mut raw = RawClient::handshaken(&daemon.socket);
+    for id in 0..=1024 {
+        raw.send(&ClientMessage::TensorEnd { id });
+    }
+    let message = raw.expect_closing(ErrorCode::InvalidRequest);
+    assert!(
+        message.contains("more than 1024 requests that were never sent"),
+        "{message}"
+    );
+    daemon.assert_serving();
+}
