@@ -428,3 +428,45 @@ fn streams_for_requests_that_never_come_are_capped() {
     );
     daemon.assert_serving();
 }
+
+#[test]
+fn a_client_gone_in_the_middle_of_an_upload_frees_it_and_disturbs_no_one() {
+    let daemon = x4_daemon("");
+    let pid = daemon.pid() as u64;
+    let before = proc_bytes(pid, "VmRSS");
+    {
+        let mut raw = RawClient::handshaken(&daemon.socket);
+        // 256 MiB announced, 128 MiB of it sent, then the client is gone.
+        raw.send(&ClientMessage::TensorBegin {
+            id: 1,
+            dtype: DType::U8,
+            shape: vec![1, 3, 8192, 10923],
+        });
+        for _ in 0..128 {
+            raw.send(&ClientMessage::TensorChunk {
+                id: 1,
+                data: vec![7; 1 << 20],
+            });
+        }
+    }
+    daemon.wait_idle();
+    let after = proc_bytes(pid, "VmRSS");
+    assert!(
+        after < before + 32 * MIB,
+        "gpuctld kept {} MiB of an abandoned upload",
+        (after.saturating_sub(before)) / MIB
+    );
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        let answer = generate(
+            &client,
+            GenerateRequest {
+                input: Some(image(600)),
+                ..GenerateRequest::new("x4")
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.outputs[0].shape, vec![1, 3, 2400, 2400]);
+    });
+}
