@@ -4,6 +4,7 @@
 //! daemon returned an error, 2 usage, 3 cannot connect.
 
 mod commands;
+mod interleave;
 mod progress;
 mod table;
 

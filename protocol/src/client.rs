@@ -96,10 +96,21 @@ enum Update {
     Done(Result<Response, ClientError>),
 }
 
+/// Takes the frames of a call's streamed outputs as they arrive (see
+/// [`Client::start_with_sink`]).
+pub type OutputSink = Box<dyn FnMut(TensorFrame) + Send>;
+
 struct Submit {
     id: RequestId,
     request: Request,
     updates: mpsc::UnboundedSender<Update>,
+    sink: Option<OutputSink>,
+}
+
+/// A call sent and not yet answered.
+struct Pending {
+    updates: mpsc::UnboundedSender<Update>,
+    sink: Option<OutputSink>,
 }
 
 /// A connected, handshaken client. It is `Sync`: share it by reference.
@@ -185,6 +196,26 @@ impl Client {
 
     /// Sends `request` and returns its [`Call`], to read events and the answer.
     pub async fn start(&self, request: Request) -> Result<Call, ClientError> {
+        self.submit_call(request, None).await
+    }
+
+    /// Like [`Client::start`], but the outputs the daemon streams (those
+    /// over 1 MiB) go to `sink` frame by frame as they arrive, and stay
+    /// placeholders in the response: a caller that converts them as they
+    /// come (gpuctl interleaves pixels for the encoder) holds them once.
+    pub async fn start_with_sink(
+        &self,
+        request: Request,
+        sink: OutputSink,
+    ) -> Result<Call, ClientError> {
+        self.submit_call(request, Some(sink)).await
+    }
+
+    async fn submit_call(
+        &self,
+        request: Request,
+        sink: Option<OutputSink>,
+    ) -> Result<Call, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (updates, receiver) = mpsc::unbounded_channel();
         self.submit
@@ -192,6 +223,7 @@ impl Client {
                 id,
                 request,
                 updates,
+                sink,
             })
             .await
             .map_err(|_| ClientError::Closed { reason: None })?;
@@ -266,7 +298,7 @@ struct Outgoing {
     id: RequestId,
     frames: Box<dyn Iterator<Item = TensorFrame> + Send>,
     request: Request,
-    updates: mpsc::UnboundedSender<Update>,
+    pending: Pending,
 }
 
 impl Outgoing {
@@ -275,6 +307,7 @@ impl Outgoing {
             id,
             mut request,
             updates,
+            sink,
         } = submit;
         let streamed = match &mut request {
             Request::Generate(generate) if stream => {
@@ -286,7 +319,7 @@ impl Outgoing {
             id,
             frames: Box::new(streamed.into_iter().flat_map(crate::stream::frames)),
             request,
-            updates,
+            pending: Pending { updates, sink },
         }
     }
 
@@ -308,7 +341,7 @@ async fn own_connection(
     let (mut sink, mut frames) = connection.split();
     let mut outbox: VecDeque<Outgoing> = VecDeque::new();
     let mut unflushed = false;
-    let mut pending: HashMap<RequestId, mpsc::UnboundedSender<Update>> = HashMap::new();
+    let mut pending: HashMap<RequestId, Pending> = HashMap::new();
     let mut receiving: HashMap<RequestId, TensorReceiver> = HashMap::new();
     let closing_reason = loop {
         // One branch for the sink: room for the next frame while there is
@@ -328,18 +361,18 @@ async fn own_connection(
                     (Err(error), _) => Err(error),
                     (Ok(()), Some(frame)) => sink.start_send_unpin(frame),
                     (Ok(()), None) => {
-                        let Some(Outgoing { id, request, updates, .. }) = outbox.pop_front() else { continue };
+                        let Some(Outgoing { id, request, pending: call, .. }) = outbox.pop_front() else { continue };
                         match sink.start_send_unpin(ClientMessage::Request { id, request }) {
                             Ok(()) => {
-                                pending.insert(id, updates);
+                                pending.insert(id, call);
                                 Ok(())
                             }
                             Err(FrameError::TooLarge { max }) => {
-                                let _ = updates.send(Update::Done(Err(FrameError::TooLarge { max }.into())));
+                                let _ = call.updates.send(Update::Done(Err(FrameError::TooLarge { max }.into())));
                                 Ok(())
                             }
                             Err(error) => {
-                                let _ = updates.send(Update::Done(Err(error.duplicate().into())));
+                                let _ = call.updates.send(Update::Done(Err(error.duplicate().into())));
                                 Err(error)
                             }
                         }
@@ -363,8 +396,8 @@ async fn own_connection(
                     }
                 }
                 Some(Err(error)) => {
-                    for (_, updates) in pending.drain() {
-                        let _ = updates.send(Update::Done(Err(ClientError::Frame(error.duplicate()))));
+                    for (_, call) in pending.drain() {
+                        let _ = call.updates.send(Update::Done(Err(ClientError::Frame(error.duplicate()))));
                     }
                     break None;
                 }
@@ -372,55 +405,80 @@ async fn own_connection(
             },
         }
     };
-    let unsent = outbox.into_iter().map(|o| o.updates);
-    for updates in pending.into_values().chain(unsent) {
+    let unsent = outbox.into_iter().map(|o| o.pending);
+    for call in pending.into_values().chain(unsent) {
         let reason = closing_reason.clone();
-        let _ = updates.send(Update::Done(Err(ClientError::Closed { reason })));
+        let _ = call
+            .updates
+            .send(Update::Done(Err(ClientError::Closed { reason })));
     }
 }
 
 /// Delivers one daemon message; returns the reason if the daemon is closing.
 fn route(
     message: DaemonMessage,
-    pending: &mut HashMap<RequestId, mpsc::UnboundedSender<Update>>,
+    pending: &mut HashMap<RequestId, Pending>,
     receiving: &mut HashMap<RequestId, TensorReceiver>,
 ) -> Option<Error> {
     match message {
         DaemonMessage::Response { id, mut response } => {
+            let Some(call) = pending.remove(&id) else {
+                receiving.remove(&id);
+                return None;
+            };
             let streamed = receiving.remove(&id).unwrap_or_default();
             let filled = match &mut response {
+                // A sink has had the streamed outputs: placeholders stay.
+                Response::Generate(_) if call.sink.is_some() => Ok(()),
                 Response::Generate(generate) => streamed.fill(&mut generate.outputs),
                 _ => Ok(()),
             };
-            if let Some(updates) = pending.remove(&id) {
-                let done = filled
-                    .map(|()| response)
-                    .map_err(|problem| ClientError::Unexpected(format!("request {id}: {problem}")));
-                let _ = updates.send(Update::Done(done));
-            }
+            let done = filled
+                .map(|()| response)
+                .map_err(|problem| ClientError::Unexpected(format!("request {id}: {problem}")));
+            let _ = call.updates.send(Update::Done(done));
         }
         DaemonMessage::Error { id, error } => {
             receiving.remove(&id);
-            if let Some(updates) = pending.remove(&id) {
-                let _ = updates.send(Update::Done(Err(ClientError::Daemon(error))));
+            if let Some(call) = pending.remove(&id) {
+                let _ = call
+                    .updates
+                    .send(Update::Done(Err(ClientError::Daemon(error))));
             }
         }
         DaemonMessage::Event { id, event } => {
-            if let Some(updates) = pending.get(&id) {
-                let _ = updates.send(Update::Event(event));
+            if let Some(call) = pending.get(&id) {
+                let _ = call.updates.send(Update::Event(event));
             }
         }
-        // What the daemon streams is checked when its Response comes.
         DaemonMessage::TensorBegin { id, dtype, shape } => {
-            receiving
-                .entry(id)
-                .or_default()
-                .begin(dtype, shape, usize::MAX);
+            stream_frame(id, TensorFrame::Begin { dtype, shape }, pending, receiving)
         }
-        DaemonMessage::TensorChunk { id, data } => receiving.entry(id).or_default().chunk(&data),
-        DaemonMessage::TensorEnd { id } => receiving.entry(id).or_default().end(),
+        DaemonMessage::TensorChunk { id, data } => {
+            stream_frame(id, TensorFrame::Chunk(data), pending, receiving)
+        }
+        DaemonMessage::TensorEnd { id } => stream_frame(id, TensorFrame::End, pending, receiving),
         DaemonMessage::Closing(error) => return Some(error),
         DaemonMessage::Welcome(_) => {}
     }
     None
+}
+
+/// Hands a streamed output frame to its call's sink, or keeps it for the
+/// response (checked when the response comes).
+fn stream_frame(
+    id: RequestId,
+    frame: TensorFrame,
+    pending: &mut HashMap<RequestId, Pending>,
+    receiving: &mut HashMap<RequestId, TensorReceiver>,
+) {
+    if let Some(sink) = pending.get_mut(&id).and_then(|call| call.sink.as_mut()) {
+        return sink(frame);
+    }
+    let receiver = receiving.entry(id).or_default();
+    match frame {
+        TensorFrame::Begin { dtype, shape } => receiver.begin(dtype, shape, usize::MAX),
+        TensorFrame::Chunk(data) => receiver.chunk(&data),
+        TensorFrame::End => receiver.end(),
+    }
 }

@@ -41,7 +41,7 @@ pub mod units;
 mod version;
 pub mod worker;
 
-pub use client::{Call, Client, ClientError, ClientOptions};
+pub use client::{Call, Client, ClientError, ClientOptions, OutputSink};
 pub use codec::{
     decode_payload, encode_payload, wire_config, FrameCodec, FrameError, DEFAULT_MAX_FRAME,
     MAX_FRAME_CEILING,

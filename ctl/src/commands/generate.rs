@@ -2,6 +2,7 @@
 //! here, never in the daemon; tensor models take and give safetensors.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use gpuctl_protocol::{
     Client, DType, Event, GenerateRequest, GenerateResponse, KeepAlive, ModelKind, ModelsRequest,
@@ -10,6 +11,7 @@ use gpuctl_protocol::{
 use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 
+use crate::interleave::Interleaver;
 use crate::{unexpected, CliError, Output};
 
 /// `gpuctl generate`'s arguments.
@@ -105,7 +107,16 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         }
         _ => {}
     }
-    let mut call = client.start(Request::Generate(request)).await?;
+    // Image outputs are interleaved for the encoder as they stream in.
+    let streamed = Arc::new(Mutex::new(Interleaver::default()));
+    let request = Request::Generate(request);
+    let mut call = match kind {
+        Some(ModelKind::Tensor) => client.start(request).await?,
+        _ => {
+            let sink = Interleaver::sink(&streamed);
+            client.start_with_sink(request, sink).await?
+        }
+    };
     let mut progress = crate::progress::Progress::new(output);
     loop {
         let event = tokio::select! {
@@ -137,7 +148,7 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         }
     }
     progress.finish();
-    let answer = match call.response().await? {
+    let mut answer = match call.response().await? {
         Response::Generate(answer) => answer,
         other => return Err(unexpected(&other).into()),
     };
@@ -147,7 +158,7 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         .unwrap_or_else(|| default_output(&args, kind, &answer));
     match kind {
         Some(ModelKind::Tensor) => write_safetensors(&path, &answer.outputs)?,
-        _ => write_image(&path, &answer.outputs)?,
+        _ => write_image(&path, &mut answer.outputs, &streamed)?,
     }
     let report = Report {
         model: answer.model.clone(),
@@ -242,40 +253,25 @@ fn read_image(path: &Path) -> Result<WireTensor, CliError> {
     .map_err(CliError::Usage)
 }
 
-/// `[1,3,H,W]` RGB8 → an image file whose format the extension names.
-fn write_image(path: &Path, outputs: &[WireTensor]) -> Result<(), CliError> {
+/// The image outputs, whichever way they came (streamed into `streamed`,
+/// or inline in the response), → a file whose format the extension names.
+fn write_image(
+    path: &Path,
+    outputs: &mut [WireTensor],
+    streamed: &Mutex<Interleaver>,
+) -> Result<(), CliError> {
     let bad =
         |problem: String| CliError::Failed(format!("cannot write {}: {problem}", path.display()));
-    let tensor = match outputs {
-        [tensor] => tensor,
-        _ => {
-            return Err(bad(format!(
-                "the model returned {} outputs, not one image",
-                outputs.len()
-            )))
-        }
-    };
-    let [1, 3, height, width] = tensor.shape[..] else {
-        return Err(bad(format!(
-            "the model returned shape {:?}, not [1,3,H,W]",
-            tensor.shape
-        )));
-    };
-    if tensor.dtype != DType::U8 {
-        return Err(bad(format!(
-            "the model returned {:?} pixels, not RGB8",
-            tensor.dtype
-        )));
+    let mut interleaver = std::mem::take(&mut *streamed.lock().unwrap_or_else(|p| p.into_inner()));
+    for tensor in outputs.iter_mut().filter(|t| !t.is_placeholder()) {
+        let data = tensor.take_data();
+        interleaver.take_tensor(WireTensor {
+            dtype: tensor.dtype,
+            shape: tensor.shape.clone(),
+            data,
+        });
     }
-    let plane = (height * width) as usize;
-    let mut interleaved = vec![0u8; plane * 3];
-    for i in 0..plane {
-        for c in 0..3 {
-            interleaved[i * 3 + c] = tensor.data[c * plane + i];
-        }
-    }
-    let image = image::RgbImage::from_raw(width as u32, height as u32, interleaved)
-        .ok_or_else(|| bad("the pixel count does not match the size".into()))?;
+    let image = interleaver.finish().map_err(bad)?;
     image
         .save(path)
         .map_err(|e| bad(format!("{e} (use .png, .jpg or .webp)")))
