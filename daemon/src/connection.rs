@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use gpuctl_protocol::stream::take_streamed;
 use gpuctl_protocol::{
     CancelRequest, CancelResponse, ClientMessage, DaemonMessage, Error, ErrorCode, FrameCodec,
     FrameError, Hello, Request, RequestId, Response, Welcome, WireTensor, PROTOCOL_VERSION,
@@ -280,18 +281,16 @@ async fn send_answer(
         DaemonMessage::Response { id, .. } | DaemonMessage::Error { id, .. } => Some(*id),
         _ => None,
     };
-    if let (
-        true,
+    let (of, streamed) = match &mut message {
         DaemonMessage::Response {
             id,
             response: Response::Generate(generate),
-        },
-    ) = (streams, &mut message)
-    {
-        for tensor in gpuctl_protocol::stream::take_streamed(&mut generate.outputs) {
-            if send_stream(connection, *id, tensor).await.is_err() {
-                return false;
-            }
+        } if streams => (*id, take_streamed(&mut generate.outputs)),
+        _ => (0, Vec::new()),
+    };
+    for tensor in streamed {
+        if send_stream(connection, of, tensor).await.is_err() {
+            return false;
         }
     }
     match connection.send(message).await {
