@@ -99,19 +99,17 @@ impl TensorReceiver {
         if self.current.is_some() {
             return Err(broken("TensorBegin before the previous tensor's TensorEnd"));
         }
-        let size = shape
-            .iter()
-            .try_fold(dtype.size() as u64, |n, d| n.checked_mul(*d))
-            .unwrap_or(u64::MAX);
-        if size > room as u64 {
-            return Err(StreamError::TooLarge {
-                shape,
-                bytes: size,
-                room: room as u64,
-            });
-        }
-        let size = size as usize;
         let mut tensor = WireTensor::placeholder(dtype, shape);
+        let size = match tensor.byte_len() {
+            Some(size) if size <= room => size,
+            too_large => {
+                return Err(StreamError::TooLarge {
+                    bytes: too_large.map_or(u64::MAX, |n| n as u64),
+                    shape: tensor.shape,
+                    room: room as u64,
+                })
+            }
+        };
         tensor.data.try_reserve_exact(size).map_err(|_| {
             broken(&format!(
                 "cannot allocate {size} bytes for a streamed tensor"

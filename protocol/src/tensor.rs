@@ -63,11 +63,15 @@ impl WireTensor {
             .try_fold(1usize, |n, d| n.checked_mul(usize::try_from(*d).ok()?))
     }
 
+    /// Bytes its shape and dtype call for, if the count fits in `usize`.
+    pub fn byte_len(&self) -> Option<usize> {
+        self.numel()?.checked_mul(self.dtype.size())
+    }
+
     /// Checks that the bytes match the shape: a peer may send anything.
     pub fn check(&self) -> Result<(), String> {
         let expected = self
-            .numel()
-            .and_then(|n| n.checked_mul(self.dtype.size()))
+            .byte_len()
             .ok_or_else(|| format!("tensor shape {:?} is too large", self.shape))?;
         if expected != self.data.len() {
             return Err(format!(

@@ -551,13 +551,7 @@ impl ModelConfig {
             return Err(("scale", "must be at least 1".into()));
         }
         if let Some(tile) = self.tile {
-            if tile < 16 {
-                return Err(("tile", "must be at least 16 pixels".into()));
-            }
-            let overlap = self.overlap.unwrap_or(0);
-            if overlap.saturating_mul(2) >= tile {
-                return Err(("overlap", format!("{overlap} is too large for tile {tile}: twice the overlap must be less than the tile")));
-            }
+            check_tiling(tile, self.overlap.unwrap_or(0))?;
         }
         if self.kind == Kind::Generate && self.noise_channels == 0 {
             return Err(("noise_channels", "must be at least 1".into()));
@@ -573,6 +567,24 @@ impl ModelConfig {
         }
         Ok(())
     }
+}
+
+/// Whether tiles of `tile` pixels overlapping by `overlap` can be cut; the
+/// key at fault and why not. Configured tilings and requested ones alike.
+pub fn check_tiling(tile: u32, overlap: u32) -> Result<(), (&'static str, String)> {
+    if tile < 16 {
+        return Err((
+            "tile",
+            format!("tile {tile} is too small: at least 16 pixels"),
+        ));
+    }
+    if overlap.saturating_mul(2) >= tile {
+        return Err((
+            "overlap",
+            format!("overlap {overlap} is too large for tile {tile}: twice the overlap must be less than the tile"),
+        ));
+    }
+    Ok(())
 }
 
 fn valid_model_name(name: &str) -> bool {

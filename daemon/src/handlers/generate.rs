@@ -1,7 +1,7 @@
 use gpuctl_protocol::worker::{GenerateJob, Job, Tiling};
 use gpuctl_protocol::{Error, ErrorCode, GenerateRequest, GenerateResponse};
 
-use crate::config::{Kind, ModelConfig};
+use crate::config::{check_tiling, Kind, ModelConfig};
 use crate::context::{Context, EventSink};
 use crate::noise;
 use crate::registry::{not_found, PreparedJob};
@@ -99,16 +99,7 @@ fn tiling(request: &GenerateRequest, model: &ModelConfig) -> Result<Option<Tilin
         (None, None) => model.overlap.unwrap_or(0),
         (None, Some(_)) => model.overlap.unwrap_or(tile / 8),
     };
-    if tile < 16 {
-        return Err(format!(
-            "tile {tile} is too small: at least 16 pixels (or 0 for none)"
-        ));
-    }
-    if overlap.saturating_mul(2) >= tile {
-        return Err(format!(
-            "overlap {overlap} is too large for tile {tile}: twice the overlap must be less than the tile"
-        ));
-    }
+    check_tiling(tile, overlap).map_err(|(_, problem)| problem)?;
     Ok(Some(Tiling {
         tile,
         overlap,
