@@ -4,7 +4,7 @@
 //! daemon returned an error, 2 usage, 3 cannot connect.
 
 mod commands;
-mod interleave;
+mod image_out;
 mod progress;
 mod table;
 

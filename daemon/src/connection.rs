@@ -9,7 +9,8 @@ use futures_util::{SinkExt, StreamExt};
 use gpuctl_protocol::stream::take_streamed;
 use gpuctl_protocol::{
     CancelRequest, CancelResponse, ClientMessage, DaemonMessage, Error, ErrorCode, FrameCodec,
-    FrameError, Hello, Request, RequestId, Response, Welcome, WireTensor, PROTOCOL_VERSION,
+    FrameError, Hello, ProtocolVersion, Request, RequestId, Response, Welcome, WireTensor,
+    PROTOCOL_VERSION,
 };
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::access::Peer;
-use crate::context::{Context, EventSink};
+use crate::context::{Context, EventSink, Outgoing};
 use crate::handlers;
 use crate::uploads::Uploads;
 
@@ -76,8 +77,7 @@ pub async fn serve(stream: UnixStream, ctx: Arc<Context>, shutdown: Cancellation
         match hello {
             Ok(Some(hello)) => {
                 tracing::debug!(client = %hello.client, version = %hello.protocol, "client connected");
-                let streams = hello.protocol.streams_tensors();
-                serve_requests(&mut connection, peer, &ctx, &shutdown, streams).await;
+                serve_requests(&mut connection, peer, &ctx, &shutdown, hello.protocol).await;
             }
             Ok(None) => {}
             Err(reason) => say_goodbye(&mut connection, reason).await,
@@ -152,8 +152,9 @@ async fn serve_requests(
     peer: Peer,
     ctx: &Arc<Context>,
     shutdown: &CancellationToken,
-    streams: bool,
+    protocol: ProtocolVersion,
 ) {
+    let streams = protocol.streams_tensors();
     let mut uploads = Uploads::new(ctx.registry.config().daemon.max_upload.0 as usize);
     let mut running: JoinSet<(RequestId, Result<Response, Error>)> = JoinSet::new();
     let mut ids: HashMap<tokio::task::Id, RequestId> = HashMap::new();
@@ -173,8 +174,15 @@ async fn serve_requests(
             // Events first: a request's events, sent before it ended, must
             // reach the client before its answer.
             biased;
-            Some((id, event)) = event_inbox.recv() => {
-                if connection.send(DaemonMessage::Event { id, event }).await.is_err() {
+            Some((id, outgoing)) = event_inbox.recv() => {
+                let message = match outgoing {
+                    Outgoing::Event(event) => DaemonMessage::Event { id, event },
+                    // A request already answered (timed out, cancelled)
+                    // sends its client nothing more.
+                    Outgoing::Output(_) if !aborts.contains_key(&id) => continue,
+                    Outgoing::Output(frame) => DaemonMessage::tensor_frame(id, frame),
+                };
+                if connection.send(message).await.is_err() {
                     return;
                 }
             }
@@ -210,7 +218,7 @@ async fn serve_requests(
                         continue;
                     }
                     let ctx = ctx.clone();
-                    let sink = EventSink::new(id, events.clone());
+                    let sink = EventSink::new(id, events.clone(), protocol.takes_pixel_rows());
                     let span = tracing::debug_span!("request", id, op = request.operation());
                     let task = running.spawn(async move {
                         let started = Instant::now();

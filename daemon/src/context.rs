@@ -47,28 +47,50 @@ impl Drop for Counted {
     }
 }
 
+/// What a request sends its client before its answer.
+#[derive(Debug)]
+pub enum Outgoing {
+    Event(gpuctl_protocol::Event),
+    /// A frame of an output streamed while its job runs.
+    Output(gpuctl_protocol::TensorFrame),
+}
+
+/// The channel to a connection: what its requests send, tagged with their ids.
+pub type Outbox = tokio::sync::mpsc::UnboundedSender<(gpuctl_protocol::RequestId, Outgoing)>;
+
 /// Where a request's events go: its connection, tagged with its id.
 #[derive(Clone)]
 pub struct EventSink {
     id: gpuctl_protocol::RequestId,
-    events:
-        tokio::sync::mpsc::UnboundedSender<(gpuctl_protocol::RequestId, gpuctl_protocol::Event)>,
+    events: Outbox,
+    /// The client takes pixel rows (protocol 1.2): outputs reach it as the
+    /// worker streams them.
+    pixel_rows: bool,
 }
 
 impl EventSink {
-    pub fn new(
-        id: gpuctl_protocol::RequestId,
-        events: tokio::sync::mpsc::UnboundedSender<(
-            gpuctl_protocol::RequestId,
-            gpuctl_protocol::Event,
-        )>,
-    ) -> Self {
-        EventSink { id, events }
+    pub fn new(id: gpuctl_protocol::RequestId, events: Outbox, pixel_rows: bool) -> Self {
+        EventSink {
+            id,
+            events,
+            pixel_rows,
+        }
     }
 
     /// Sends an event; a client that has gone simply misses it.
     pub fn send(&self, event: gpuctl_protocol::Event) {
-        let _ = self.events.send((self.id, event));
+        let _ = self.events.send((self.id, Outgoing::Event(event)));
+    }
+
+    /// Passes on a frame of a streamed output.
+    pub fn output(&self, frame: gpuctl_protocol::TensorFrame) {
+        let _ = self.events.send((self.id, Outgoing::Output(frame)));
+    }
+
+    /// Whether the client takes pixel rows, and outputs streamed as they
+    /// are made (protocol 1.2).
+    pub fn takes_pixel_rows(&self) -> bool {
+        self.pixel_rows
     }
 
     /// Whether both belong to the same connection.

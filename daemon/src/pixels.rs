@@ -1,25 +1,32 @@
-//! Model outputs of `image` and `generate` kinds go to clients as RGB8:
-//! what image files hold, and a quarter of the float32 bytes on the wire.
+//! Workers send `image` and `generate` outputs as RGB8 rows of pixels
+//! (`[N,H,W,3]`, as image files hold them); clients of protocol 1.0 and
+//! 1.1 were promised planar `[N,3,H,W]`, and get that.
 
 use gpuctl_protocol::{DType, WireTensor};
 
-/// float32 in 0..1 (clamped) → u8 0..255, rounded; other dtypes unchanged.
-pub fn to_rgb8(tensor: WireTensor) -> WireTensor {
-    if tensor.dtype != DType::F32 {
+/// `[N,H,W,3]` RGB8 → `[N,3,H,W]`; anything else unchanged.
+pub fn to_planar(tensor: WireTensor) -> WireTensor {
+    let [n, h, w, 3] = tensor.shape[..] else {
+        return tensor;
+    };
+    if tensor.dtype != DType::U8 || tensor.is_placeholder() || tensor.check().is_err() {
         return tensor;
     }
-    let data = tensor
-        .data
-        .chunks_exact(4)
-        .map(|b| {
-            let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            // NaN clamps to 0: a broken pixel, not a broken reply.
-            (v.clamp(0.0, 1.0) * 255.0).round() as u8
-        })
-        .collect();
+    let plane = (h * w) as usize;
+    let mut data = vec![0u8; tensor.data.len()];
+    for (image, pixels) in data
+        .chunks_exact_mut(3 * plane)
+        .zip(tensor.data.chunks_exact(3 * plane))
+    {
+        for (i, pixel) in pixels.chunks_exact(3).enumerate() {
+            for (c, value) in pixel.iter().enumerate() {
+                image[c * plane + i] = *value;
+            }
+        }
+    }
     WireTensor {
         dtype: DType::U8,
-        shape: tensor.shape,
+        shape: vec![n, 3, h, w],
         data,
     }
 }
@@ -29,17 +36,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn floats_become_clamped_rounded_bytes() {
-        let values = [0.0f32, 1.0, 0.5, -3.0, 7.0, f32::NAN];
-        let tensor = WireTensor::new(
-            DType::F32,
-            vec![6],
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    fn rows_of_pixels_become_planes() {
+        // Two images of 1x2 pixels.
+        let rows = WireTensor::new(
+            DType::U8,
+            vec![2, 1, 2, 3],
+            vec![1, 2, 3, 4, 5, 6, 11, 12, 13, 14, 15, 16],
         )
         .unwrap();
-        let pixels = to_rgb8(tensor);
-        assert_eq!(pixels.dtype, DType::U8);
-        assert_eq!(pixels.data, vec![0, 255, 128, 0, 255, 0]);
-        assert!(pixels.check().is_ok());
+        let planar = to_planar(rows);
+        assert_eq!(planar.shape, vec![2, 3, 1, 2]);
+        assert_eq!(planar.data, vec![1, 4, 2, 5, 3, 6, 11, 14, 12, 15, 13, 16]);
+        assert!(planar.check().is_ok());
+        let other = WireTensor::new(DType::F32, vec![1, 1, 1, 3], vec![0; 12]).unwrap();
+        assert_eq!(to_planar(other.clone()), other, "not RGB8: unchanged");
     }
 }

@@ -16,7 +16,7 @@ use gpuctl_protocol::stream::{frames, take_streamed};
 use gpuctl_protocol::units::format_bytes;
 use gpuctl_protocol::worker::{DaemonToWorker, Job, LoadModel, Loaded, WorkerToDaemon, WORKER_FD};
 use gpuctl_protocol::{
-    Error, ErrorCode, FrameCodec, FrameError, StreamError, TensorReceiver, WireTensor,
+    Error, ErrorCode, FrameCodec, FrameError, StreamError, TensorFrame, TensorReceiver, WireTensor,
     MAX_FRAME_CEILING,
 };
 use tokio::net::UnixStream;
@@ -262,14 +262,122 @@ async fn send_job(channel: &mut Channel, id: u64, mut job: Job) -> Result<(), Fr
     channel.send(DaemonToWorker::Run { id, job }).await
 }
 
-/// Fills a job's outputs with what its worker streamed ahead of `Done`.
-fn fill_outputs(
-    model: &str,
-    streamed: TensorReceiver,
-    limit: usize,
-    outputs: &mut [WireTensor],
-) -> Result<(), Error> {
-    streamed.fill(outputs).map_err(|error| match error {
+/// The outputs a worker streams ahead of a job's `Done`: kept to fill the
+/// answer, or passed straight on to a client that takes them as they come
+/// (so a tiled image's rows reach it while later tiles run).
+struct Incoming {
+    job: u64,
+    kept: TensorReceiver,
+    relay: Option<Relay>,
+}
+
+/// Outputs passed on to a client, checked as they go.
+struct Relay {
+    sink: crate::context::EventSink,
+    /// Bytes of the tensor begun last still to come; `None` between tensors.
+    left: Option<usize>,
+    /// Bytes announced so far, against `daemon.max_output`.
+    bytes: usize,
+    tensors: usize,
+    problem: Option<StreamError>,
+}
+
+impl Incoming {
+    /// Outputs of job `id`, passed on when its client takes pixel rows.
+    fn new(id: u64, running: Option<&Running>) -> Incoming {
+        let relay = running
+            .and_then(|r| r.progress.clone())
+            .filter(|sink| sink.takes_pixel_rows())
+            .map(|sink| Relay {
+                sink,
+                left: None,
+                bytes: 0,
+                tensors: 0,
+                problem: None,
+            });
+        Incoming {
+            job: id,
+            kept: TensorReceiver::default(),
+            relay,
+        }
+    }
+
+    fn frame(&mut self, frame: TensorFrame, limit: usize) {
+        let Some(relay) = &mut self.relay else {
+            return match frame {
+                TensorFrame::Begin { dtype, shape } => {
+                    let room = limit.saturating_sub(self.kept.bytes());
+                    self.kept.begin(dtype, shape, room)
+                }
+                TensorFrame::Chunk(data) => self.kept.chunk(&data),
+                TensorFrame::End => self.kept.end(),
+            };
+        };
+        if relay.problem.is_some() {
+            return;
+        }
+        let checked = match (&frame, relay.left) {
+            (TensorFrame::Begin { dtype, shape }, None) => {
+                let room = limit.saturating_sub(relay.bytes);
+                match WireTensor::placeholder(*dtype, shape.clone()).byte_len() {
+                    Some(bytes) if bytes <= room => {
+                        relay.left = Some(bytes);
+                        relay.bytes += bytes;
+                        relay.tensors += 1;
+                        Ok(())
+                    }
+                    bytes => Err(StreamError::TooLarge {
+                        shape: shape.clone(),
+                        bytes: bytes.map_or(u64::MAX, |b| b as u64),
+                        room: room as u64,
+                    }),
+                }
+            }
+            (TensorFrame::Chunk(data), Some(left)) if data.len() <= left => {
+                relay.left = Some(left - data.len());
+                Ok(())
+            }
+            (TensorFrame::End, Some(0)) => {
+                relay.left = None;
+                Ok(())
+            }
+            (frame, left) => Err(StreamError::Broken(format!(
+                "{} with {left:?} bytes of the tensor left",
+                match frame {
+                    TensorFrame::Begin { .. } => "TensorBegin",
+                    TensorFrame::Chunk(_) => "TensorChunk",
+                    TensorFrame::End => "TensorEnd",
+                }
+            ))),
+        };
+        match checked {
+            Ok(()) => relay.sink.output(frame),
+            Err(problem) => relay.problem = Some(problem),
+        }
+    }
+
+    /// The job's outputs: placeholders filled with what was kept, or left
+    /// as they are for what was passed on.
+    fn finish(self, model: &str, limit: usize, outputs: &mut [WireTensor]) -> Result<(), Error> {
+        let problem = match self.relay {
+            None => self.kept.fill(outputs).err(),
+            Some(relay) => relay.problem.or_else(|| {
+                let placeholders = outputs.iter().filter(|t| t.is_placeholder()).count();
+                (relay.left.is_some() || placeholders != relay.tensors).then(|| {
+                    StreamError::Broken(format!(
+                        "{} outputs streamed for {placeholders} placeholders",
+                        relay.tensors
+                    ))
+                })
+            }),
+        };
+        problem.map_or(Ok(()), |problem| Err(stream_error(model, limit, problem)))
+    }
+}
+
+/// What a client hears of a worker's bad output stream.
+fn stream_error(model: &str, limit: usize, error: StreamError) -> Error {
+    match error {
         StreamError::TooLarge { shape, bytes, .. } => Error::new(
             ErrorCode::TooLarge,
             format!(
@@ -282,7 +390,7 @@ fn fill_outputs(
             ErrorCode::Internal,
             format!("model {model}: its worker streamed a bad output: {problem}"),
         ),
-    })
+    }
 }
 
 /// Feeds jobs to the worker, matches answers to them, and reports its exit.
@@ -298,7 +406,7 @@ async fn supervise(
         mut child,
         max_output,
     } = worker;
-    let mut streamed = TensorReceiver::default();
+    let mut incoming: Option<Incoming> = None;
     let pid = child.id().unwrap_or(0);
     let mut pending: HashMap<u64, Running> = HashMap::new();
     let mut next_id = 0u64;
@@ -364,14 +472,24 @@ async fn supervise(
                         running.progress(done, total);
                     }
                 }
-                Some(Ok(WorkerToDaemon::TensorBegin { dtype, shape })) => {
-                    let room = max_output.saturating_sub(streamed.bytes());
-                    streamed.begin(dtype, shape, room);
+                Some(Ok(WorkerToDaemon::TensorBegin { id, dtype, shape })) => {
+                    let current = incoming.get_or_insert_with(|| Incoming::new(id, pending.get(&id)));
+                    if current.job != id {
+                        *current = Incoming::new(id, pending.get(&id));
+                    }
+                    current.frame(TensorFrame::Begin { dtype, shape }, max_output);
                 }
-                Some(Ok(WorkerToDaemon::TensorChunk { data })) => streamed.chunk(&data),
-                Some(Ok(WorkerToDaemon::TensorEnd)) => streamed.end(),
+                Some(Ok(WorkerToDaemon::TensorChunk { data })) => match &mut incoming {
+                    Some(current) => current.frame(TensorFrame::Chunk(data), max_output),
+                    None => tracing::warn!(model, "worker streamed a chunk without TensorBegin"),
+                },
+                Some(Ok(WorkerToDaemon::TensorEnd)) => match &mut incoming {
+                    Some(current) => current.frame(TensorFrame::End, max_output),
+                    None => tracing::warn!(model, "worker streamed TensorEnd without TensorBegin"),
+                },
                 Some(Ok(WorkerToDaemon::Done { id, mut outputs, run_ms, notes })) => {
-                    let filled = fill_outputs(&model, std::mem::take(&mut streamed), max_output, &mut outputs);
+                    let streamed = incoming.take_if(|i| i.job == id).unwrap_or_else(|| Incoming::new(id, None));
+                    let filled = streamed.finish(&model, max_output, &mut outputs);
                     if let Some(running) = pending.remove(&id) {
                         let answer = filled.map(|()| JobOutput { outputs, run_ms, notes });
                         let _ = running.reply.send(answer);
@@ -382,7 +500,7 @@ async fn supervise(
                     }
                 }
                 Some(Ok(WorkerToDaemon::Failed { id: Some(id), error })) => {
-                    streamed = TensorReceiver::default();
+                    incoming = None;
                     if let Some(running) = pending.remove(&id) {
                         let _ = running.reply.send(Err(error));
                     }

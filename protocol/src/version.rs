@@ -15,11 +15,16 @@ pub struct ProtocolVersion {
 }
 
 /// The version this crate speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
 
 /// The first version whose peers stream large tensors (`TensorBegin`,
 /// `TensorChunk`, `TensorEnd`).
 pub const STREAMING: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+
+/// The first version whose peers get `image` and `generate` outputs
+/// channels-last (`[N,H,W,3]` RGB8: rows of pixels, as image files hold
+/// them) and get a tiled image's rows streamed while its job still runs.
+pub const PIXEL_ROWS: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
 
 impl ProtocolVersion {
     /// Whether a peer speaking `other` can talk to one speaking `self`.
@@ -29,7 +34,17 @@ impl ProtocolVersion {
 
     /// Whether a peer speaking this version streams large tensors.
     pub fn streams_tensors(self) -> bool {
-        self.major == STREAMING.major && self.minor >= STREAMING.minor
+        self.at_least(STREAMING)
+    }
+
+    /// Whether a peer speaking this version takes pixel rows (see
+    /// [`PIXEL_ROWS`]).
+    pub fn takes_pixel_rows(self) -> bool {
+        self.at_least(PIXEL_ROWS)
+    }
+
+    fn at_least(self, version: ProtocolVersion) -> bool {
+        self.major == version.major && self.minor >= version.minor
     }
 }
 

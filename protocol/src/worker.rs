@@ -113,10 +113,10 @@ impl DaemonToWorker {
 }
 
 impl WorkerToDaemon {
-    /// A frame of an output streamed ahead of the next `Done`.
-    pub fn tensor_frame(frame: TensorFrame) -> WorkerToDaemon {
+    /// A frame of an output of job `id`, streamed ahead of its `Done`.
+    pub fn tensor_frame(id: u64, frame: TensorFrame) -> WorkerToDaemon {
         match frame {
-            TensorFrame::Begin { dtype, shape } => WorkerToDaemon::TensorBegin { dtype, shape },
+            TensorFrame::Begin { dtype, shape } => WorkerToDaemon::TensorBegin { id, dtype, shape },
             TensorFrame::Chunk(data) => WorkerToDaemon::TensorChunk { data },
             TensorFrame::End => WorkerToDaemon::TensorEnd,
         }
@@ -198,8 +198,11 @@ pub enum WorkerToDaemon {
         /// Units in all.
         total: u32,
     },
-    /// The start of an output of the next `Done`, streamed ahead of it.
+    /// The start of an output of job `id`, streamed ahead of its `Done`
+    /// (a tiled image's rows as they are finished, while the job runs).
     TensorBegin {
+        /// The job.
+        id: u64,
         /// Its element type.
         dtype: DType,
         /// Its dimensions.

@@ -307,9 +307,14 @@ impl RawClient {
 
     /// Connects and completes the handshake.
     pub fn handshaken(socket: &Path) -> RawClient {
+        RawClient::speaking(socket, PROTOCOL_VERSION)
+    }
+
+    /// Connects and completes the handshake as a client of `protocol`.
+    pub fn speaking(socket: &Path, protocol: gpuctl_protocol::ProtocolVersion) -> RawClient {
         let mut client = RawClient::connect(socket);
         client.send(&ClientMessage::Hello(Hello {
-            protocol: PROTOCOL_VERSION,
+            protocol,
             client: "raw".into(),
         }));
         match client.receive() {

@@ -128,7 +128,7 @@ fn a_seed_reproduces_a_generated_image_file() {
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     let seed = report["seed"].as_u64().expect("a random seed is reported");
     assert_eq!(report["output"], format!("gen-{seed}.png"));
-    assert_eq!(report["shapes"], serde_json::json!([[1, 3, 16, 16]]));
+    assert_eq!(report["shapes"], serde_json::json!([[1, 16, 16, 3]]));
     assert!(report["run_ms"].as_u64().is_some());
 }
 
@@ -250,7 +250,7 @@ fn progress_goes_to_stderr_as_json_lines_with_json_and_nowhere_when_piped() {
     assert_eq!(done, [1, 2, 3, 4], "{}", stderr(&output));
     assert!(lines.iter().all(|l| l["progress"]["total"] == 4));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(report["shapes"][0], serde_json::json!([1, 3, 80, 96]));
+    assert_eq!(report["shapes"][0], serde_json::json!([1, 80, 96, 3]));
 
     // Not a terminal, not --json: no progress at all.
     let output = gpuctl_in(&daemon, dir.path(), &["generate", "up", "photo.png"]);
@@ -278,9 +278,13 @@ fn ctrl_c_cancels_a_running_generate_and_the_model_stays() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the job to run", std::time::Duration::from_secs(30), || {
-        crate::models::model_status(&daemon, "up")["in_flight"] == 1
-    });
+    // Rows of the output reach gpuctl, and its file, while tiles still run.
+    wait_until(
+        "the first rows to be written",
+        std::time::Duration::from_secs(60),
+        || !partial_files(dir.path()).is_empty(),
+    );
+    assert_eq!(crate::models::model_status(&daemon, "up")["in_flight"], 1);
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let output = child.wait_with_output().unwrap();
@@ -291,6 +295,11 @@ fn ctrl_c_cancels_a_running_generate_and_the_model_stays() {
         stderr(&output)
     );
     assert!(!dir.path().join("big-up.png").exists());
+    assert_eq!(
+        partial_files(dir.path()),
+        Vec::<String>::new(),
+        "no partial file is left"
+    );
     wait_until(
         "the job to stop",
         std::time::Duration::from_secs(30),
@@ -300,4 +309,51 @@ fn ctrl_c_cancels_a_running_generate_and_the_model_stays() {
         .log_text()
         .contains("the request was cancelled after"));
     assert_eq!(crate::models::model_status(&daemon, "up")["state"], "Ready");
+}
+
+/// Files gpuctl writes while an image streams in, before it is complete.
+fn partial_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".partial"))
+        .collect()
+}
+
+#[test]
+fn a_job_that_fails_after_its_first_rows_were_written_leaves_no_file() {
+    let faulty = format!(
+        "{}\n[models.faulty]\npath = \"tiny-faulty.pt\"\nkind = \"image\"\nscale = 2\n\
+         tile = 32\noverlap = 8\nbatch = 1\ntile_retries = 0\n",
+        config("", "")
+    );
+    let daemon = Daemon::start(&faulty);
+    let dir = tempfile::tempdir().unwrap();
+    // tiny-faulty fails for good on a tile holding a white pixel: here
+    // only the bottom rows, so the rows above have streamed by then.
+    image::RgbImage::from_fn(96, 160, |x, y| {
+        image::Rgb(if y > 150 {
+            [255; 3]
+        } else {
+            [x as u8, y as u8, 9]
+        })
+    })
+    .save(dir.path().join("in.png"))
+    .unwrap();
+    let output = gpuctl_in(
+        &daemon,
+        dir.path(),
+        &["generate", "faulty", "in.png", "-o", "out.png"],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("bad pixel (simulated lasting failure)"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!dir.path().join("out.png").exists());
+    // Its first rows had been written to a partial file (rows stream in
+    // order, ahead of the error): that file is gone too.
+    assert_eq!(partial_files(dir.path()), Vec::<String>::new());
 }

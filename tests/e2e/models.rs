@@ -205,17 +205,50 @@ fn image_generate_and_tensor_contracts() {
         let up = generate(
             &client,
             GenerateRequest {
-                input: Some(pixels),
+                input: Some(pixels.clone()),
                 ..request("up")
             },
         )
         .await
         .unwrap();
-        assert_eq!(up.outputs[0].shape, vec![1, 3, 24, 20]);
+        assert_eq!(
+            up.outputs[0].shape,
+            vec![1, 24, 20, 3],
+            "rows of RGB8 pixels"
+        );
         assert!(
             up.load_ms.is_some(),
             "the first request waited for the load"
         );
+        // Clients before protocol 1.2 get the same pixels planar.
+        let mut old = RawClient::speaking(
+            &daemon.socket,
+            gpuctl_protocol::ProtocolVersion { major: 1, minor: 1 },
+        );
+        old.request(
+            1,
+            Request::Generate(GenerateRequest {
+                input: Some(pixels.clone()),
+                ..request("up")
+            }),
+        );
+        let planar = loop {
+            match old.receive() {
+                Some(gpuctl_protocol::DaemonMessage::Response {
+                    response: Response::Generate(answer),
+                    ..
+                }) => break answer.outputs[0].clone(),
+                Some(gpuctl_protocol::DaemonMessage::Event { .. }) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(planar.shape, vec![1, 3, 24, 20]);
+        let plane = 24 * 20;
+        for (i, pixel) in up.outputs[0].data.chunks_exact(3).enumerate() {
+            for (c, value) in pixel.iter().enumerate() {
+                assert_eq!(planar.data[c * plane + i], *value, "pixel {i}, channel {c}");
+            }
+        }
         let again = generate(
             &client,
             GenerateRequest {
@@ -236,7 +269,7 @@ fn image_generate_and_tensor_contracts() {
         assert_eq!(first.seed, Some(7));
         assert_eq!(
             first.outputs[0].shape,
-            vec![1, 3, 48, 64],
+            vec![1, 48, 64, 3],
             "size from the model's defaults"
         );
         assert_eq!(
@@ -268,7 +301,7 @@ fn image_generate_and_tensor_contracts() {
             unseeded.seed.is_some(),
             "a random seed is chosen and reported"
         );
-        assert_eq!(unseeded.outputs[0].shape, vec![1, 3, 8, 16]);
+        assert_eq!(unseeded.outputs[0].shape, vec![1, 8, 16, 3]);
 
         let error = daemon_error(
             generate(
@@ -939,7 +972,7 @@ fn an_image_larger_than_its_tile_is_processed_in_tiles_with_the_same_result() {
         })
     };
     let (whole, pieces) = (upscale(&plain), upscale(&tiled));
-    assert_eq!(pieces.shape, vec![1, 3, 180, 260]);
+    assert_eq!(pieces.shape, vec![1, 180, 260, 3]);
     assert_eq!(pieces.shape, whole.shape);
     let largest = whole
         .data
@@ -1133,7 +1166,7 @@ fn out_of_memory_back_off_is_reported_in_the_response() {
         .await
         .unwrap()
     });
-    assert_eq!(answer.outputs[0].shape, vec![1, 3, 300, 400]);
+    assert_eq!(answer.outputs[0].shape, vec![1, 300, 400, 3]);
     assert!(answer.outputs[0].data.iter().all(|v| *v == 9));
     assert_eq!(answer.notes.len(), 3, "{:?}", answer.notes);
     assert!(

@@ -142,7 +142,7 @@ fn main() {
             Response::Generate(answer) => {
                 assert_eq!(
                     answer.outputs[0].shape,
-                    vec![1, 3, size as u64 * 2, size as u64 * 2]
+                    vec![1, size as u64 * 2, size as u64 * 2, 3]
                 );
             }
             other => panic!("{other:?}"),

@@ -43,15 +43,19 @@ impl Channel {
         decode_payload(&payload).map(Some)
     }
 
-    /// Streams one output ahead of the `Done` that holds it as a placeholder.
-    pub fn send_tensor(&mut self, tensor: WireTensor) -> Result<(), FrameError> {
+    /// Streams one output of job `id` ahead of the `Done` that holds it as
+    /// a placeholder.
+    pub fn send_tensor(&self, id: u64, tensor: WireTensor) -> Result<(), FrameError> {
         for frame in gpuctl_protocol::stream::frames(tensor) {
-            self.send(&WorkerToDaemon::tensor_frame(frame))?;
+            self.send(&WorkerToDaemon::tensor_frame(id, frame))?;
         }
         Ok(())
     }
 
-    pub fn send(&mut self, message: &WorkerToDaemon) -> Result<(), FrameError> {
+    /// Writes one frame. `&self`: a job's progress and its rows are sent
+    /// from the same loop, and writes to a Unix socket need no exclusive
+    /// handle.
+    pub fn send(&self, message: &WorkerToDaemon) -> Result<(), FrameError> {
         let payload = encode_payload(message)?;
         if payload.len() > MAX_FRAME_CEILING {
             return Err(FrameError::TooLarge {
@@ -59,8 +63,8 @@ impl Channel {
             });
         }
         let length = (payload.len() as u32).to_be_bytes();
-        self.stream.write_all(&length)?;
-        self.stream.write_all(&payload)?;
+        (&self.stream).write_all(&length)?;
+        (&self.stream).write_all(&payload)?;
         Ok(())
     }
 }

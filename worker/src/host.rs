@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use gpuctl_protocol::worker::{GenerateJob, Job, LoadModel, Loaded, Tiling};
-use gpuctl_protocol::{DType, Error, ErrorCode, ModelKind, WireTensor};
+use gpuctl_protocol::{DType, Error, ErrorCode, ModelKind, TensorFrame, WireTensor, CHUNK_BYTES};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use crate::tensors::{first_line, from_wire, to_wire};
@@ -134,17 +134,23 @@ impl Host {
     }
 
     /// Runs one job; the job must match the model's kind. `progress(done,
-    /// total)` hears of tiles as they finish.
+    /// total)` hears of tiles as they finish. A tiled RGB8 image goes to
+    /// `output` row by row while later tiles run, and is a placeholder in
+    /// the outputs; other outputs are returned whole.
     pub fn run(
         &self,
         job: Job,
         progress: &mut dyn FnMut(usize, usize) -> bool,
+        output: &mut dyn FnMut(TensorFrame) -> Result<(), String>,
         notes: &mut Vec<String>,
     ) -> Result<Vec<WireTensor>, Error> {
         let _no_grad = tch::no_grad_guard();
         let outputs = match (self.spec.kind, job) {
             (ModelKind::Image, Job::Image { input, tiling }) => {
-                vec![self.run_image(&input, tiling, progress, notes)?]
+                match self.run_image(&input, tiling, progress, output, notes)? {
+                    ImageOutput::Whole(y) => vec![y],
+                    ImageOutput::Sent(placeholder) => return Ok(vec![placeholder]),
+                }
             }
             (ModelKind::Generate, Job::Generate(job)) => vec![self.run_generate(&job)?],
             (ModelKind::Tensor, Job::Tensor { inputs }) => self.run_tensor(&inputs)?,
@@ -168,7 +174,7 @@ impl Host {
             .into_iter()
             .map(|t| {
                 let t = if as_pixels {
-                    to_rgb8(t).map_err(|e| self.error(ErrorCode::Internal, first_line(&e)))?
+                    to_pixel_rows(t).map_err(|e| self.error(ErrorCode::Internal, first_line(&e)))?
                 } else {
                     t
                 };
@@ -201,14 +207,16 @@ impl Host {
     }
 
     /// `(x: [N,3,H,W] float 0..1) -> [N,3,sH,sW]`; u8 input is scaled to 0..1.
-    /// An image larger than a tile is run in tiles.
+    /// An image larger than a tile is run in tiles, and one RGB8 image so
+    /// made is sent row by row as its rows are finished.
     fn run_image(
         &self,
         input: &WireTensor,
         tiling: Option<Tiling>,
         progress: &mut dyn FnMut(usize, usize) -> bool,
+        output: &mut dyn FnMut(TensorFrame) -> Result<(), String>,
         notes: &mut Vec<String>,
-    ) -> Result<Tensor, Error> {
+    ) -> Result<ImageOutput, Error> {
         let shape = &input.shape;
         if shape.len() != 4 || shape[1] != 3 {
             return Err(self.error(
@@ -233,9 +241,10 @@ impl Host {
         let larger_than_a_tile =
             tiling.filter(|t| shape[2] > u64::from(t.tile) || shape[3] > u64::from(t.tile));
         let y = match larger_than_a_tile {
-            None => self
-                .forward_image(&x)
-                .map_err(|e| self.forward_failed(contract, &e))?,
+            None => ImageOutput::Whole(
+                self.forward_image(&x)
+                    .map_err(|e| self.forward_failed(contract, &e))?,
+            ),
             Some(t) => {
                 let tiling = tiling::Tiling {
                     tile: i64::from(t.tile),
@@ -243,7 +252,15 @@ impl Host {
                     batch: i64::from(t.batch.max(1)),
                 };
                 let forward = |tiles: &Tensor| self.forward_image(tiles);
-                tiling::run(&x, tiling, t.retries, &forward, progress, notes).map_err(|e| match e {
+                let mut rows = if self.spec.rgb8 && shape[0] == 1 {
+                    Rows::Stream(RowStream::new(output))
+                } else {
+                    Rows::Collect(Vec::new())
+                };
+                let mut take = |band: tiling::Band| rows.take(band);
+                tiling::run(&x, tiling, t.retries, &forward, progress, &mut take, notes)
+                    .and_then(|()| rows.finish())
+                    .map_err(|e| match e {
                     TileError::Forward {
                         tile: (row, column),
                         error,
@@ -260,8 +277,13 @@ impl Host {
                         ErrorCode::Cancelled,
                         format!("the request was cancelled after {done} of {total} tiles"),
                     ),
+                    TileError::Output(problem) => self.error(ErrorCode::Internal, problem),
                 })?
             }
+        };
+        let y = match y {
+            ImageOutput::Whole(y) => y,
+            sent => return Ok(sent),
         };
         let out = y.size();
         if out.len() != 4 || out[1] != 3 || out[0] != shape[0] as i64 {
@@ -271,6 +293,7 @@ impl Host {
             ));
         }
         y.f_to_kind(Kind::Float)
+            .map(ImageOutput::Whole)
             .map_err(|e| self.error(ErrorCode::Internal, first_line(&e)))
     }
 
@@ -335,6 +358,105 @@ impl Host {
             )
         })
     }
+}
+
+/// An image model's result: a tensor still to send, or a placeholder for
+/// the image already sent row by row.
+enum ImageOutput {
+    Whole(Tensor),
+    Sent(WireTensor),
+}
+
+/// Where a tiled image's finished rows go.
+enum Rows<'a> {
+    /// Sent on as they come (one RGB8 image).
+    Stream(RowStream<'a>),
+    /// Kept and joined at the end (a batch of images, or float outputs).
+    Collect(Vec<Tensor>),
+}
+
+impl Rows<'_> {
+    fn take(&mut self, band: tiling::Band) -> Result<(), TileError> {
+        match self {
+            Rows::Stream(stream) => stream.take(band),
+            Rows::Collect(bands) => {
+                bands.push(band.band);
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<ImageOutput, TileError> {
+        match self {
+            Rows::Stream(stream) => stream.finish().map(ImageOutput::Sent),
+            Rows::Collect(bands) => Ok(ImageOutput::Whole(Tensor::f_cat(bands, 2)?)),
+        }
+    }
+}
+
+/// Sends one image, `[1,H,W,3]` RGB8, a band of rows at a time.
+struct RowStream<'a> {
+    output: &'a mut dyn FnMut(TensorFrame) -> Result<(), String>,
+    shape: Option<Vec<u64>>,
+    /// The first row not sent yet.
+    next: i64,
+}
+
+impl<'a> RowStream<'a> {
+    fn new(output: &'a mut dyn FnMut(TensorFrame) -> Result<(), String>) -> Self {
+        RowStream {
+            output,
+            shape: None,
+            next: 0,
+        }
+    }
+
+    fn take(&mut self, band: tiling::Band) -> Result<(), TileError> {
+        if band.top != self.next {
+            return Err(TileError::Output(format!(
+                "rows from {} came when row {} was next",
+                band.top, self.next
+            )));
+        }
+        let size = band.band.size();
+        self.next += size[2];
+        if size[1] != 3 {
+            return Err(TileError::Shape(format!(
+                "forward returned {} channels; an image model must return [N,3,sH,sW]",
+                size[1]
+            )));
+        }
+        if self.shape.is_none() {
+            let shape = vec![1, band.height as u64, size[3] as u64, 3];
+            let begin = TensorFrame::Begin {
+                dtype: DType::U8,
+                shape: shape.clone(),
+            };
+            (self.output)(begin).map_err(TileError::Output)?;
+            self.shape = Some(shape);
+        }
+        let pixels = to_wire(&to_pixel_rows(band.band)?).map_err(TileError::Output)?;
+        for chunk in pixels.data.chunks(CHUNK_BYTES) {
+            (self.output)(TensorFrame::Chunk(chunk.to_vec())).map_err(TileError::Output)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<WireTensor, TileError> {
+        let shape = self
+            .shape
+            .take()
+            .ok_or_else(|| TileError::Shape("the image has no pixels".to_owned()))?;
+        (self.output)(TensorFrame::End).map_err(TileError::Output)?;
+        Ok(WireTensor::placeholder(DType::U8, shape))
+    }
+}
+
+/// float `[N,3,H,W]` 0..1 → RGB8 `[N,H,W,3]`: channels last, so that the
+/// bytes are rows of pixels, as image files hold them, and a receiver can
+/// use each row as it arrives.
+fn to_pixel_rows(t: Tensor) -> Result<Tensor, tch::TchError> {
+    to_rgb8(t)?.f_permute([0, 2, 3, 1])?.f_contiguous()
 }
 
 /// float 0..1 → u8 0..255: clamped, rounded, NaN as 0 (as the daemon's

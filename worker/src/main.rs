@@ -155,6 +155,11 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
                     });
                     !is_cancelled(id)
                 };
+                let mut output = |frame| {
+                    channel
+                        .send(&WorkerToDaemon::tensor_frame(id, frame))
+                        .map_err(|e| format!("cannot send the output: {e}"))
+                };
                 let mut notes = Vec::new();
                 let outcome = if is_cancelled(id) {
                     Err(Error::new(
@@ -162,7 +167,7 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
                         "the request was cancelled before it started",
                     ))
                 } else {
-                    host.run(job, &mut progress, &mut notes)
+                    host.run(job, &mut progress, &mut output, &mut notes)
                 };
                 cancelled
                     .lock()
@@ -171,7 +176,7 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
                 let answer = match outcome {
                     Ok(mut outputs) => {
                         for tensor in take_streamed(&mut outputs) {
-                            channel.send_tensor(tensor).map_err(|e| e.to_string())?;
+                            channel.send_tensor(id, tensor).map_err(|e| e.to_string())?;
                         }
                         WorkerToDaemon::Done {
                             id,

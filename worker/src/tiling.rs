@@ -72,6 +72,9 @@ pub enum TileError {
     Torch(tch::TchError),
     /// Stopped between batches: `done` of `total` tiles were finished.
     Cancelled { done: usize, total: usize },
+    /// Finished rows could not be handed on (the daemon hung up, or the
+    /// output is not an image).
+    Output(String),
 }
 
 impl From<tch::TchError> for TileError {
@@ -98,24 +101,42 @@ struct Blend {
     scale: i64,
 }
 
-/// Runs `forward` over `x` (`[N,C,H,W]` float) in tiles and blends the
-/// results; `progress(done, total)` is called after every batch and says
-/// whether to go on. Out of memory, it halves the batch, then the tile
-/// (keeping the tiles already done), and says so in `notes`; another
-/// failure is retried `retries` times before it names its tile.
+/// Rows of the blended output, handed on as soon as no tile still to run
+/// touches them: `band` is `[N,C,rows,sW]` float, starting at output row
+/// `top` of `height`. Bands come top to bottom and cover the output once.
+pub struct Band {
+    pub band: Tensor,
+    pub top: i64,
+    pub height: i64,
+}
+
+/// Output bytes (at one byte per channel) a band holds at most: its float
+/// temporaries stay a few MiB however wide the image.
+const BAND_BYTES: i64 = 2 << 20;
+
+/// Runs `forward` over `x` (`[N,C,H,W]` float) in tiles, blends the
+/// results and hands finished rows to `rows_out` while later tiles still run,
+/// so they can be sent on during the job; `progress(done, total)` is called
+/// after every batch and says whether to go on. Out of memory, it halves
+/// the batch, then the tile (keeping the tiles already done), and says so
+/// in `notes`; another failure is retried `retries` times before it names
+/// its tile.
 pub fn run(
     x: &Tensor,
     tiling: Tiling,
     retries: u32,
     forward: &dyn Fn(&Tensor) -> Result<Tensor, tch::TchError>,
     progress: &mut dyn FnMut(usize, usize) -> bool,
+    rows_out: &mut dyn FnMut(Band) -> Result<(), TileError>,
     notes: &mut Vec<String>,
-) -> Result<Tensor, TileError> {
+) -> Result<(), TileError> {
     let size = x.size();
     let (n, height, width) = (size[0], size[2], size[3]);
     let mut plan = tiling;
     plan.batch = plan.batch.max(1);
     let mut blend: Option<Blend> = None;
+    // Output rows handed to `rows` so far.
+    let mut emitted = 0;
     'plans: loop {
         let (rows, tile_h) = starts(height, plan.tile, plan.overlap);
         let (columns, tile_w) = starts(width, plan.tile, plan.overlap);
@@ -266,18 +287,44 @@ pub fn run(
             }
             next += batch.len();
             done += batch.len();
+            // Tiles run row by row: rows above the next tile's are final.
+            if let Some(&(r, _)) = pending.get(next) {
+                emitted = emit(b, emitted, rows[r] * b.scale, height * b.scale, rows_out)?;
+            }
             if !progress(done, total) && done < total {
                 return Err(TileError::Cancelled { done, total });
             }
         }
         break;
     }
-    let Blend {
-        mut sum, weights, ..
-    } = blend.ok_or_else(|| TileError::Shape("the image has no pixels".to_owned()))?;
-    // In place: the output is the largest thing a worker holds.
-    let _ = sum.f_div_(&weights)?;
-    Ok(sum)
+    let b = blend.ok_or_else(|| TileError::Shape("the image has no pixels".to_owned()))?;
+    emit(&b, emitted, height * b.scale, height * b.scale, rows_out)?;
+    Ok(())
+}
+
+/// Hands output rows `from..to` (of `height`) to `rows`, in bands of at
+/// most [`BAND_BYTES`] of output; returns the first row not yet handed on.
+fn emit(
+    blend: &Blend,
+    from: i64,
+    to: i64,
+    height: i64,
+    rows: &mut dyn FnMut(Band) -> Result<(), TileError>,
+) -> Result<i64, TileError> {
+    let size = blend.sum.size();
+    let row_bytes = (size[0] * size[1] * size[3]).max(1);
+    let step = (BAND_BYTES / row_bytes).max(1);
+    let mut top = from;
+    while top < to {
+        let count = step.min(to - top);
+        let band = blend
+            .sum
+            .f_narrow(2, top, count)?
+            .f_div(&blend.weights.f_narrow(2, top, count)?)?;
+        rows(Band { band, top, height })?;
+        top += count;
+    }
+    Ok(top.max(from))
 }
 
 #[cfg(test)]
@@ -335,8 +382,9 @@ mod tests {
         for (h, w) in [(7, 9), (64, 64), (100, 37), (150, 230)] {
             let x = Tensor::rand([1, 3, h, w], (Kind::Float, Device::Cpu));
             let whole = forward(&x).unwrap();
-            let mut calls = Vec::new();
-            let tiled = run(
+            let calls = std::cell::RefCell::new(Vec::new());
+            let mut bands = Vec::new();
+            run(
                 &x,
                 Tiling {
                     tile: 32,
@@ -346,17 +394,64 @@ mod tests {
                 0,
                 &forward,
                 &mut |done, total| {
-                    calls.push((done, total));
+                    calls.borrow_mut().push((done, total));
                     true
+                },
+                &mut |band| {
+                    bands.push((band.top, band.height, calls.borrow().len(), band.band));
+                    Ok(())
                 },
                 &mut Vec::new(),
             )
             .unwrap();
+            let mut next = 0;
+            for (top, height, _, band) in &bands {
+                assert_eq!((*top, *height), (next, h * 2), "{h}x{w}: bands in order");
+                next += band.size()[2];
+            }
+            assert_eq!(next, h * 2, "{h}x{w}: bands cover the output");
+            let tiled = Tensor::cat(&bands.iter().map(|b| &b.3).collect::<Vec<_>>(), 2);
             assert_eq!(tiled.size(), whole.size());
             let largest = (tiled - whole).abs().max().double_value(&[]);
             assert!(largest < 1e-5, "{h}x{w}: {largest}");
+            let calls = calls.into_inner();
             let total = calls.last().unwrap().1;
             assert_eq!(calls.last(), Some(&(total, total)));
+            if h > 64 {
+                // Taller than two tile rows: the first rows were handed on
+                // before the last batch ran.
+                assert!(bands[0].2 < calls.len(), "{h}x{w}: {:?}", bands[0].2);
+            }
         }
+    }
+
+    #[test]
+    fn wide_outputs_come_in_bands_of_bounded_size() {
+        let forward = |t: &Tensor| -> Result<Tensor, tch::TchError> { Ok(t.shallow_clone()) };
+        // 3 x 900 floats per row: BAND_BYTES is about 776 rows' worth.
+        let x = Tensor::rand([1, 3, 2000, 900], (Kind::Float, Device::Cpu));
+        let mut sizes = Vec::new();
+        run(
+            &x,
+            Tiling {
+                tile: 1024,
+                overlap: 16,
+                batch: 1,
+            },
+            0,
+            &forward,
+            &mut |_, _| true,
+            &mut |band| {
+                sizes.push(band.band.size()[2]);
+                Ok(())
+            },
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(sizes.iter().sum::<i64>(), 2000);
+        assert!(
+            sizes.iter().all(|&rows| rows * 3 * 900 <= BAND_BYTES),
+            "{sizes:?}"
+        );
     }
 }

@@ -133,7 +133,12 @@ impl Worker {
                     assert_eq!(of, id);
                     assert!(0 < done && done <= total, "{done}/{total}");
                 }
-                WorkerToDaemon::TensorBegin { dtype, shape } => {
+                WorkerToDaemon::TensorBegin {
+                    id: of,
+                    dtype,
+                    shape,
+                } => {
+                    assert_eq!(of, id);
                     streamed.begin(dtype, shape, usize::MAX)
                 }
                 WorkerToDaemon::TensorChunk { data } => streamed.chunk(&data),
@@ -638,15 +643,84 @@ fn rgb8_outputs_are_the_floats_clamped_and_rounded() {
         input: input.clone(),
         tiling: None,
     };
-    let want: Vec<u8> = floats(&floats_worker.run(1, job()).unwrap()[0])
-        .iter()
-        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
-        .collect();
+    let want = as_pixel_rows(&floats_worker.run(1, job()).unwrap()[0]);
     let got = pixels_worker.run(1, job()).unwrap();
     assert_eq!(got[0].dtype, DType::U8);
-    assert_eq!(got[0].shape, vec![1, 3, 24, 20]);
+    assert_eq!(got[0].shape, vec![1, 24, 20, 3], "rows of RGB pixels");
     assert_eq!(got[0].data, want);
     assert!(want.contains(&0) && want.contains(&255));
+}
+
+/// Planar float `[1,3,H,W]` → RGB8 rows `[1,H,W,3]`, clamped and rounded.
+fn as_pixel_rows(planar: &WireTensor) -> Vec<u8> {
+    let values = floats(planar);
+    let plane = (planar.shape[2] * planar.shape[3]) as usize;
+    (0..3 * plane)
+        .map(|i| values[(i % 3) * plane + i / 3])
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect()
+}
+
+#[test]
+fn a_tiled_rgb8_image_streams_its_rows_while_later_tiles_run() {
+    let (mut floats_worker, _) = Worker::loaded("x4", "tiny-x4.pt", ModelKind::Image);
+    let mut pixels_worker = Worker::spawn();
+    pixels_worker.send(&DaemonToWorker::Load(LoadModel {
+        rgb8: true,
+        ..spec("x4", &model("tiny-x4.pt"), ModelKind::Image)
+    }));
+    assert!(matches!(pixels_worker.receive(), WorkerToDaemon::Loaded(_)));
+    // 200x300 in tiles of 64 (overlap 16, batch 2): 5 x 4 tiles, 20 rows
+    // of 600 x 3 bytes each per input row: several bands and chunks.
+    let input = f32_tensor(&[1, 3, 200, 300], |i| ((i * 7919) % 255) as f32 / 255.0);
+    let job = || tiled_job(input.clone(), 64, 16, 2, 0);
+    let want = as_pixel_rows(&floats_worker.run(1, job()).unwrap()[0]);
+    pixels_worker.send(&DaemonToWorker::Run { id: 7, job: job() });
+    let mut seen = Vec::new();
+    let mut streamed = gpuctl_protocol::TensorReceiver::default();
+    let outputs = loop {
+        match pixels_worker.receive() {
+            WorkerToDaemon::Progress { done, total, .. } => seen.push(format!("{done}/{total}")),
+            WorkerToDaemon::TensorBegin { id, dtype, shape } => {
+                assert_eq!(
+                    (id, dtype, &shape[..]),
+                    (7, DType::U8, &[1, 800, 1200, 3][..])
+                );
+                seen.push("begin".into());
+                streamed.begin(dtype, shape, usize::MAX);
+            }
+            WorkerToDaemon::TensorChunk { data } => {
+                seen.push("chunk".into());
+                streamed.chunk(&data);
+            }
+            WorkerToDaemon::TensorEnd => {
+                seen.push("end".into());
+                streamed.end();
+            }
+            WorkerToDaemon::Done { id: 7, outputs, .. } => break outputs,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let first_chunk = seen.iter().position(|s| s == "chunk").unwrap();
+    let last_progress = seen.iter().rposition(|s| s.contains('/')).unwrap();
+    assert!(
+        first_chunk < last_progress && seen[..first_chunk].iter().any(|s| s.contains('/')),
+        "rows came while tiles still ran: {seen:?}"
+    );
+    assert_eq!(seen.last().map(String::as_str), Some("end"));
+    assert!(outputs[0].is_placeholder(), "sent ahead, not inside Done");
+    let mut outputs = outputs;
+    streamed.fill(&mut outputs).unwrap();
+    assert_eq!(outputs[0].shape, vec![1, 800, 1200, 3]);
+    // The same blend as the float output, rounded the same way: within one
+    // level where float error lands on a rounding edge.
+    let largest = outputs[0]
+        .data
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max();
+    assert!(largest <= Some(1), "{largest:?}");
 }
 
 #[test]

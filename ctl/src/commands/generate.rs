@@ -11,7 +11,7 @@ use gpuctl_protocol::{
 use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 
-use crate::interleave::Interleaver;
+use crate::image_out::{self, ImageWriter};
 use crate::{unexpected, CliError, Output};
 
 /// `gpuctl generate`'s arguments.
@@ -107,13 +107,14 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         }
         _ => {}
     }
-    // Image outputs are interleaved for the encoder as they stream in.
-    let streamed = Arc::new(Mutex::new(Interleaver::default()));
+    // Image outputs are written to their file as their rows stream in.
+    let rows = client.welcome().protocol.takes_pixel_rows();
+    let streamed = Arc::new(Mutex::new(ImageWriter::new(args.output.as_deref(), rows)));
     let request = Request::Generate(request);
     let mut call = match kind {
         Some(ModelKind::Tensor) => client.start(request).await?,
         _ => {
-            let sink = Interleaver::sink(&streamed);
+            let sink = ImageWriter::sink(&streamed);
             client.start_with_sink(request, sink).await?
         }
     };
@@ -125,6 +126,7 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
                 // The daemon stops the job at its next batch and keeps the
                 // model loaded for the next request.
                 progress.finish();
+                image_out::lock(&streamed).abandon();
                 let cancel = Request::Cancel(gpuctl_protocol::CancelRequest { id: call.id() });
                 let _ = client.call(cancel).await;
                 eprintln!("gpuctl: cancelled");
@@ -258,23 +260,21 @@ fn read_image(path: &Path) -> Result<WireTensor, CliError> {
 fn write_image(
     path: &Path,
     outputs: &mut [WireTensor],
-    streamed: &Mutex<Interleaver>,
+    streamed: &Mutex<ImageWriter>,
 ) -> Result<(), CliError> {
-    let bad =
-        |problem: String| CliError::Failed(format!("cannot write {}: {problem}", path.display()));
-    let mut interleaver = std::mem::take(&mut *streamed.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut writer = image_out::lock(streamed);
     for tensor in outputs.iter_mut().filter(|t| !t.is_placeholder()) {
         let data = tensor.take_data();
-        interleaver.take_tensor(WireTensor {
+        writer.take_tensor(WireTensor {
             dtype: tensor.dtype,
             shape: tensor.shape.clone(),
             data,
         });
     }
-    let image = interleaver.finish().map_err(bad)?;
-    image
-        .save(path)
-        .map_err(|e| bad(format!("{e} (use .png, .jpg or .webp)")))
+    writer
+        .finish(path)
+        .map(|_| ())
+        .map_err(|problem| CliError::Failed(format!("cannot write {}: {problem}", path.display())))
 }
 
 fn dtype_of(dtype: Dtype) -> Option<DType> {

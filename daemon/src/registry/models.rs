@@ -502,7 +502,6 @@ impl Registry {
         let (loaded_at, last_load_ms) = (entry.loaded_at, entry.last_load_ms);
         let load_ms_since =
             move |since: Instant| loaded_at.filter(|at| since < *at).and(last_load_ms);
-        // Image and generate outputs are pictures: clients get RGB8.
         let as_pixels = model.kind != Kind::Tensor;
         while entry.in_flight < model.concurrency {
             if entry
@@ -540,6 +539,10 @@ impl Registry {
                         events: progress,
                         ..
                     } = job;
+                    // Workers send pictures as rows of RGB8 pixels; clients
+                    // before protocol 1.2 take them planar.
+                    let planar =
+                        as_pixels && !progress.as_ref().is_some_and(|p| p.takes_pixel_rows());
                     let (cancel, cancelled) = oneshot::channel();
                     if let Err(refused) = worker.run(WorkerJob {
                         job,
@@ -591,8 +594,8 @@ impl Registry {
                                 model: model_name.clone(),
                                 device,
                                 seed,
-                                outputs: if as_pixels {
-                                    outputs.into_iter().map(pixels::to_rgb8).collect()
+                                outputs: if planar {
+                                    outputs.into_iter().map(pixels::to_planar).collect()
                                 } else {
                                     outputs
                                 },
