@@ -168,8 +168,9 @@ impl ImageWriter {
             let mut encoder = png::Encoder::new(BufWriter::new(file), w, h);
             encoder.set_color(png::ColorType::Rgb);
             encoder.set_depth(png::BitDepth::Eight);
-            // What the image crate's PNG encoder does by default.
-            encoder.set_compression(png::Compression::Balanced);
+            // The image crate's defaults, as for the other formats: zlib's
+            // level 6 would take 20 s over an 8K image, fdeflate 1 s.
+            encoder.set_compression(png::Compression::Fast);
             encoder.set_filter(png::Filter::Adaptive);
             let stream = encoder
                 .write_header()

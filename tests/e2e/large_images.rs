@@ -529,4 +529,44 @@ fn a_tiled_image_reaches_the_client_row_by_row_while_its_tiles_run() {
     // A flat grey input stays flat grey away from the zero-padded border.
     let centre = (400 * 800 + 400) * 3;
     assert_eq!(&pixels[centre..centre + 3], &[100, 100, 100]);
+
+    // A 1.1 client gets the same image planar, after the job.
+    let mut old = RawClient::speaking(
+        &daemon.socket,
+        gpuctl_protocol::ProtocolVersion { major: 1, minor: 1 },
+    );
+    old.request(
+        2,
+        Request::Generate(GenerateRequest {
+            input: Some(image(200)),
+            tile: Some(64),
+            overlap: Some(16),
+            ..GenerateRequest::new("x4")
+        }),
+    );
+    let (mut seen, mut planar) = (Vec::new(), Vec::new());
+    loop {
+        match old.receive() {
+            Some(DaemonMessage::Event {
+                event: Event::Progress(p),
+                ..
+            }) => seen.push(format!("{}/{}", p.done, p.total)),
+            Some(DaemonMessage::Event { .. }) => {}
+            Some(DaemonMessage::TensorBegin { id: 2, shape, .. }) => {
+                assert_eq!(shape, vec![1, 3, 800, 800]);
+                seen.push("begin".into());
+            }
+            Some(DaemonMessage::TensorChunk { id: 2, data }) => planar.extend_from_slice(&data),
+            Some(DaemonMessage::TensorEnd { id: 2 }) => {}
+            Some(DaemonMessage::Response { id: 2, .. }) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen.last().map(String::as_str), Some("begin"), "{seen:?}");
+    let plane = 800 * 800;
+    for (i, pixel) in pixels.chunks_exact(3).enumerate().step_by(101) {
+        for (c, value) in pixel.iter().enumerate() {
+            assert_eq!(planar[c * plane + i], *value, "pixel {i}, channel {c}");
+        }
+    }
 }
