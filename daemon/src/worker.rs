@@ -264,22 +264,12 @@ async fn send_job(channel: &mut Channel, id: u64, mut job: Job) -> Result<(), Fr
 
 /// The outputs a worker streams ahead of a job's `Done`: kept to fill the
 /// answer, or passed straight on to a client that takes them as they come
-/// (so a tiled image's rows reach it while later tiles run).
+/// (so a tiled image's rows reach it while later tiles run). Either way
+/// they are checked against their shapes and `daemon.max_output`.
 struct Incoming {
     job: u64,
-    kept: TensorReceiver,
-    relay: Option<Relay>,
-}
-
-/// Outputs passed on to a client, checked as they go.
-struct Relay {
-    sink: crate::context::EventSink,
-    /// Bytes of the tensor begun last still to come; `None` between tensors.
-    left: Option<usize>,
-    /// Bytes announced so far, against `daemon.max_output`.
-    bytes: usize,
-    tensors: usize,
-    problem: Option<StreamError>,
+    received: TensorReceiver,
+    relay: Option<crate::context::EventSink>,
 }
 
 impl Incoming {
@@ -287,91 +277,32 @@ impl Incoming {
     fn new(id: u64, running: Option<&Running>) -> Incoming {
         let relay = running
             .and_then(|r| r.progress.clone())
-            .filter(|sink| sink.takes_pixel_rows())
-            .map(|sink| Relay {
-                sink,
-                left: None,
-                bytes: 0,
-                tensors: 0,
-                problem: None,
-            });
+            .filter(|sink| sink.takes_pixel_rows());
+        let received = match relay {
+            Some(_) => TensorReceiver::passing_on(),
+            None => TensorReceiver::default(),
+        };
         Incoming {
             job: id,
-            kept: TensorReceiver::default(),
+            received,
             relay,
         }
     }
 
     fn frame(&mut self, frame: TensorFrame, limit: usize) {
-        let Some(relay) = &mut self.relay else {
-            return match frame {
-                TensorFrame::Begin { dtype, shape } => {
-                    let room = limit.saturating_sub(self.kept.bytes());
-                    self.kept.begin(dtype, shape, room)
-                }
-                TensorFrame::Chunk(data) => self.kept.chunk(&data),
-                TensorFrame::End => self.kept.end(),
-            };
-        };
-        if relay.problem.is_some() {
-            return;
-        }
-        let checked = match (&frame, relay.left) {
-            (TensorFrame::Begin { dtype, shape }, None) => {
-                let room = limit.saturating_sub(relay.bytes);
-                match WireTensor::placeholder(*dtype, shape.clone()).byte_len() {
-                    Some(bytes) if bytes <= room => {
-                        relay.left = Some(bytes);
-                        relay.bytes += bytes;
-                        relay.tensors += 1;
-                        Ok(())
-                    }
-                    bytes => Err(StreamError::TooLarge {
-                        shape: shape.clone(),
-                        bytes: bytes.map_or(u64::MAX, |b| b as u64),
-                        room: room as u64,
-                    }),
-                }
-            }
-            (TensorFrame::Chunk(data), Some(left)) if data.len() <= left => {
-                relay.left = Some(left - data.len());
-                Ok(())
-            }
-            (TensorFrame::End, Some(0)) => {
-                relay.left = None;
-                Ok(())
-            }
-            (frame, left) => Err(StreamError::Broken(format!(
-                "{} with {left:?} bytes of the tensor left",
-                match frame {
-                    TensorFrame::Begin { .. } => "TensorBegin",
-                    TensorFrame::Chunk(_) => "TensorChunk",
-                    TensorFrame::End => "TensorEnd",
-                }
-            ))),
-        };
-        match checked {
-            Ok(()) => relay.sink.output(frame),
-            Err(problem) => relay.problem = Some(problem),
+        let room = limit.saturating_sub(self.received.bytes());
+        self.received.frame(&frame, room);
+        if let (Some(sink), true) = (&self.relay, self.received.is_sound()) {
+            sink.output(frame);
         }
     }
 
     /// The job's outputs: placeholders filled with what was kept, or left
     /// as they are for what was passed on.
     fn finish(self, model: &str, limit: usize, outputs: &mut [WireTensor]) -> Result<(), Error> {
-        let problem = match self.relay {
-            None => self.kept.fill(outputs).err(),
-            Some(relay) => relay.problem.or_else(|| {
-                let placeholders = outputs.iter().filter(|t| t.is_placeholder()).count();
-                (relay.left.is_some() || placeholders != relay.tensors).then(|| {
-                    StreamError::Broken(format!(
-                        "{} outputs streamed for {placeholders} placeholders",
-                        relay.tensors
-                    ))
-                })
-            }),
-        };
-        problem.map_or(Ok(()), |problem| Err(stream_error(model, limit, problem)))
+        self.received
+            .fill(outputs)
+            .map_err(|problem| stream_error(model, limit, problem))
     }
 }
 

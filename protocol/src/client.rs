@@ -472,13 +472,11 @@ fn stream_frame(
     pending: &mut HashMap<RequestId, Pending>,
     receiving: &mut HashMap<RequestId, TensorReceiver>,
 ) {
-    if let Some(sink) = pending.get_mut(&id).and_then(|call| call.sink.as_mut()) {
+    let Some(call) = pending.get_mut(&id) else {
+        return; // a call already answered (or never made) has no use for it
+    };
+    if let Some(sink) = call.sink.as_mut() {
         return sink(frame);
     }
-    let receiver = receiving.entry(id).or_default();
-    match frame {
-        TensorFrame::Begin { dtype, shape } => receiver.begin(dtype, shape, usize::MAX),
-        TensorFrame::Chunk(data) => receiver.chunk(&data),
-        TensorFrame::End => receiver.end(),
-    }
+    receiving.entry(id).or_default().frame(&frame, usize::MAX);
 }

@@ -80,11 +80,39 @@ pub struct TensorReceiver {
     finished: Vec<WireTensor>,
     current: Option<WireTensor>,
     expected: usize,
+    /// Bytes of the current tensor so far.
+    received: usize,
     bytes: usize,
     refused: Option<StreamError>,
+    /// Checks the frames but keeps no data: they are passed on elsewhere.
+    passing: bool,
 }
 
 impl TensorReceiver {
+    /// A receiver that checks frames exactly as one that keeps them would,
+    /// for a caller that passes them on as they come: it holds no data,
+    /// and [`TensorReceiver::fill`] leaves the placeholders as they are.
+    pub fn passing_on() -> TensorReceiver {
+        TensorReceiver {
+            passing: true,
+            ..TensorReceiver::default()
+        }
+    }
+
+    /// Takes one frame (`room`: see [`TensorReceiver::begin`]).
+    pub fn frame(&mut self, frame: &TensorFrame, room: usize) {
+        match frame {
+            TensorFrame::Begin { dtype, shape } => self.begin(*dtype, shape.clone(), room),
+            TensorFrame::Chunk(data) => self.chunk(data),
+            TensorFrame::End => self.end(),
+        }
+    }
+
+    /// Whether the frames so far kept the rules.
+    pub fn is_sound(&self) -> bool {
+        self.refused.is_none()
+    }
+
     /// Starts a tensor of `dtype` and `shape`, if its size fits in `room`
     /// bytes. Reserves its whole size at once.
     pub fn begin(&mut self, dtype: DType, shape: Vec<u64>, room: usize) {
@@ -110,13 +138,16 @@ impl TensorReceiver {
                 })
             }
         };
-        tensor.data.try_reserve_exact(size).map_err(|_| {
-            broken(&format!(
-                "cannot allocate {size} bytes for a streamed tensor"
-            ))
-        })?;
+        if !self.passing {
+            tensor.data.try_reserve_exact(size).map_err(|_| {
+                broken(&format!(
+                    "cannot allocate {size} bytes for a streamed tensor"
+                ))
+            })?;
+        }
         self.bytes += size;
         self.expected = size;
+        self.received = 0;
         self.current = Some(tensor);
         Ok(())
     }
@@ -126,14 +157,15 @@ impl TensorReceiver {
         let result = match &mut self.current {
             _ if self.refused.is_some() => Ok(()),
             None => Err(broken("TensorChunk without TensorBegin")),
-            Some(tensor) if tensor.data.len() + data.len() > self.expected => {
-                Err(broken(&format!(
-                    "streamed tensor of shape {:?} got more than its {} bytes",
-                    tensor.shape, self.expected
-                )))
-            }
+            Some(tensor) if self.received + data.len() > self.expected => Err(broken(&format!(
+                "streamed tensor of shape {:?} got more than its {} bytes",
+                tensor.shape, self.expected
+            ))),
             Some(tensor) => {
-                tensor.data.extend_from_slice(data);
+                if !self.passing {
+                    tensor.data.extend_from_slice(data);
+                }
+                self.received += data.len();
                 Ok(())
             }
         };
@@ -145,6 +177,17 @@ impl TensorReceiver {
         let result = match self.current.take() {
             _ if self.refused.is_some() => Ok(()),
             None => Err(broken("TensorEnd without TensorBegin")),
+            Some(tensor) if self.passing => {
+                if self.received == self.expected {
+                    self.finished.push(tensor);
+                    Ok(())
+                } else {
+                    Err(broken(&format!(
+                        "streamed tensor of shape {:?} ended after {} of its {} bytes",
+                        tensor.shape, self.received, self.expected
+                    )))
+                }
+            }
             Some(tensor) => tensor
                 .check()
                 .map(|()| self.finished.push(tensor))
@@ -185,7 +228,9 @@ impl TensorReceiver {
                     tensor.dtype, tensor.shape, slot.dtype, slot.shape
                 )));
             }
-            *slot = tensor;
+            if !self.passing {
+                *slot = tensor;
+            }
         }
         match streamed.len() {
             0 => Ok(()),
@@ -200,6 +245,7 @@ impl TensorReceiver {
             // The rest of the stream is dropped; its memory goes now.
             *self = TensorReceiver {
                 refused: Some(error),
+                passing: self.passing,
                 ..TensorReceiver::default()
             };
         }
@@ -363,6 +409,50 @@ mod tests {
             error.contains("1 streamed tensor(s) have no placeholder"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn passing_on_checks_the_same_rules_and_keeps_nothing() {
+        let big = tensor(3 * CHUNK_BYTES / 2);
+        let mut passing = TensorReceiver::passing_on();
+        for frame in frames(big.clone()) {
+            passing.frame(&frame, usize::MAX);
+            assert!(passing.is_sound());
+        }
+        assert_eq!(passing.bytes(), big.data.len());
+        let mut slots = [WireTensor::placeholder(big.dtype, big.shape.clone())];
+        passing.fill(&mut slots).unwrap();
+        assert!(slots[0].is_placeholder(), "passed on, not kept");
+
+        let broken = |frames: &[TensorFrame], room: usize| {
+            let mut passing = TensorReceiver::passing_on();
+            for frame in frames {
+                passing.frame(frame, room);
+            }
+            assert!(!passing.is_sound());
+            let mut slots = [WireTensor::placeholder(big.dtype, big.shape.clone())];
+            passing.fill(&mut slots).unwrap_err().to_string()
+        };
+        let begin = TensorFrame::Begin {
+            dtype: big.dtype,
+            shape: big.shape.clone(),
+        };
+        let short = broken(
+            &[
+                begin.clone(),
+                TensorFrame::Chunk(vec![1; 10]),
+                TensorFrame::End,
+            ],
+            usize::MAX,
+        );
+        assert!(short.contains("ended after 10 of its"), "{short}");
+        let long = broken(
+            &[begin.clone(), TensorFrame::Chunk(vec![1; 2 * CHUNK_BYTES])],
+            usize::MAX,
+        );
+        assert!(long.contains("got more than its"), "{long}");
+        let large = broken(&[begin], 100);
+        assert!(large.contains("exceeds the 100 B left"), "{large}");
     }
 
     #[test]
