@@ -186,9 +186,10 @@ fn an_image_of_2048_squared_becomes_8192_squared_through_gpuctl_in_bounded_memor
         "gpuctld: {report}"
     );
     // The blend (a float sum, 12 B per output pixel, and a float weight,
-    // 4 B), the model's own working memory for one batch of tiles (for
+    // 4 B) over a window of two tile rows (5 rows of 436 px tiles here,
+    // ×4), the model's own working memory for one batch of tiles (for
     // tiny-x4 under 8 times the batch's float output), the input as floats.
-    let blend = 16 * u64::from(4 * SIZE).pow(2);
+    let blend = 16 * (2 * 436 * 4) * u64::from(4 * SIZE);
     let batch = 4 * 3 * 4 * (436u64 * 4).pow(2);
     assert!(
         worker_peak <= worker_base + blend + 8 * batch + 8 * input_bytes + 128 * MIB,

@@ -94,11 +94,123 @@ pub fn out_of_memory(error: &tch::TchError) -> bool {
 /// The smallest tile back-off goes to.
 const MIN_TILE: i64 = 16;
 
-/// The blended output so far: weighted sum, weights, and the model's scale.
+/// The blended output so far: weighted sum and weights, for a window of
+/// output rows from `top` down. Rows above the window were handed on and
+/// are never needed again, so the window slides down as the tiles do and
+/// the worker holds a few tile rows of the output, not all of it.
 struct Blend {
     sum: Tensor,
     weights: Tensor,
     scale: i64,
+    /// The output row the window starts at.
+    top: i64,
+    /// The output's height.
+    height: i64,
+}
+
+impl Blend {
+    fn new(
+        like: &Tensor,
+        channels: i64,
+        height: i64,
+        width: i64,
+        rows: i64,
+        scale: i64,
+    ) -> Result<Blend, TileError> {
+        let n = like.size()[0];
+        let rows = rows.min(height);
+        let options = (Kind::Float, like.device());
+        Ok(Blend {
+            sum: Tensor::f_zeros([n, channels, rows, width], options)?,
+            weights: Tensor::f_zeros([1, 1, rows, width], options)?,
+            scale,
+            top: 0,
+            height,
+        })
+    }
+
+    fn end(&self) -> i64 {
+        self.top + self.sum.size()[2]
+    }
+
+    /// Makes room down to output row `bottom`, keeping rows from `keep`
+    /// (those not handed on yet): the window slides down, or grows if a
+    /// batch spans more tile rows than it holds.
+    fn reach(&mut self, keep: i64, bottom: i64) -> Result<(), TileError> {
+        if bottom <= self.end() {
+            return Ok(());
+        }
+        let keep = keep.max(self.top);
+        let rows = self.sum.size()[2]
+            .max(bottom - keep)
+            .min(self.height - keep);
+        let kept = self.end() - keep;
+        let slide = |old: &Tensor| -> Result<Tensor, TileError> {
+            let mut size = old.size();
+            size[2] = rows;
+            let new = Tensor::f_zeros(&size[..], (Kind::Float, old.device()))?;
+            if kept > 0 {
+                new.f_narrow(2, 0, kept)?
+                    .f_copy_(&old.f_narrow(2, keep - self.top, kept)?)?;
+            }
+            Ok(new)
+        };
+        // One at a time: the old window goes before the next is made.
+        self.sum = slide(&self.sum)?;
+        self.weights = slide(&self.weights)?;
+        self.top = keep;
+        Ok(())
+    }
+
+    /// Adds a weighted tile whose output starts at (`row`, `column`); rows
+    /// above the window were handed on already and take nothing more.
+    fn add(
+        &mut self,
+        part: &Tensor,
+        weight: &Tensor,
+        row: i64,
+        column: i64,
+    ) -> Result<(), TileError> {
+        let (rows, columns) = (part.size()[2], part.size()[3]);
+        let skip = (self.top - row).clamp(0, rows);
+        if skip == rows {
+            return Ok(());
+        }
+        let at = |t: &Tensor| -> Result<Tensor, tch::TchError> {
+            t.f_narrow(2, row + skip - self.top, rows - skip)?
+                .f_narrow(3, column, columns)
+        };
+        let _ = at(&self.sum)?.f_add_(&part.f_narrow(2, skip, rows - skip)?)?;
+        let _ = at(&self.weights)?.f_add_(&weight.f_narrow(2, skip, rows - skip)?)?;
+        Ok(())
+    }
+
+    /// Whether every output pixel of this region has weight already.
+    fn covers(&self, row: i64, rows: i64, column: i64, columns: i64) -> Result<bool, TileError> {
+        let start = row.max(self.top);
+        if row + rows <= self.top {
+            return Ok(true);
+        }
+        if row + rows > self.end() {
+            return Ok(false);
+        }
+        let least = self
+            .weights
+            .f_narrow(2, start - self.top, row + rows - start)?
+            .f_narrow(3, column, columns)?
+            .f_min()?
+            .double_value(&[]);
+        Ok(least > 0.0)
+    }
+
+    /// Output rows `row..row + count`, blended.
+    fn rows(&self, row: i64, count: i64) -> Result<Tensor, TileError> {
+        let local = row - self.top;
+        Ok(self
+            .sum
+            .f_narrow(2, local, count)?
+            .f_div(&self.weights.f_narrow(2, local, count)?)?)
+    }
 }
 
 /// Rows of the blended output, handed on as soon as no tile still to run
@@ -149,14 +261,12 @@ pub fn run(
         let mut pending = Vec::new();
         for &(r, c) in &all {
             let covered = match &blend {
-                Some(b) => {
-                    b.weights
-                        .f_narrow(2, rows[r] * b.scale, tile_h * b.scale)?
-                        .f_narrow(3, columns[c] * b.scale, tile_w * b.scale)?
-                        .f_min()?
-                        .double_value(&[])
-                        > 0.0
-                }
+                Some(b) => b.covers(
+                    rows[r] * b.scale,
+                    tile_h * b.scale,
+                    columns[c] * b.scale,
+                    tile_w * b.scale,
+                )?,
                 None => false,
             };
             if !covered {
@@ -233,17 +343,16 @@ pub fn run(
             }
             let b = match &mut blend {
                 Some(b) => b,
-                None => blend.insert(Blend {
-                    sum: Tensor::f_zeros(
-                        [n, out[1], height * scale, width * scale],
-                        (Kind::Float, x.device()),
-                    )?,
-                    weights: Tensor::f_zeros(
-                        [1, 1, height * scale, width * scale],
-                        (Kind::Float, x.device()),
-                    )?,
+                // Two tile rows to start with: the one running, and the
+                // overlap the one above left unfinished.
+                None => blend.insert(Blend::new(
+                    x,
+                    out[1],
+                    height * scale,
+                    width * scale,
+                    2 * tile_h * scale,
                     scale,
-                }),
+                )?),
             };
             if b.scale != scale {
                 return Err(TileError::Shape(format!(
@@ -251,6 +360,12 @@ pub fn run(
                     b.scale
                 )));
             }
+            let bottom = batch
+                .iter()
+                .map(|&(r, _)| rows[r] + tile_h)
+                .max()
+                .unwrap_or(0);
+            b.reach(emitted, bottom * scale)?;
             for (j, &(r, c)) in batch.iter().enumerate() {
                 let rows_w = feather(
                     tile_h * scale,
@@ -272,18 +387,7 @@ pub fn run(
                     .f_narrow(0, j as i64 * n, n)?
                     .f_to_kind(Kind::Float)?
                     .f_mul(&weight)?;
-                let (top, left) = (rows[r] * scale, columns[c] * scale);
-                // In-place adds through views of the accumulators.
-                let _ = b
-                    .sum
-                    .f_narrow(2, top, tile_h * scale)?
-                    .f_narrow(3, left, tile_w * scale)?
-                    .f_add_(&part)?;
-                let _ = b
-                    .weights
-                    .f_narrow(2, top, tile_h * scale)?
-                    .f_narrow(3, left, tile_w * scale)?
-                    .f_add_(&weight)?;
+                b.add(&part, &weight, rows[r] * scale, columns[c] * scale)?;
             }
             next += batch.len();
             done += batch.len();
@@ -317,10 +421,7 @@ fn emit(
     let mut top = from;
     while top < to {
         let count = step.min(to - top);
-        let band = blend
-            .sum
-            .f_narrow(2, top, count)?
-            .f_div(&blend.weights.f_narrow(2, top, count)?)?;
+        let band = blend.rows(top, count)?;
         rows(Band { band, top, height })?;
         top += count;
     }
@@ -379,7 +480,8 @@ mod tests {
         let forward = |t: &Tensor| -> Result<Tensor, tch::TchError> {
             t.f_upsample_nearest2d([t.size()[2] * 2, t.size()[3] * 2], None, None)
         };
-        for (h, w) in [(7, 9), (64, 64), (100, 37), (150, 230)] {
+        // (300, 20): one column, so a batch of 3 spans 3 tile rows.
+        for (h, w) in [(7, 9), (64, 64), (100, 37), (150, 230), (300, 20)] {
             let x = Tensor::rand([1, 3, h, w], (Kind::Float, Device::Cpu));
             let whole = forward(&x).unwrap();
             let calls = std::cell::RefCell::new(Vec::new());
