@@ -628,15 +628,21 @@ fn a_failing_tile_is_retried_and_then_named() {
     assert!(worker.run_noting(3, tiled_job(fine, 32, 8, 1, 0)).is_ok());
 }
 
-#[test]
-fn rgb8_outputs_are_the_floats_clamped_and_rounded() {
-    let (mut floats_worker, _) = Worker::loaded("x4", "tiny-x4.pt", ModelKind::Image);
-    let mut pixels_worker = Worker::spawn();
-    pixels_worker.send(&DaemonToWorker::Load(LoadModel {
+/// Two workers with tiny-x4: one that answers in floats, one in RGB8.
+fn x4_floats_and_pixels() -> (Worker, Worker) {
+    let (floats, _) = Worker::loaded("x4", "tiny-x4.pt", ModelKind::Image);
+    let mut pixels = Worker::spawn();
+    pixels.send(&DaemonToWorker::Load(LoadModel {
         rgb8: true,
         ..spec("x4", &model("tiny-x4.pt"), ModelKind::Image)
     }));
-    assert!(matches!(pixels_worker.receive(), WorkerToDaemon::Loaded(_)));
+    assert!(matches!(pixels.receive(), WorkerToDaemon::Loaded(_)));
+    (floats, pixels)
+}
+
+#[test]
+fn rgb8_outputs_are_the_floats_clamped_and_rounded() {
+    let (mut floats_worker, mut pixels_worker) = x4_floats_and_pixels();
     // Values past both ends of 0..1, to see the clamping.
     let input = f32_tensor(&[1, 3, 6, 5], |i| (i as f32 - 20.0) / 30.0);
     let job = || Job::Image {
@@ -663,13 +669,7 @@ fn as_pixel_rows(planar: &WireTensor) -> Vec<u8> {
 
 #[test]
 fn a_tiled_rgb8_image_streams_its_rows_while_later_tiles_run() {
-    let (mut floats_worker, _) = Worker::loaded("x4", "tiny-x4.pt", ModelKind::Image);
-    let mut pixels_worker = Worker::spawn();
-    pixels_worker.send(&DaemonToWorker::Load(LoadModel {
-        rgb8: true,
-        ..spec("x4", &model("tiny-x4.pt"), ModelKind::Image)
-    }));
-    assert!(matches!(pixels_worker.receive(), WorkerToDaemon::Loaded(_)));
+    let (mut floats_worker, mut pixels_worker) = x4_floats_and_pixels();
     // 200x300 in tiles of 64 (overlap 16, batch 2): 5 x 4 tiles, 20 rows
     // of 600 x 3 bytes each per input row: several bands and chunks.
     let input = f32_tensor(&[1, 3, 200, 300], |i| ((i * 7919) % 255) as f32 / 255.0);
