@@ -238,7 +238,8 @@ fn read_image(path: &Path) -> Result<WireTensor, CliError> {
         .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?
         .decode()
         .map_err(|e| CliError::Usage(format!("cannot decode {}: {e}", path.display())))?
-        .to_rgb8();
+        // No copy when the file was RGB8 already, as most photos are.
+        .into_rgb8();
     let (width, height) = image.dimensions();
     let plane = (width * height) as usize;
     let mut data = vec![0u8; plane * 3];
