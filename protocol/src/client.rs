@@ -73,7 +73,8 @@ pub enum ClientError {
 pub struct ClientOptions {
     /// Sent in `Hello`, shown in the daemon's logs.
     pub name: String,
-    /// Largest frame accepted or sent.
+    /// Largest frame accepted or sent; never below a streamed chunk's
+    /// frame ([`crate::stream::CHUNK_FRAME`]), which the daemon sends.
     pub max_frame: usize,
     /// How long to wait for `Welcome`.
     pub handshake_timeout: Duration,
@@ -143,7 +144,7 @@ impl Client {
                 path: path.clone(),
                 source,
             })?;
-        let mut connection = Framed::new(stream, FrameCodec::new(options.max_frame));
+        let mut connection = Framed::new(stream, FrameCodec::streaming(options.max_frame));
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
             client: options.name.clone(),

@@ -121,6 +121,13 @@ impl<In, Out> FrameCodec<In, Out> {
         }
     }
 
+    /// A codec for a connection on which tensors stream: `max_frame` bounds
+    /// its messages, but a frame that carries a chunk ([`crate::stream::CHUNK_FRAME`])
+    /// always passes, or a peer with a limit under 1 MiB could stream nothing.
+    pub fn streaming(max_frame: usize) -> Self {
+        Self::new(max_frame.max(crate::stream::CHUNK_FRAME))
+    }
+
     /// The maximum payload in force.
     pub fn max_frame(&self) -> usize {
         self.max

@@ -15,6 +15,10 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 /// message, which is cheaper for them.
 pub const STREAM_ABOVE: usize = CHUNK_BYTES;
 
+/// The largest payload of a frame that carries a chunk: its data and room
+/// for its message's other fields.
+pub const CHUNK_FRAME: usize = CHUNK_BYTES + 1024;
+
 impl WireTensor {
     /// A tensor whose data travels in `TensorChunk` frames ahead of the
     /// message that holds it.

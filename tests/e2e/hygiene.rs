@@ -26,11 +26,11 @@ fn a_4_gib_length_prefix() {
 
 #[test]
 fn a_prefix_over_the_configured_limit() {
-    let daemon = Daemon::start("[daemon]\nmax_frame = \"64KiB\"\n");
+    let daemon = Daemon::start("[daemon]\nmax_frame = \"2MiB\"\n");
     let mut client = RawClient::handshaken(&daemon.socket);
-    client.send_bytes(&(65 * 1024u32).to_be_bytes());
+    client.send_bytes(&((2 << 20) + 1u32).to_be_bytes());
     let message = client.expect_closing(ErrorCode::FrameTooLarge);
-    assert!(message.contains("65536"), "{message}");
+    assert!(message.contains("2097152"), "{message}");
     daemon.assert_serving();
 }
 

@@ -571,3 +571,65 @@ fn a_tiled_image_reaches_the_client_row_by_row_while_its_tiles_run() {
         }
     }
 }
+
+#[test]
+fn large_tensor_outputs_are_passed_on_to_new_clients_and_assembled_for_old_ones() {
+    let daemon = Daemon::start(&crate::models::config("", "[daemon]\nmax_frame = \"2MiB\""));
+    // tiny-tensor: (a, b) -> (a * 2 + b, sum(a * b)); 3 MiB in, 3 MiB out.
+    let n = 3 << 18;
+    let request = || GenerateRequest {
+        inputs: vec![
+            crate::models::f32_tensor(&[n], |i| i as f32),
+            crate::models::f32_tensor(&[n], |_| 0.5),
+        ],
+        ..GenerateRequest::new("ten")
+    };
+    let check = |outputs: &[WireTensor]| {
+        assert_eq!(outputs.len(), 2);
+        assert_eq!(outputs[0].shape, vec![n]);
+        let at =
+            |i: usize| f32::from_le_bytes(outputs[0].data[4 * i..4 * i + 4].try_into().unwrap());
+        assert_eq!(
+            (at(0), at(1000), at(n as usize - 1)),
+            (0.5, 2000.5, (2 * n - 2) as f32 + 0.5)
+        );
+        assert_eq!(outputs[1].shape, Vec::<u64>::new());
+    };
+    // A 1.2 client: the worker's frames, passed on, fill the placeholder.
+    let answer = runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        generate(&client, request()).await.unwrap()
+    });
+    check(&answer.outputs);
+    // A 1.1 client: gpuctld assembles the output, then streams it.
+    let mut old = RawClient::speaking(
+        &daemon.socket,
+        gpuctl_protocol::ProtocolVersion { major: 1, minor: 1 },
+    );
+    let mut streamed = Vec::new();
+    let mut request = request();
+    for tensor in gpuctl_protocol::stream::take_streamed(request.tensors_mut()) {
+        for frame in gpuctl_protocol::stream::frames(tensor) {
+            old.send(&ClientMessage::tensor_frame(1, frame));
+        }
+    }
+    old.request(1, Request::Generate(request));
+    let mut outputs = loop {
+        match old.receive() {
+            Some(DaemonMessage::TensorChunk { id: 1, data }) => streamed.extend_from_slice(&data),
+            Some(DaemonMessage::Response {
+                id: 1,
+                response: Response::Generate(answer),
+            }) => break answer.outputs,
+            Some(
+                DaemonMessage::Event { .. }
+                | DaemonMessage::TensorBegin { .. }
+                | DaemonMessage::TensorEnd { .. },
+            ) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(outputs[0].is_placeholder());
+    outputs[0].data = streamed;
+    check(&outputs);
+}

@@ -58,7 +58,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn f32_tensor(shape: &[u64], value: impl Fn(usize) -> f32) -> WireTensor {
+pub fn f32_tensor(shape: &[u64], value: impl Fn(usize) -> f32) -> WireTensor {
     let n: u64 = shape.iter().product();
     WireTensor::new(
         DType::F32,

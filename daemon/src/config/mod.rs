@@ -15,6 +15,10 @@ use serde::Deserialize;
 pub use error::ConfigError;
 pub use values::{Bytes, Device, Duration, KeepAliveSetting, LogLevel, Mode, Size};
 
+/// The smallest `daemon.max_frame`: a frame must hold a streamed tensor's
+/// chunk, which is 1 MiB of data and its message's fields.
+const MIN_MAX_FRAME: u64 = 2 << 20;
+
 /// The embedded default configuration, also the documented example.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../etc/gpuctld.toml");
 
@@ -418,12 +422,14 @@ impl Config {
         }
         let max_frame = daemon.max_frame.0;
         let ceiling = gpuctl_protocol::MAX_FRAME_CEILING as u64;
-        if !(4096..=ceiling).contains(&max_frame) {
+        if !(MIN_MAX_FRAME..=ceiling).contains(&max_frame) {
+            let format = gpuctl_protocol::units::format_bytes;
             return invalid(
                 "daemon.max_frame",
                 format!(
-                    "must be between 4KiB and {}",
-                    gpuctl_protocol::units::format_bytes(ceiling)
+                    "must be between {} and {} (streamed tensors travel in frames of 1 MiB and a few bytes)",
+                    format(MIN_MAX_FRAME),
+                    format(ceiling)
                 ),
             );
         }

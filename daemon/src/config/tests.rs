@@ -74,7 +74,12 @@ fn bad_values_name_key_and_problem() {
         (
             "[daemon]\nmax_frame = \"1GiB\"",
             "daemon.max_frame",
-            "between 4KiB and 64.0 MiB",
+            "between 2.0 MiB and 64.0 MiB",
+        ),
+        (
+            "[daemon]\nmax_frame = \"1MiB\"",
+            "daemon.max_frame",
+            "frames of 1 MiB and a few bytes",
         ),
         (
             "[daemon]\nmax_connections = 0",
@@ -167,12 +172,12 @@ fn a_missing_file_is_named() {
 #[test]
 fn values_parse() {
     let config = parse(
-        "[daemon]\nsocket_mode = \"0600\"\nmax_frame = \"1MiB\"\n[policy]\nkeep_alive = \"forever\"\n\
+        "[daemon]\nsocket_mode = \"0600\"\nmax_frame = \"2MiB\"\n[policy]\nkeep_alive = \"forever\"\n\
          [models.m]\npath = \"/abs/m.pt\"\nkind = \"image\"\ndevice = \"cuda:1\"\nkeep_alive = \"0s\"",
     )
     .unwrap();
     assert_eq!(config.daemon.socket_mode, Mode(0o600));
-    assert_eq!(config.daemon.max_frame, Bytes(1 << 20));
+    assert_eq!(config.daemon.max_frame, Bytes(2 << 20));
     let models = config.model_infos();
     assert_eq!(models[0].device, "cuda:1");
     assert_eq!(
