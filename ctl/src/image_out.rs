@@ -41,7 +41,6 @@ enum State {
         width: u32,
         height: u32,
         pixels: Vec<u8>,
-        bytes: usize,
     },
     /// The PNG has been finished; the partial file is complete.
     Written {
@@ -112,8 +111,12 @@ impl ImageWriter {
                         .write_all(&data)
                         .map_err(|e| format!("cannot write {}: {e}", self.partial.display()))
                 }
-                State::Whole { pixels, bytes, .. } => {
-                    if data.len() > *bytes - pixels.len() {
+                State::Whole {
+                    width,
+                    height,
+                    pixels,
+                } => {
+                    if pixels.len() + data.len() > rgb_bytes(*width, *height) {
                         return Err("more pixels than the image holds".into());
                     }
                     pixels.extend_from_slice(&data);
@@ -123,25 +126,26 @@ impl ImageWriter {
                     Err("pixels before the image began".into())
                 }
             },
-            TensorFrame::End => {
-                let State::Png { left: 0, .. } = self.state else {
-                    return Ok(());
-                };
-                let State::Png {
+            TensorFrame::End => match std::mem::replace(&mut self.state, State::Waiting) {
+                // Complete: the PNG can be finished now.
+                State::Png {
                     stream,
                     width,
                     height,
-                    ..
-                } = std::mem::replace(&mut self.state, State::Waiting)
-                else {
-                    return Ok(());
-                };
-                stream
-                    .finish()
-                    .map_err(|e| format!("cannot write {}: {e}", self.partial.display()))?;
-                self.state = State::Written { width, height };
-                Ok(())
-            }
+                    left: 0,
+                } => {
+                    stream
+                        .finish()
+                        .map_err(|e| format!("cannot write {}: {e}", self.partial.display()))?;
+                    self.state = State::Written { width, height };
+                    Ok(())
+                }
+                // Short or whole: `finish` judges.
+                other => {
+                    self.state = other;
+                    Ok(())
+                }
+            },
         }
     }
 
@@ -161,7 +165,7 @@ impl ImageWriter {
         let (Ok(w), Ok(h)) = (u32::try_from(width), u32::try_from(height)) else {
             return Err(format!("an image of {width}x{height} is too large"));
         };
-        let bytes = 3 * width as usize * height as usize;
+        let bytes = rgb_bytes(w, h);
         if self.png && self.rows {
             let file = File::create(&self.partial)
                 .map_err(|e| format!("cannot create {}: {e}", self.partial.display()))?;
@@ -191,7 +195,6 @@ impl ImageWriter {
                 width: w,
                 height: h,
                 pixels,
-                bytes,
             };
         }
         Ok(())
@@ -214,8 +217,8 @@ impl ImageWriter {
                 width,
                 height,
                 pixels,
-                bytes,
             } => {
+                let bytes = rgb_bytes(width, height);
                 if pixels.len() != bytes {
                     return Err(format!(
                         "the image ended after {} of its {bytes} bytes",
@@ -265,6 +268,11 @@ pub fn lock(shared: &Mutex<ImageWriter>) -> std::sync::MutexGuard<'_, ImageWrite
     shared
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The bytes of a `width` x `height` RGB8 image.
+fn rgb_bytes(width: u32, height: u32) -> usize {
+    3 * width as usize * height as usize
 }
 
 /// `[3,H,W]` planes → RGB pixels.

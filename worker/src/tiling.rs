@@ -203,6 +203,31 @@ impl Blend {
         Ok(least > 0.0)
     }
 
+    /// Hands output rows `from..to` to `rows`, in bands of at most
+    /// [`BAND_BYTES`] of output; returns the first row not yet handed on.
+    fn emit(
+        &self,
+        from: i64,
+        to: i64,
+        rows: &mut dyn FnMut(Band) -> Result<(), TileError>,
+    ) -> Result<i64, TileError> {
+        let size = self.sum.size();
+        let row_bytes = (size[0] * size[1] * size[3]).max(1);
+        let step = (BAND_BYTES / row_bytes).max(1);
+        let mut top = from;
+        while top < to {
+            let count = step.min(to - top);
+            let band = self.rows(top, count)?;
+            rows(Band {
+                band,
+                top,
+                height: self.height,
+            })?;
+            top += count;
+        }
+        Ok(top.max(from))
+    }
+
     /// Output rows `row..row + count`, blended.
     fn rows(&self, row: i64, count: i64) -> Result<Tensor, TileError> {
         let local = row - self.top;
@@ -393,7 +418,7 @@ pub fn run(
             done += batch.len();
             // Tiles run row by row: rows above the next tile's are final.
             if let Some(&(r, _)) = pending.get(next) {
-                emitted = emit(b, emitted, rows[r] * b.scale, height * b.scale, rows_out)?;
+                emitted = b.emit(emitted, rows[r] * b.scale, rows_out)?;
             }
             if !progress(done, total) && done < total {
                 return Err(TileError::Cancelled { done, total });
@@ -402,30 +427,8 @@ pub fn run(
         break;
     }
     let b = blend.ok_or_else(|| TileError::Shape("the image has no pixels".to_owned()))?;
-    emit(&b, emitted, height * b.scale, height * b.scale, rows_out)?;
+    b.emit(emitted, b.height, rows_out)?;
     Ok(())
-}
-
-/// Hands output rows `from..to` (of `height`) to `rows`, in bands of at
-/// most [`BAND_BYTES`] of output; returns the first row not yet handed on.
-fn emit(
-    blend: &Blend,
-    from: i64,
-    to: i64,
-    height: i64,
-    rows: &mut dyn FnMut(Band) -> Result<(), TileError>,
-) -> Result<i64, TileError> {
-    let size = blend.sum.size();
-    let row_bytes = (size[0] * size[1] * size[3]).max(1);
-    let step = (BAND_BYTES / row_bytes).max(1);
-    let mut top = from;
-    while top < to {
-        let count = step.min(to - top);
-        let band = blend.rows(top, count)?;
-        rows(Band { band, top, height })?;
-        top += count;
-    }
-    Ok(top.max(from))
 }
 
 #[cfg(test)]
