@@ -5,6 +5,7 @@
 
 mod commands;
 mod image_out;
+mod interrupt;
 mod progress;
 mod table;
 

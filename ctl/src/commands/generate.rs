@@ -12,6 +12,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 
 use crate::image_out::{self, ImageWriter};
+use crate::interrupt::Interrupt;
 use crate::{unexpected, CliError, Output};
 
 /// `gpuctl generate`'s arguments.
@@ -119,10 +120,11 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         }
     };
     let mut progress = crate::progress::Progress::new(output);
+    let mut interrupt = Interrupt::listen();
     loop {
         let event = tokio::select! {
             event = call.event() => event,
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupt.recv() => {
                 // The daemon stops the job at its next batch and keeps the
                 // model loaded for the next request.
                 progress.finish();

@@ -7,6 +7,7 @@ use std::time::Duration;
 use gpuctl_protocol::units::format_bytes;
 use gpuctl_protocol::{Client, ReleaseRequest, Request, ReserveRequest, ReserveResponse, Response};
 
+use crate::interrupt::Interrupt;
 use crate::{unexpected, CliError, Output};
 
 /// `gpuctl reserve`'s arguments.
@@ -59,6 +60,7 @@ pub async fn run(client: &Client, args: ReserveArgs, output: Output) -> Result<(
 
 /// Runs COMMAND while the reservation lives; its status becomes ours.
 async fn run_command(program: &str, args: &[String]) -> Result<(), CliError> {
+    let mut interrupt = Interrupt::listen();
     let mut child = tokio::process::Command::new(program)
         .args(args)
         .spawn()
@@ -71,7 +73,7 @@ async fn run_command(program: &str, args: &[String]) -> Result<(), CliError> {
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt.recv() => {}
         }
     };
     let code = match status {

@@ -3,13 +3,15 @@
 use gpuctl_protocol::units::format_bytes;
 use gpuctl_protocol::{Client, Event, Notice, NoticeKind, Request, Response, WatchRequest};
 
+use crate::interrupt::Interrupt;
 use crate::{unexpected, CliError, Output};
 
 pub async fn run(client: &Client, output: Output) -> Result<(), CliError> {
+    let mut interrupt = Interrupt::listen();
     let mut call = client.start(Request::Watch(WatchRequest {})).await?;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
             event = call.event() => match event {
                 Some(Event::Notice(notice)) => print(&notice, output),
                 Some(_) => {}
