@@ -4,7 +4,8 @@
 //! state and run models; administrative operations change what everyone
 //! else gets, so they need root, the daemon's own user, or `admin_group`.
 
-use gpuctl_protocol::{Error, ErrorCode, Request};
+use gpuctl_protocol::units::{format_bytes, format_duration_ms};
+use gpuctl_protocol::{Error, ErrorCode, Request, ReserveRequest};
 
 use crate::config::{lookup_group, Config};
 
@@ -55,22 +56,72 @@ pub fn authorize(request: &Request, peer: &Peer, config: &Config) -> Result<(), 
     ))
 }
 
-fn is_admin(peer: &Peer, config: &Config) -> bool {
-    if peer.uid == 0 || peer.uid == daemon_uid() {
-        return true;
-    }
-    let group = &config.daemon.admin_group;
+/// Whether `peer` is an administrator: root, the daemon's own user, or a
+/// member of `daemon.admin_group`.
+pub fn is_admin(peer: &Peer, config: &Config) -> bool {
+    peer.uid == 0
+        || peer.uid == daemon_uid()
+        || in_group(peer, &config.daemon.admin_group, "daemon.admin_group")
+}
+
+/// Whether `peer` runs with `group` (primary or supplementary); `key`
+/// names the setting, for the log.
+fn in_group(peer: &Peer, group: &str, key: &str) -> bool {
     if group.is_empty() {
         return false;
     }
-    let Some(admin_gid) = lookup_group(group) else {
-        tracing::warn!(group = %group, "admin_group does not exist; nobody else is an administrator");
+    let Some(gid) = lookup_group(group) else {
+        tracing::warn!(group = %group, key, "the group does not exist; nobody is a member");
         return false;
     };
-    peer.gid == admin_gid
+    peer.gid == gid
         || peer
             .pid
-            .is_some_and(|pid| supplementary_groups(pid).contains(&admin_gid))
+            .is_some_and(|pid| supplementary_groups(pid).contains(&gid))
+}
+
+/// The terms on which `peer` may reserve GPU memory: administrators and
+/// members of `gpu.reserve_group` as they ask; others up to
+/// `gpu.reserve_max`, for at most `gpu.reserve_max_ttl` (a reservation
+/// without a ttl gets that one). Returns the ttl to apply.
+pub fn reservation_ttl(
+    request: &ReserveRequest,
+    peer: &Peer,
+    config: &Config,
+) -> Result<Option<u64>, Error> {
+    let gpu = &config.gpu;
+    if is_admin(peer, config) || in_group(peer, &gpu.reserve_group, "gpu.reserve_group") {
+        return Ok(request.ttl_ms);
+    }
+    let via_group = match gpu.reserve_group.as_str() {
+        "" => String::new(),
+        group => format!(", members of group {group:?} (gpu.reserve_group)"),
+    };
+    if request.bytes > gpu.reserve_max.0 {
+        let others = match gpu.reserve_max.0 {
+            0 => "others may not reserve (gpu.reserve_max = \"0\")".to_owned(),
+            max => format!("others up to {} (gpu.reserve_max)", format_bytes(max)),
+        };
+        return Err(Error::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "reserving {} is not allowed for uid {}: reservations are for root, the daemon's user (uid {}), administrators{via_group}; {others}",
+                format_bytes(request.bytes),
+                peer.uid,
+                daemon_uid()
+            ),
+        ));
+    }
+    let max_ttl = gpu.reserve_max_ttl.0.as_millis() as u64;
+    let ttl = request.ttl_ms.map_or(max_ttl, |ttl| ttl.min(max_ttl));
+    if request.ttl_ms != Some(ttl) {
+        tracing::info!(
+            uid = peer.uid,
+            ttl = %format_duration_ms(ttl),
+            "reservation ttl limited by gpu.reserve_max_ttl"
+        );
+    }
+    Ok(Some(ttl))
 }
 
 fn daemon_uid() -> u32 {
@@ -160,6 +211,65 @@ mod tests {
         };
         assert!(authorize(&reload, &primary, &config).is_ok());
         assert!(authorize(&reload, &stranger(), &config).is_err());
+    }
+
+    #[test]
+    fn others_reserve_within_the_operators_limits() {
+        let ask = |bytes: u64, ttl_ms: Option<u64>| ReserveRequest {
+            bytes,
+            device: None,
+            timeout_ms: 1000,
+            ttl_ms,
+        };
+        let mut config = Config::default();
+        let error = reservation_ttl(&ask(1, None), &stranger(), &config).unwrap_err();
+        assert_eq!(error.code, ErrorCode::Unauthorized);
+        assert!(
+            error
+                .message
+                .contains("others may not reserve (gpu.reserve_max = \"0\")"),
+            "{}",
+            error.message
+        );
+        let root = Peer {
+            uid: 0,
+            gid: 0,
+            pid: None,
+        };
+        assert_eq!(
+            reservation_ttl(&ask(1 << 40, None), &root, &config),
+            Ok(None)
+        );
+        config.gpu.reserve_max = crate::config::Bytes(4 << 30);
+        let error = reservation_ttl(&ask(5 << 30, None), &stranger(), &config).unwrap_err();
+        assert!(
+            error.message.contains("others up to 4.0 GiB"),
+            "{}",
+            error.message
+        );
+        assert_eq!(
+            reservation_ttl(&ask(1 << 30, None), &stranger(), &config),
+            Ok(Some(3_600_000)),
+            "no ttl: the longest allowed"
+        );
+        assert_eq!(
+            reservation_ttl(&ask(1 << 30, Some(u64::MAX)), &stranger(), &config),
+            Ok(Some(3_600_000))
+        );
+        assert_eq!(
+            reservation_ttl(&ask(1 << 30, Some(5_000)), &stranger(), &config),
+            Ok(Some(5_000))
+        );
+        config.gpu.reserve_group = "root".into();
+        let member = Peer {
+            uid: 54_321,
+            gid: 0,
+            pid: None,
+        };
+        assert_eq!(
+            reservation_ttl(&ask(1 << 40, None), &member, &config),
+            Ok(None)
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::access::Peer;
-use crate::context::{Context, EventSink, Outgoing};
+use crate::context::{Context, EventSink, Outgoing, Shared};
 use crate::handlers;
 use crate::uploads::Uploads;
 
@@ -61,8 +61,14 @@ pub fn peer_of(stream: &UnixStream) -> Peer {
 }
 
 /// Serves one connection until the client leaves, misbehaves, or the
-/// daemon shuts down (then requests in flight finish first).
-pub async fn serve(stream: UnixStream, ctx: Arc<Context>, shutdown: CancellationToken) {
+/// daemon shuts down (then requests in flight finish first, until
+/// `hard_stop` says the grace is over).
+pub async fn serve(
+    stream: UnixStream,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+) {
     let peer = peer_of(&stream);
     let span = tracing::info_span!("connection", uid = peer.uid, pid = peer.pid.unwrap_or(0));
     async move {
@@ -77,7 +83,11 @@ pub async fn serve(stream: UnixStream, ctx: Arc<Context>, shutdown: Cancellation
         match hello {
             Ok(Some(hello)) => {
                 tracing::debug!(client = %hello.client, version = %hello.protocol, "client connected");
-                serve_requests(&mut connection, peer, &ctx, &shutdown, hello.protocol).await;
+                let stops = Stops {
+                    shutdown: &shutdown,
+                    hard_stop: &hard_stop,
+                };
+                serve_requests(&mut connection, peer, &ctx, stops, hello.protocol).await;
             }
             Ok(None) => {}
             Err(reason) => say_goodbye(&mut connection, reason).await,
@@ -147,19 +157,43 @@ async fn handshake(connection: &mut Connection, limit: Duration) -> Result<Optio
     Ok(Some(hello))
 }
 
+/// The daemon's two ways of ending a connection: stop taking requests
+/// (shutdown), and stop waiting for those in flight (the grace is over).
+#[derive(Clone, Copy)]
+struct Stops<'a> {
+    shutdown: &'a CancellationToken,
+    hard_stop: &'a CancellationToken,
+}
+
+/// A request's task's result: its id, its answer, and the bytes of that
+/// answer counted as unread until it is written.
+type Finished = (RequestId, Result<Response, Error>, usize);
+
 async fn serve_requests(
     connection: &mut Connection,
     peer: Peer,
     ctx: &Arc<Context>,
-    shutdown: &CancellationToken,
+    stops: Stops<'_>,
     protocol: ProtocolVersion,
 ) {
-    let streams = protocol.streams_tensors();
-    let mut uploads = Uploads::new(ctx.registry.config().daemon.max_upload.0 as usize);
-    let mut running: JoinSet<(RequestId, Result<Response, Error>)> = JoinSet::new();
+    let config = ctx.registry.config();
+    let out = Out {
+        protocol,
+        limit: config.daemon.send_timeout.0,
+    };
+    let idle_timeout = config.daemon.idle_timeout.0;
+    let shared = Arc::new(Shared::new(config.daemon.max_unread.0 as usize));
+    let mut uploads = Uploads::new(
+        config.daemon.max_upload.0 as usize,
+        config.daemon.upload_timeout.0,
+        ctx.budget.clone(),
+    );
+    drop(config);
+    let mut running: JoinSet<Finished> = JoinSet::new();
     let mut ids: HashMap<tokio::task::Id, RequestId> = HashMap::new();
     let mut aborts: HashMap<RequestId, tokio::task::AbortHandle> = HashMap::new();
     let mut draining = false;
+    let mut last_active = Instant::now();
     let (events, mut event_inbox) = mpsc::unbounded_channel();
     loop {
         if draining && running.is_empty() {
@@ -170,91 +204,153 @@ async fn serve_requests(
             say_goodbye(connection, too_many_streams()).await;
             return;
         }
+        // Waiting legitimately: a request (a watch among them), an upload,
+        // a reservation held. Anything else is idle.
+        let idle = running.is_empty() && uploads.streams() == 0 && shared.reservations() == 0;
+        let idle_until = (idle && !idle_timeout.is_zero()).then(|| last_active + idle_timeout);
+        let uploads_expire = uploads.next_expiry();
         tokio::select! {
             // Events first: a request's events, sent before it ended, must
             // reach the client before its answer.
             biased;
             Some((id, outgoing)) = event_inbox.recv() => {
-                let message = match outgoing {
-                    Outgoing::Event(event) => DaemonMessage::Event { id, event },
+                let sent = match outgoing {
+                    Outgoing::Event(event) => out.send(connection, DaemonMessage::Event { id, event }).await,
                     // A request already answered (timed out, cancelled)
                     // sends its client nothing more.
-                    Outgoing::Output(_) if !aborts.contains_key(&id) => continue,
-                    Outgoing::Output(frame) => DaemonMessage::tensor_frame(id, frame),
+                    Outgoing::Output(frame) if !aborts.contains_key(&id) => {
+                        shared.written(chunk_bytes(&frame));
+                        continue;
+                    }
+                    Outgoing::Output(frame) => {
+                        let bytes = chunk_bytes(&frame);
+                        let sent = out.send(connection, DaemonMessage::tensor_frame(id, frame)).await;
+                        shared.written(bytes);
+                        sent
+                    }
+                    Outgoing::Overflow => {
+                        let Some(abort) = aborts.remove(&id) else { continue };
+                        abort.abort();
+                        ids.retain(|_, request| *request != id);
+                        tracing::info!(request = id, unread = shared.unread(), "output refused: the client has not read earlier answers");
+                        out.send(connection, DaemonMessage::Error { id, error: unread_error(&shared) }).await
+                    }
                 };
-                if connection.send(message).await.is_err() {
+                if sent.is_err() {
                     return;
                 }
             }
-            _ = shutdown.cancelled(), if !draining => draining = true,
-            frame = connection.next(), if !draining => match frame {
-                Some(Ok(ClientMessage::Request { id, request: Request::Cancel(CancelRequest { id: target }) })) => {
-                    let found = aborts.remove(&target);
-                    if let Some(abort) = &found {
-                        tracing::info!(request = target, "cancelled by its client");
-                        abort.abort();
+            _ = stops.hard_stop.cancelled(), if draining => {
+                let unfinished: Vec<String> = ids.values().map(|id| id.to_string()).collect();
+                tracing::warn!(requests = %unfinished.join(","), "grace period over; closing with requests unfinished");
+                say_goodbye(connection, Error::new(
+                    ErrorCode::ShuttingDown,
+                    format!("gpuctld is shutting down and its grace period (daemon.shutdown_grace) is over; request(s) {} did not finish", unfinished.join(", ")),
+                )).await;
+                return;
+            }
+            _ = stops.shutdown.cancelled(), if !draining => draining = true,
+            _ = sleep_until(idle_until), if idle_until.is_some() => {
+                let after = gpuctl_protocol::units::format_duration_ms(idle_timeout.as_millis() as u64);
+                tracing::debug!(idle = %after, "closing an idle connection");
+                say_goodbye(connection, Error::new(
+                    ErrorCode::Timeout,
+                    format!("the connection was idle for {after} with nothing in flight (daemon.idle_timeout); connect again to go on"),
+                )).await;
+                return;
+            }
+            _ = sleep_until(uploads_expire), if uploads_expire.is_some() => uploads.expire(Instant::now()),
+            frame = connection.next(), if !draining => {
+                last_active = Instant::now();
+                match frame {
+                    Some(Ok(ClientMessage::Request { id, request: Request::Cancel(CancelRequest { id: target }) })) => {
+                        let found = aborts.remove(&target);
+                        if let Some(abort) = &found {
+                            tracing::info!(request = target, "cancelled by its client");
+                            abort.abort();
+                        }
+                        let response = Response::Cancel(CancelResponse { cancelled: found.is_some() });
+                        if !send_answer(connection, out, DaemonMessage::Response { id, response }).await {
+                            return;
+                        }
                     }
-                    let response = Response::Cancel(CancelResponse { cancelled: found.is_some() });
-                    if !send_answer(connection, DaemonMessage::Response { id, response }, streams).await {
+                    Some(Ok(ClientMessage::TensorBegin { id, dtype, shape })) => uploads.begin(id, dtype, shape),
+                    Some(Ok(ClientMessage::TensorChunk { id, data })) => uploads.chunk(id, &data),
+                    Some(Ok(ClientMessage::TensorEnd { id })) => uploads.end(id),
+                    Some(Ok(ClientMessage::Request { id, mut request })) => {
+                        let permit = match uploads.attach(id, &mut request) {
+                            Ok(permit) => permit,
+                            Err(error) => {
+                                tracing::info!(request = id, code = %error.code, error = %error.message, "streamed tensors refused");
+                                if !send_answer(connection, out, DaemonMessage::Error { id, error }).await {
+                                    return;
+                                }
+                                continue;
+                            }
+                        };
+                        if ids.values().any(|running_id| *running_id == id) {
+                            let error = Error::new(ErrorCode::InvalidRequest, format!("request id {id} is already in flight on this connection"));
+                            if out.send(connection, DaemonMessage::Error { id, error }).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        shared.take_overflowed(id);
+                        let ctx = ctx.clone();
+                        let shared = shared.clone();
+                        let sink = EventSink::new(id, events.clone(), protocol.takes_pixel_rows(), shared.clone());
+                        let span = tracing::debug_span!("request", id, op = request.operation());
+                        let task = running.spawn(async move {
+                            // Its streamed inputs count against the daemon-wide
+                            // budget until it ends.
+                            let _inputs = permit;
+                            let started = Instant::now();
+                            tracing::debug!("started");
+                            let result = handlers::handle(request, peer, &ctx, sink).await;
+                            match &result {
+                                Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "done"),
+                                Err(error) => tracing::info!(code = %error.code, error = %error.message, "request failed"),
+                            }
+                            let (result, unread) = count_unread(result, &shared);
+                            (id, result, unread)
+                        }.instrument(span));
+                        ids.insert(task.id(), id);
+                        aborts.insert(id, task);
+                    }
+                    Some(Ok(ClientMessage::Hello(_))) => {
+                        say_goodbye(connection, Error::new(ErrorCode::InvalidRequest, "Hello may only be sent once, as the first frame")).await;
                         return;
                     }
-                }
-                Some(Ok(ClientMessage::TensorBegin { id, dtype, shape })) => uploads.begin(id, dtype, shape),
-                Some(Ok(ClientMessage::TensorChunk { id, data })) => uploads.chunk(id, &data),
-                Some(Ok(ClientMessage::TensorEnd { id })) => uploads.end(id),
-                Some(Ok(ClientMessage::Request { id, mut request })) => {
-                    if let Err(error) = uploads.attach(id, &mut request) {
-                        tracing::info!(request = id, code = %error.code, error = %error.message, "streamed tensors refused");
-                        if !send_answer(connection, DaemonMessage::Error { id, error }, streams).await {
-                            return;
+                    Some(Err(error)) => {
+                        tracing::info!(%error, "bad frame from client; closing its connection");
+                        if let Some(reason) = frame_error(&error) {
+                            say_goodbye(connection, reason).await;
                         }
-                        continue;
+                        return;
                     }
-                    if ids.values().any(|running_id| *running_id == id) {
-                        let error = Error::new(ErrorCode::InvalidRequest, format!("request id {id} is already in flight on this connection"));
-                        if connection.send(DaemonMessage::Error { id, error }).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    let ctx = ctx.clone();
-                    let sink = EventSink::new(id, events.clone(), protocol.takes_pixel_rows());
-                    let span = tracing::debug_span!("request", id, op = request.operation());
-                    let task = running.spawn(async move {
-                        let started = Instant::now();
-                        tracing::debug!("started");
-                        let result = handlers::handle(request, peer, &ctx, sink).await;
-                        match &result {
-                            Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "done"),
-                            Err(error) => tracing::info!(code = %error.code, error = %error.message, "request failed"),
-                        }
-                        (id, result)
-                    }.instrument(span));
-                    ids.insert(task.id(), id);
-                    aborts.insert(id, task);
+                    None => return,
                 }
-                Some(Ok(ClientMessage::Hello(_))) => {
-                    say_goodbye(connection, Error::new(ErrorCode::InvalidRequest, "Hello may only be sent once, as the first frame")).await;
-                    return;
-                }
-                Some(Err(error)) => {
-                    tracing::info!(%error, "bad frame from client; closing its connection");
-                    if let Some(reason) = frame_error(&error) {
-                        say_goodbye(connection, reason).await;
-                    }
-                    return;
-                }
-                None => return,
-            },
+            }
             Some(joined) = running.join_next_with_id() => {
+                last_active = Instant::now();
                 let message = match joined {
-                    Ok((task, (id, result))) => {
-                        ids.remove(&task);
+                    Ok((task, (id, result, unread))) => {
+                        if ids.remove(&task).is_none() {
+                            // Answered already (its output overflowed).
+                            shared.written(unread);
+                            continue;
+                        }
                         aborts.remove(&id);
-                        match result {
+                        let message = match result {
                             Ok(response) => DaemonMessage::Response { id, response },
                             Err(error) => DaemonMessage::Error { id, error },
+                        };
+                        let sent = send_answer(connection, out, message).await;
+                        shared.written(unread);
+                        if !sent {
+                            return;
                         }
+                        continue;
                     }
                     Err(failure) if failure.is_cancelled() => {
                         let Some(id) = ids.remove(&failure.id()) else { continue };
@@ -269,7 +365,7 @@ async fn serve_requests(
                         DaemonMessage::Error { id, error }
                     }
                 };
-                if !send_answer(connection, message, streams).await {
+                if !send_answer(connection, out, message).await {
                     return;
                 }
             }
@@ -277,14 +373,110 @@ async fn serve_requests(
     }
 }
 
+/// The data bytes a streamed frame carries.
+fn chunk_bytes(frame: &gpuctl_protocol::TensorFrame) -> usize {
+    match frame {
+        gpuctl_protocol::TensorFrame::Chunk(data) => data.len(),
+        _ => 0,
+    }
+}
+
+/// Counts a finished request's outputs as unread until they are written;
+/// an answer that does not fit becomes an error, and its outputs go now.
+fn count_unread(
+    result: Result<Response, Error>,
+    shared: &Shared,
+) -> (Result<Response, Error>, usize) {
+    let bytes = match &result {
+        Ok(Response::Generate(generate)) => generate.outputs.iter().map(|t| t.data.len()).sum(),
+        _ => 0,
+    };
+    if bytes == 0 {
+        return (result, 0);
+    }
+    if shared.queue(bytes) {
+        (result, bytes)
+    } else {
+        (Err(unread_error(shared)), 0)
+    }
+}
+
+fn unread_error(shared: &Shared) -> Error {
+    let fmt = gpuctl_protocol::units::format_bytes;
+    Error::new(
+        ErrorCode::TooLarge,
+        format!(
+            "this connection's client has left {} of answers unread, and this request's output does not fit under daemon.max_unread ({}); read answers as they come, or use another connection",
+            fmt(shared.unread() as u64),
+            fmt(shared.max_unread() as u64)
+        ),
+    )
+}
+
+/// How everything is written to one client: as its protocol version can
+/// decode it, each frame within `daemon.send_timeout` (a client that reads
+/// nothing must not hold its connection's task, nor the memory waiting for
+/// it, for ever).
+#[derive(Clone, Copy)]
+struct Out {
+    protocol: ProtocolVersion,
+    limit: Duration,
+}
+
+impl Out {
+    async fn feed(
+        &self,
+        connection: &mut Connection,
+        message: DaemonMessage,
+    ) -> Result<(), FrameError> {
+        let message = message.for_peer(self.protocol);
+        self.within(connection.feed(message)).await
+    }
+
+    async fn send(
+        &self,
+        connection: &mut Connection,
+        message: DaemonMessage,
+    ) -> Result<(), FrameError> {
+        let message = message.for_peer(self.protocol);
+        self.within(connection.send(message)).await
+    }
+
+    async fn flush(&self, connection: &mut Connection) -> Result<(), FrameError> {
+        self.within(connection.flush()).await
+    }
+
+    async fn within(
+        &self,
+        write: impl std::future::Future<Output = Result<(), FrameError>>,
+    ) -> Result<(), FrameError> {
+        match tokio::time::timeout(self.limit, write).await {
+            Ok(written) => written,
+            Err(_) => {
+                tracing::info!(
+                    limit_ms = self.limit.as_millis() as u64,
+                    "the client reads nothing of what it is sent; disconnecting it (daemon.send_timeout)"
+                );
+                Err(FrameError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client did not read within daemon.send_timeout",
+                )))
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Sends a final answer, its large output tensors streamed ahead of it
 /// when the client takes streams; an answer still too large for a frame
 /// becomes an error for that request alone. `false`: the connection is gone.
-async fn send_answer(
-    connection: &mut Connection,
-    mut message: DaemonMessage,
-    streams: bool,
-) -> bool {
+async fn send_answer(connection: &mut Connection, out: Out, mut message: DaemonMessage) -> bool {
     let id = match &message {
         DaemonMessage::Response { id, .. } | DaemonMessage::Error { id, .. } => Some(*id),
         _ => None,
@@ -293,15 +485,15 @@ async fn send_answer(
         DaemonMessage::Response {
             id,
             response: Response::Generate(generate),
-        } if streams => (*id, take_streamed(&mut generate.outputs)),
+        } if out.protocol.streams_tensors() => (*id, take_streamed(&mut generate.outputs)),
         _ => (0, Vec::new()),
     };
     for tensor in streamed {
-        if send_stream(connection, of, tensor).await.is_err() {
+        if send_stream(connection, out, of, tensor).await.is_err() {
             return false;
         }
     }
-    match connection.send(message).await {
+    match out.send(connection, message).await {
         Ok(()) => true,
         Err(FrameError::TooLarge { max }) => {
             let Some(id) = id else { return true };
@@ -309,8 +501,7 @@ async fn send_answer(
                 ErrorCode::Internal,
                 format!("the answer exceeds the frame limit of {max} bytes"),
             );
-            connection
-                .send(DaemonMessage::Error { id, error })
+            out.send(connection, DaemonMessage::Error { id, error })
                 .await
                 .is_ok()
         }
@@ -324,15 +515,15 @@ async fn send_answer(
 /// Streams one output tensor: begin, chunks, end.
 async fn send_stream(
     connection: &mut Connection,
+    out: Out,
     id: RequestId,
     tensor: WireTensor,
 ) -> Result<(), FrameError> {
     for frame in gpuctl_protocol::stream::frames(tensor) {
-        connection
-            .feed(DaemonMessage::tensor_frame(id, frame))
+        out.feed(connection, DaemonMessage::tensor_frame(id, frame))
             .await?;
     }
-    connection.flush().await
+    out.flush(connection).await
 }
 
 /// Sends `Closing(reason)` if the client still listens, then returns so the

@@ -1,9 +1,13 @@
 //! What every connection and handler shares.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use gpuctl_protocol::{RequestId, TensorFrame};
+
+use crate::budget::Budget;
 use crate::registry::RegistryHandle;
 
 /// Shared, read-mostly facts about the running daemon.
@@ -19,6 +23,8 @@ pub struct Context {
     /// Cancelled when the daemon stops: requests that never end on their
     /// own (watch) end then.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// Tensor bytes held for clients, daemon-wide (`daemon.max_upload_total`).
+    pub budget: Budget,
 }
 
 /// Counts open connections; each holds a [`Counted`] guard.
@@ -52,7 +58,75 @@ impl Drop for Counted {
 pub enum Outgoing {
     Event(gpuctl_protocol::Event),
     /// A frame of an output streamed while its job runs.
-    Output(gpuctl_protocol::TensorFrame),
+    Output(TensorFrame),
+    /// Its output did not fit in what the client may leave unread
+    /// (`daemon.max_unread`): the request fails, and its frames stop.
+    Overflow,
+}
+
+/// What one connection shares with its requests and the registry: the
+/// answers its client has not read yet, and the reservations it holds.
+#[derive(Debug)]
+pub struct Shared {
+    unread: AtomicUsize,
+    max_unread: usize,
+    /// Requests whose output did not fit; their frames are dropped.
+    overflowed: Mutex<HashSet<RequestId>>,
+    reservations: AtomicU32,
+}
+
+impl Shared {
+    pub fn new(max_unread: usize) -> Shared {
+        Shared {
+            unread: AtomicUsize::new(0),
+            max_unread,
+            overflowed: Mutex::default(),
+            reservations: AtomicU32::new(0),
+        }
+    }
+
+    /// Counts `bytes` more waiting for the client, if they fit.
+    pub fn queue(&self, bytes: usize) -> bool {
+        self.unread
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |unread| {
+                unread
+                    .checked_add(bytes)
+                    .filter(|total| *total <= self.max_unread)
+            })
+            .is_ok()
+    }
+
+    /// `bytes` have been written to the client.
+    pub fn written(&self, bytes: usize) {
+        let _ = self
+            .unread
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |unread| {
+                Some(unread.saturating_sub(bytes))
+            });
+    }
+
+    /// Bytes waiting for the client now.
+    pub fn unread(&self) -> usize {
+        self.unread.load(Ordering::Acquire)
+    }
+
+    pub fn max_unread(&self) -> usize {
+        self.max_unread
+    }
+
+    fn overflowed(&self) -> std::sync::MutexGuard<'_, HashSet<RequestId>> {
+        self.overflowed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether request `id`'s output did not fit; forgets it.
+    pub fn take_overflowed(&self, id: RequestId) -> bool {
+        self.overflowed().remove(&id)
+    }
+
+    /// Reservations granted on this connection and alive.
+    pub fn reservations(&self) -> u32 {
+        self.reservations.load(Ordering::Acquire)
+    }
 }
 
 /// The channel to a connection: what its requests send, tagged with their ids.
@@ -66,14 +140,21 @@ pub struct EventSink {
     /// The client takes pixel rows (protocol 1.2): outputs reach it as the
     /// worker streams them.
     pixel_rows: bool,
+    shared: Arc<Shared>,
 }
 
 impl EventSink {
-    pub fn new(id: gpuctl_protocol::RequestId, events: Outbox, pixel_rows: bool) -> Self {
+    pub fn new(
+        id: gpuctl_protocol::RequestId,
+        events: Outbox,
+        pixel_rows: bool,
+        shared: Arc<Shared>,
+    ) -> Self {
         EventSink {
             id,
             events,
             pixel_rows,
+            shared,
         }
     }
 
@@ -82,9 +163,37 @@ impl EventSink {
         let _ = self.events.send((self.id, Outgoing::Event(event)));
     }
 
-    /// Passes on a frame of a streamed output.
-    pub fn output(&self, frame: gpuctl_protocol::TensorFrame) {
+    /// Passes on a frame of a streamed output, if the client's unread
+    /// answers leave room for it; otherwise the request fails (once) and
+    /// the rest of its frames are dropped.
+    pub fn output(&self, frame: TensorFrame) {
+        let mut overflowed = self.shared.overflowed();
+        if overflowed.contains(&self.id) {
+            return;
+        }
+        if let TensorFrame::Chunk(data) = &frame {
+            if !self.shared.queue(data.len()) {
+                overflowed.insert(self.id);
+                let _ = self.events.send((self.id, Outgoing::Overflow));
+                return;
+            }
+        }
         let _ = self.events.send((self.id, Outgoing::Output(frame)));
+    }
+
+    /// A reservation made on this connection was granted.
+    pub fn hold_reservation(&self) {
+        self.shared.reservations.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A granted reservation of this connection ended.
+    pub fn drop_reservation(&self) {
+        let _ = self
+            .shared
+            .reservations
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 
     /// Whether the client takes pixel rows, and outputs streamed as they

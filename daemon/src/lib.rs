@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod arbitration;
+mod budget;
 pub mod config;
 mod connection;
 mod context;
@@ -19,6 +20,7 @@ pub mod policy;
 mod registry;
 pub mod server;
 pub mod signals;
+mod slots;
 pub mod state;
 mod uploads;
 mod worker;

@@ -61,6 +61,19 @@ pub struct SocketFile {
     inode: u64,
 }
 
+impl SocketFile {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the file has been removed (not replaced: a socket another
+    /// daemon put there is not ours to take over).
+    pub fn missing(&self) -> bool {
+        matches!(std::fs::symlink_metadata(&self.path), Err(e) if e.kind() == io::ErrorKind::NotFound)
+    }
+}
+
 impl Drop for SocketFile {
     fn drop(&mut self) {
         use std::os::unix::fs::MetadataExt;

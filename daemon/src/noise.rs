@@ -22,26 +22,42 @@ impl SplitMix64 {
     }
 }
 
+/// Bytes of float32 noise of shape `[1, channels, height, width]`.
+pub fn bytes(channels: u32, height: u32, width: u32) -> u64 {
+    4u64.saturating_mul(u64::from(channels))
+        .saturating_mul(u64::from(height))
+        .saturating_mul(u64::from(width))
+}
+
 /// Standard normal noise of shape `[1, channels, height, width]`, float32.
-pub fn gaussian(seed: u64, channels: u32, height: u32, width: u32) -> WireTensor {
-    let count = channels as usize * height as usize * width as usize;
+/// Its size comes from a client: the allocation may fail, and that is an
+/// error, never an abort. CPU work: call it off the async runtime.
+pub fn gaussian(seed: u64, channels: u32, height: u32, width: u32) -> Result<WireTensor, String> {
+    let total = usize::try_from(bytes(channels, height, width))
+        .map_err(|_| "the noise does not fit in memory".to_owned())?;
     let mut rng = SplitMix64(seed);
-    let mut data = Vec::with_capacity(count * 4);
-    while data.len() < count * 4 {
+    let mut data = Vec::new();
+    data.try_reserve_exact(total).map_err(|_| {
+        format!(
+            "cannot allocate {} of noise",
+            gpuctl_protocol::units::format_bytes(total as u64)
+        )
+    })?;
+    while data.len() < total {
         let (u, v) = (rng.unit(), rng.unit());
         let radius = (-2.0 * u.ln()).sqrt();
         let angle = std::f64::consts::TAU * v;
         for value in [radius * angle.cos(), radius * angle.sin()] {
-            if data.len() < count * 4 {
+            if data.len() < total {
                 data.extend_from_slice(&(value as f32).to_le_bytes());
             }
         }
     }
-    WireTensor {
+    Ok(WireTensor {
         dtype: DType::F32,
         shape: vec![1, u64::from(channels), u64::from(height), u64::from(width)],
         data,
-    }
+    })
 }
 
 /// A fresh seed when the request named none.
@@ -65,12 +81,12 @@ mod tests {
 
     #[test]
     fn a_seed_reproduces_its_noise_and_the_noise_is_standard_normal() {
-        let a = gaussian(42, 4, 16, 16);
-        assert_eq!(a, gaussian(42, 4, 16, 16));
-        assert_ne!(a, gaussian(43, 4, 16, 16));
+        let a = gaussian(42, 4, 16, 16).unwrap();
+        assert_eq!(a, gaussian(42, 4, 16, 16).unwrap());
+        assert_ne!(a, gaussian(43, 4, 16, 16).unwrap());
         assert_eq!(a.shape, vec![1, 4, 16, 16]);
         assert!(a.check().is_ok());
-        let v = values(&gaussian(7, 4, 64, 64));
+        let v = values(&gaussian(7, 4, 64, 64).unwrap());
         let mean = v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64;
         let var = v
             .iter()
@@ -79,5 +95,14 @@ mod tests {
             / v.len() as f64;
         assert!(mean.abs() < 0.05, "mean {mean}");
         assert!((var - 1.0).abs() < 0.05, "variance {var}");
+    }
+
+    #[test]
+    fn an_impossible_size_is_an_error_not_an_abort() {
+        let error = gaussian(1, u32::MAX, u32::MAX, u32::MAX).unwrap_err();
+        assert!(
+            error.contains("does not fit") || error.contains("cannot allocate"),
+            "{error}"
+        );
     }
 }

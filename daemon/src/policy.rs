@@ -173,7 +173,8 @@ pub fn next_expiry(models: &[ModelView]) -> Option<Instant> {
 
 fn idle_deadline(model: &ModelView) -> Option<Instant> {
     match model.keep_alive {
-        KeepAlive::Millis(ms) => Some(model.last_used + Duration::from_millis(ms)),
+        // A client may ask for any keep-alive: one past the end of time is forever.
+        KeepAlive::Millis(ms) => model.last_used.checked_add(Duration::from_millis(ms)),
         KeepAlive::Forever => None,
     }
 }
@@ -251,6 +252,10 @@ mod tests {
         t0 + Duration::from_secs(secs)
     }
 
+    fn at_years(t0: Instant, years: u64) -> Instant {
+        t0 + Duration::from_secs(years * 365 * 86_400)
+    }
+
     fn model(name: &str, phase: Phase, last_used: Instant) -> ModelView {
         ModelView {
             name: name.into(),
@@ -304,6 +309,17 @@ mod tests {
             Admission::Wait { because } => assert!(because.contains("max_loaded = 1"), "{because}"),
             other => panic!("expected Wait, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_keep_alive_past_the_end_of_time_is_forever() {
+        let t0 = Instant::now();
+        let mut forever = model("a", IDLE, t0);
+        forever.keep_alive = KeepAlive::Millis(u64::MAX);
+        let models = [forever];
+        // No panic; never, or later than anyone will wait.
+        assert!(next_expiry(&models).is_none_or(|at| at > at_years(t0, 1000)));
+        assert!(expired(&models, at(t0, 1 << 40)).is_empty());
     }
 
     #[test]

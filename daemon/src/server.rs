@@ -6,16 +6,24 @@ use std::time::{Duration, Instant};
 
 use gpuctl_protocol::{Error, ErrorCode, ReloadTrigger};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::time::Interval;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ConfigSource};
+use crate::budget::Budget;
+use crate::config::{Config, ConfigSource, DaemonConfig};
 use crate::connection;
 use crate::context::{ConnectionCount, Context};
-use crate::listener::SocketFile;
-use crate::{notify, registry};
+use crate::listener::{self, SocketFile};
+use crate::slots::{self, Slots};
+use crate::{access, notify, registry};
+
+/// How often gpuctld checks that its socket file is still there.
+const SOCKET_CHECK: Duration = Duration::from_secs(10);
+
+/// After the grace period, how long connections get to say goodbye.
+const GOODBYE_GRACE: Duration = Duration::from_secs(2);
 
 /// What `run` needs from its caller, so tests can drive it in-process.
 pub struct Setup {
@@ -38,25 +46,34 @@ pub struct Setup {
 /// Serves until `shutdown` is cancelled, then drains and returns.
 pub async fn run(setup: Setup) {
     let Setup {
-        listener,
+        mut listener,
         socket,
-        socket_file,
+        mut socket_file,
         source,
         config,
         mut reloads,
         shutdown,
     } = setup;
-    let slots = ConnectionSlots::new(config.daemon.max_connections);
+    let slots = Slots::new(slots::Limits {
+        total: config.daemon.max_connections,
+        per_uid: config.daemon.max_connections_per_uid,
+        admin_only: config.daemon.admin_connections,
+    });
     let stop_connections = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
+    let budget = Budget::new(config.daemon.max_upload_total.0 as usize);
     let ctx = Arc::new(Context {
         registry: registry::spawn(source, config),
         started: Instant::now(),
         socket: socket.clone(),
         connections: ConnectionCount::default(),
         stopping: stop_connections.clone(),
+        budget,
     });
     let connections = TaskTracker::new();
     let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
+    let mut socket_check = tokio::time::interval(SOCKET_CHECK);
+    socket_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     tracing::info!(socket = %socket, pid = std::process::id(), version = env!("CARGO_PKG_VERSION"), "gpuctld ready");
     notify::ready(&format!("serving on {socket}"));
@@ -64,9 +81,18 @@ pub async fn run(setup: Setup) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(()) = reloads.recv() => ctx.registry.request_reload(ReloadTrigger::Signal),
-            accepted = listener.accept() => admit(accepted, &ctx, &slots, &connections, &stop_connections).await,
+            Some(()) = reloads.recv() => {
+                recreate_socket(&mut listener, &mut socket_file, &ctx.registry.config().daemon);
+                ctx.registry.request_reload(ReloadTrigger::Signal);
+            }
+            accepted = listener.accept() => {
+                let stops = (stop_connections.clone(), hard_stop.clone());
+                admit(accepted, &ctx, &slots, &connections, stops).await;
+            }
             _ = tick(&mut watchdog) => notify::watchdog(),
+            _ = socket_check.tick(), if socket_file.is_some() => {
+                recreate_socket(&mut listener, &mut socket_file, &ctx.registry.config().daemon);
+            }
         }
     }
 
@@ -86,24 +112,39 @@ pub async fn run(setup: Setup) {
     {
         tracing::warn!(
             connections = ctx.connections.current(),
-            "grace period over; dropping remaining connections"
+            "grace period over; telling the remaining connections and closing them"
         );
+        hard_stop.cancel();
+        let _ = tokio::time::timeout(GOODBYE_GRACE, connections.wait()).await;
     }
     drop(socket_file);
     tracing::info!("gpuctld stopped");
 }
 
-/// The connection limit, fixed at start-up.
-struct ConnectionSlots {
-    free: Arc<Semaphore>,
-    limit: u32,
-}
-
-impl ConnectionSlots {
-    fn new(limit: u32) -> Self {
-        ConnectionSlots {
-            free: Arc::new(Semaphore::new(limit as usize)),
-            limit,
+/// A socket file removed by someone (a clean-up of /run or /tmp, a
+/// mistaken `rm`) leaves the daemon unreachable: listen on a new one at
+/// the same path. A path that now holds something else is left alone, and
+/// an inherited (socket-activated) socket is systemd's to keep.
+fn recreate_socket(
+    listener: &mut UnixListener,
+    file: &mut Option<SocketFile>,
+    config: &DaemonConfig,
+) {
+    let Some(current) = file.as_ref().filter(|f| f.missing()) else {
+        return;
+    };
+    let path = current.path().to_path_buf();
+    let rebound = listener::bind(&path, config)
+        .map_err(|e| e.to_string())
+        .and_then(|listening| listening.into_tokio().map_err(|e| e.to_string()));
+    match rebound {
+        Ok((new_listener, _, new_file)) => {
+            tracing::warn!(path = %path.display(), "the socket file had been removed; listening on a new one");
+            *listener = new_listener;
+            *file = new_file;
+        }
+        Err(error) => {
+            tracing::error!(path = %path.display(), %error, "the socket file has been removed and cannot be made again");
         }
     }
 }
@@ -111,9 +152,9 @@ impl ConnectionSlots {
 async fn admit(
     accepted: io::Result<(UnixStream, tokio::net::unix::SocketAddr)>,
     ctx: &Arc<Context>,
-    slots: &ConnectionSlots,
+    slots: &Slots,
     connections: &TaskTracker,
-    stop: &CancellationToken,
+    (stop, hard_stop): (CancellationToken, CancellationToken),
 ) {
     let stream = match accepted {
         Ok((stream, _)) => stream,
@@ -125,21 +166,18 @@ async fn admit(
         }
     };
     let config = ctx.registry.config();
-    match slots.free.clone().try_acquire_owned() {
+    let peer = connection::peer_of(&stream);
+    match slots.take(peer.uid, || access::is_admin(&peer, &config)) {
         Ok(slot) => {
-            let (ctx, stop) = (ctx.clone(), stop.clone());
+            let ctx = ctx.clone();
             connections.spawn(async move {
-                connection::serve(stream, ctx, stop).await;
+                connection::serve(stream, ctx, stop, hard_stop).await;
                 drop(slot);
             });
         }
-        Err(_) => {
-            let limit = slots.limit;
-            tracing::warn!(limit, "connection refused: too many connections");
-            let reason = Error::new(
-                ErrorCode::Busy,
-                format!("gpuctld serves at most {limit} connections at once; try again later"),
-            );
+        Err(refusal) => {
+            tracing::warn!(uid = peer.uid, pid = peer.pid, reason = %refusal, "connection refused");
+            let reason = Error::new(ErrorCode::Busy, refusal.to_string());
             connections.spawn(connection::refuse(
                 stream,
                 config.daemon.max_frame.0 as usize,

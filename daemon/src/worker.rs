@@ -23,6 +23,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
 
 type Channel = Framed<UnixStream, FrameCodec<WorkerToDaemon, DaemonToWorker>>;
 
@@ -52,6 +53,9 @@ struct Running {
     reply: oneshot::Sender<Result<JobOutput, Error>>,
     progress: Option<crate::context::EventSink>,
     started: std::time::Instant,
+    /// Set when it was cancelled: it must have ended by then, or the
+    /// worker is killed (a forward inside TorchScript cannot be interrupted).
+    stop_by: Option<tokio::time::Instant>,
 }
 
 impl Running {
@@ -82,7 +86,7 @@ pub struct WorkerHandle {
     pub pid: u32,
     pub loaded: Loaded,
     jobs: mpsc::UnboundedSender<WorkerJob>,
-    kill: Option<oneshot::Sender<()>>,
+    kill: CancellationToken,
 }
 
 impl WorkerHandle {
@@ -91,15 +95,21 @@ impl WorkerHandle {
         self.jobs.send(job).map_err(|e| Box::new(e.0))
     }
 
-    /// Lets queued jobs finish, then asks the worker to exit.
-    pub fn unload(self) {}
-
-    /// Kills the worker now; its jobs fail with `Cancelled`.
-    pub fn kill(mut self) {
-        if let Some(kill) = self.kill.take() {
-            let _ = kill.send(());
-        }
+    /// Lets queued jobs finish, then asks the worker to exit; the returned
+    /// switch still kills it at once (`unload --force` while it drains).
+    pub fn unload(self) -> CancellationToken {
+        self.kill
     }
+}
+
+/// What a worker's supervisor needs to know of the daemon's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The most output bytes one job may stream back (`daemon.max_output`).
+    pub max_output: usize,
+    /// How long a cancelled job may go on before its worker is killed
+    /// (`policy.cancel_grace`).
+    pub cancel_grace: Duration,
 }
 
 /// How a worker ended, for logs and errors.
@@ -109,6 +119,9 @@ pub struct Exit {
     pub description: String,
     /// It exited because it was told to (or killed by us).
     pub expected: bool,
+    /// It was killed because a cancelled job did not stop in time: which
+    /// job, and for how long it went on.
+    pub stuck: Option<String>,
 }
 
 /// The worker binary: configured, else `gpuctl-worker` beside gpuctld.
@@ -123,11 +136,13 @@ pub fn worker_program(configured: &str) -> PathBuf {
 }
 
 /// Starts a worker and waits until its model is loaded. `exited` receives
-/// one message when the worker ends, whenever that is.
+/// one message when the worker ends, whenever that is. Cancelling `kill`
+/// kills the worker, while it loads or afterwards.
 pub async fn start(
     program: &Path,
     spec: LoadModel,
-    max_output: usize,
+    limits: Limits,
+    kill: CancellationToken,
     exited: impl FnOnce(Exit) + Send + 'static,
 ) -> Result<WorkerHandle, Error> {
     let name = spec.name.clone();
@@ -166,7 +181,7 @@ pub async fn start(
     let stream = UnixStream::from_std(ours).map_err(|e| fail(e.to_string()))?;
     let mut channel: Channel = Framed::new(stream, FrameCodec::new(MAX_FRAME_CEILING));
 
-    let loaded = async {
+    let loading = async {
         channel
             .send(DaemonToWorker::Load(spec))
             .await
@@ -180,8 +195,14 @@ pub async fn start(
             Some(Err(e)) => Err(fail(format!("worker protocol error: {e}"))),
             None => Err(fail("its worker exited while loading".to_owned())),
         }
-    }
-    .await;
+    };
+    let loaded = tokio::select! {
+        loaded = loading => loaded,
+        _ = kill.cancelled() => {
+            let _ = child.start_kill();
+            Err(Error::new(ErrorCode::Cancelled, format!("model {name}: its load was stopped (unload --force)")))
+        }
+    };
     let loaded = match loaded {
         Ok(loaded) => loaded,
         Err(mut error) => {
@@ -193,24 +214,24 @@ pub async fn start(
                 pid,
                 description: status.map_or("killed".into(), describe),
                 expected: true,
+                stuck: None,
             });
             return Err(error);
         }
     };
     let (jobs, queue) = mpsc::unbounded_channel();
-    let (kill, killed) = oneshot::channel();
     let worker = Supervised {
         model: name,
         channel,
         child,
-        max_output,
+        limits,
     };
-    tokio::spawn(supervise(worker, queue, killed, exited));
+    tokio::spawn(supervise(worker, queue, kill.clone(), exited));
     Ok(WorkerHandle {
         pid,
         loaded,
         jobs,
-        kill: Some(kill),
+        kill,
     })
 }
 
@@ -248,8 +269,7 @@ struct Supervised {
     model: String,
     channel: Channel,
     child: Child,
-    /// The most output bytes one job may stream back.
-    max_output: usize,
+    limits: Limits,
 }
 
 /// Sends a job, its large tensors streamed ahead of it.
@@ -308,15 +328,18 @@ impl Incoming {
 
 /// What a client hears of a worker's bad output stream.
 fn stream_error(model: &str, limit: usize, error: StreamError) -> Error {
-    match error {
+    match &error {
         StreamError::TooLarge { shape, bytes, .. } => Error::new(
             ErrorCode::TooLarge,
             format!(
                 "model {model}: its output of shape {shape:?} ({}) exceeds daemon.max_output ({})",
-                format_bytes(bytes),
+                format_bytes(*bytes),
                 format_bytes(limit as u64)
             ),
         ),
+        StreamError::OutOfMemory { .. } => {
+            Error::new(ErrorCode::TooLarge, format!("model {model}: {error}"))
+        }
         StreamError::Broken(problem) => Error::new(
             ErrorCode::Internal,
             format!("model {model}: its worker streamed a bad output: {problem}"),
@@ -324,45 +347,61 @@ fn stream_error(model: &str, limit: usize, error: StreamError) -> Error {
     }
 }
 
-/// Feeds jobs to the worker, matches answers to them, and reports its exit.
+/// Feeds jobs to the worker, matches answers to them, stops cancelled
+/// jobs (killing the worker when one does not stop within the grace), and
+/// reports its exit.
 async fn supervise(
     worker: Supervised,
     mut queue: mpsc::UnboundedReceiver<WorkerJob>,
-    mut killed: oneshot::Receiver<()>,
+    kill: CancellationToken,
     exited: impl FnOnce(Exit) + Send + 'static,
 ) {
     let Supervised {
         model,
         mut channel,
         mut child,
-        max_output,
+        limits,
     } = worker;
+    let max_output = limits.max_output;
     let mut incoming: Option<Incoming> = None;
     let pid = child.id().unwrap_or(0);
     let mut pending: HashMap<u64, Running> = HashMap::new();
     let mut next_id = 0u64;
     let mut unloading = false;
-    let mut kill_settled = false;
+    // Killed by us: with --force, or because a cancelled job went on.
+    let mut killed = false;
+    let mut stuck: Option<String> = None;
     // Told to exit: it gets EXIT_GRACE, then it is killed.
     let mut exit_by: Option<tokio::time::Instant> = None;
     let (cancels, mut cancelled) = mpsc::unbounded_channel::<u64>();
     let ending: Result<ExitStatus, String> = loop {
+        let overdue = pending
+            .iter()
+            .filter_map(|(id, r)| r.stop_by.map(|at| (at, *id)))
+            .min();
         tokio::select! {
             // A kill must win over the closed job queue that comes with it.
             biased;
-            kill = &mut killed, if !kill_settled => {
-                kill_settled = true;
-                if kill.is_err() {
-                    // The handle was dropped: a plain unload, seen through `queue`.
-                    continue;
-                }
-                let _ = child.start_kill();
-                for (_, running) in pending.drain() {
-                    let _ = running.reply.send(Err(Error::new(ErrorCode::Cancelled, format!("model {model} was unloaded with --force"))));
-                }
+            _ = kill.cancelled(), if !killed => {
+                killed = true;
                 unloading = true;
+                let _ = child.start_kill();
+                fail_pending(&mut pending, &Error::new(ErrorCode::Cancelled, format!("model {model} was unloaded with --force")));
             }
-            _ = tokio::time::sleep_until(exit_by.unwrap_or_else(tokio::time::Instant::now)), if exit_by.is_some() => {
+            _ = sleep_until(overdue.map(|(at, _)| at)), if overdue.is_some() && !killed => {
+                let job = overdue.map_or(0, |(_, id)| id);
+                let grace = gpuctl_protocol::units::format_duration_ms(limits.cancel_grace.as_millis() as u64);
+                tracing::warn!(model, pid, job, grace = %grace, "a cancelled job did not stop within policy.cancel_grace; killing its worker");
+                killed = true;
+                unloading = true;
+                let _ = child.start_kill();
+                fail_pending(&mut pending, &Error::new(
+                    ErrorCode::Internal,
+                    format!("model {model}: its worker (pid {pid}) was killed because a cancelled job on it did not stop within {grace} (policy.cancel_grace); the next request loads the model again"),
+                ));
+                stuck = Some(format!("job {job} went on {grace} after it was cancelled"));
+            }
+            _ = sleep_until(exit_by), if exit_by.is_some() => {
                 tracing::warn!(model, pid, grace_ms = EXIT_GRACE.as_millis() as u64, "worker did not exit after Unload; killing it");
                 let _ = child.start_kill();
                 exit_by = None;
@@ -376,25 +415,30 @@ async fn supervise(
                             let _ = cancels.send(id);
                         }
                     });
-                    if let Err(error) = send_job(&mut channel, next_id, job).await {
-                        let _ = reply.send(Err(Error::new(ErrorCode::Internal, format!("model {model}: cannot send the job to its worker: {error}"))));
-                    } else {
-                        pending.insert(next_id, Running { reply, progress, started: std::time::Instant::now() });
+                    match unless_killed(&kill, send_job(&mut channel, id, job)).await {
+                        Ok(()) => {
+                            pending.insert(id, Running { reply, progress, started: std::time::Instant::now(), stop_by: None });
+                        }
+                        Err(error) => {
+                            let _ = reply.send(Err(Error::new(ErrorCode::Internal, format!("model {model}: cannot send the job to its worker: {error}"))));
+                        }
                     }
                 }
                 None => {
                     // Every handle is gone: finish what is running, then exit.
                     unloading = true;
-                    if pending.is_empty() {
-                        let _ = channel.send(DaemonToWorker::Unload).await;
-                        exit_by.get_or_insert(tokio::time::Instant::now() + EXIT_GRACE);
-                    }
+                    exit_when_done(&mut channel, &kill, &pending, unloading, &mut exit_by).await;
                 }
             },
             Some(id) = cancelled.recv() => {
-                if pending.contains_key(&id) {
+                if let Some(running) = pending.get_mut(&id).filter(|r| r.stop_by.is_none()) {
                     tracing::info!(model, job = id, "client gone; cancelling its job");
-                    let _ = channel.send(DaemonToWorker::Cancel { id }).await;
+                    let stop_by = tokio::time::Instant::now() + limits.cancel_grace;
+                    running.stop_by = Some(stop_by);
+                    // A stopped worker may not read even this: the grace
+                    // bounds the write too.
+                    let cancel = unless_killed(&kill, channel.send(DaemonToWorker::Cancel { id }));
+                    let _ = tokio::time::timeout_at(stop_by, cancel).await;
                 }
             }
             message = channel.next() => match message {
@@ -425,20 +469,14 @@ async fn supervise(
                         let answer = filled.map(|()| JobOutput { outputs, run_ms, notes });
                         let _ = running.reply.send(answer);
                     }
-                    if unloading && pending.is_empty() {
-                        let _ = channel.send(DaemonToWorker::Unload).await;
-                        exit_by.get_or_insert(tokio::time::Instant::now() + EXIT_GRACE);
-                    }
+                    exit_when_done(&mut channel, &kill, &pending, unloading, &mut exit_by).await;
                 }
                 Some(Ok(WorkerToDaemon::Failed { id: Some(id), error })) => {
                     incoming = None;
                     if let Some(running) = pending.remove(&id) {
                         let _ = running.reply.send(Err(error));
                     }
-                    if unloading && pending.is_empty() {
-                        let _ = channel.send(DaemonToWorker::Unload).await;
-                        exit_by.get_or_insert(tokio::time::Instant::now() + EXIT_GRACE);
-                    }
+                    exit_when_done(&mut channel, &kill, &pending, unloading, &mut exit_by).await;
                 }
                 Some(Ok(other)) => tracing::warn!(model, ?other, "unexpected message from worker"),
                 Some(Err(error)) => {
@@ -461,13 +499,13 @@ async fn supervise(
         Err(error) => format!("cannot be waited for: {error}"),
     };
     let expected = unloading && pending.is_empty();
-    for (_, Running { reply, .. }) in pending.drain() {
-        let error = Error::new(
+    fail_pending(
+        &mut pending,
+        &Error::new(
             ErrorCode::Internal,
             format!("model {model}: its worker (pid {pid}) died while running this request: {description}"),
-        );
-        let _ = reply.send(Err(error));
-    }
+        ),
+    );
     // Jobs that arrived after the end never reached the worker.
     queue.close();
     while let Ok(WorkerJob { reply, .. }) = queue.try_recv() {
@@ -480,5 +518,47 @@ async fn supervise(
         pid,
         description,
         expected,
+        stuck,
     });
+}
+
+/// Answers every job the worker was running with `error`.
+fn fail_pending(pending: &mut HashMap<u64, Running>, error: &Error) {
+    for (_, running) in pending.drain() {
+        let _ = running.reply.send(Err(error.clone()));
+    }
+}
+
+/// Once a worker told to unload has nothing left to run, it is asked to
+/// exit and given EXIT_GRACE to do so.
+async fn exit_when_done(
+    channel: &mut Channel,
+    kill: &CancellationToken,
+    pending: &HashMap<u64, Running>,
+    unloading: bool,
+    exit_by: &mut Option<tokio::time::Instant>,
+) {
+    if unloading && pending.is_empty() && exit_by.is_none() {
+        *exit_by = Some(tokio::time::Instant::now() + EXIT_GRACE);
+        let _ = unless_killed(kill, channel.send(DaemonToWorker::Unload)).await;
+    }
+}
+
+/// A write to the worker, given up when the worker is killed: a stopped
+/// worker that no longer reads its socket must not hold its supervisor.
+async fn unless_killed(
+    kill: &CancellationToken,
+    send: impl std::future::Future<Output = Result<(), FrameError>>,
+) -> Result<(), FrameError> {
+    tokio::select! {
+        sent = send => sent,
+        _ = kill.cancelled() => Err(FrameError::Io(std::io::Error::other("the worker was killed"))),
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }

@@ -41,6 +41,10 @@ pub enum ErrorCode {
     /// A tensor or image exceeds a configured limit (`daemon.max_upload`,
     /// `daemon.max_output`).
     TooLarge,
+    /// The model could not be loaded (a missing or corrupt file, a forward
+    /// that does not follow its kind's contract): the same code for the
+    /// failure itself and for requests refused while it backs off (1.3).
+    LoadFailed,
 }
 
 impl ErrorCode {
@@ -62,6 +66,7 @@ impl ErrorCode {
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::MalformedFrame => "malformed_frame",
             ErrorCode::TooLarge => "too_large",
+            ErrorCode::LoadFailed => "load_failed",
         }
     }
 }

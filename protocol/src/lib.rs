@@ -32,6 +32,7 @@ use std::fmt;
 
 mod client;
 mod codec;
+mod downgrade;
 mod error;
 mod message;
 mod socket;
@@ -53,7 +54,7 @@ pub use socket::{
 };
 pub use stream::{StreamError, TensorFrame, TensorReceiver, CHUNK_BYTES};
 pub use tensor::{DType, WireTensor};
-pub use version::{ProtocolVersion, PIXEL_ROWS, PROTOCOL_VERSION};
+pub use version::{ProtocolVersion, LOAD_FAILED, PIXEL_ROWS, PROTOCOL_VERSION};
 
 impl fmt::Display for KeepAlive {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -365,6 +365,15 @@ pub enum UnloadReason {
         /// How ("signal 9 (SIGKILL, …)").
         description: String,
     },
+    /// A job it ran was stopped (timeout, `Cancel`, its client left) and
+    /// did not end within `policy.cancel_grace`, since a forward cannot be
+    /// interrupted: its worker was killed, and the next request loads the
+    /// model again (protocol 1.3).
+    Stuck {
+        /// Which job, and for how long it went on ("job 3 went on 10s
+        /// after it was cancelled").
+        description: String,
+    },
 }
 
 impl std::fmt::Display for UnloadReason {
@@ -381,6 +390,7 @@ impl std::fmt::Display for UnloadReason {
             UnloadReason::Explicit => f.write_str("explicit"),
             UnloadReason::Reload => f.write_str("reload"),
             UnloadReason::Crash { description } => write!(f, "crash ({description})"),
+            UnloadReason::Stuck { description } => write!(f, "stuck ({description})"),
         }
     }
 }

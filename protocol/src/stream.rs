@@ -60,6 +60,13 @@ pub enum StreamError {
     },
     /// The frames broke the rules: order, sizes, placeholders.
     Broken(String),
+    /// The receiver could not allocate the tensor's size.
+    OutOfMemory {
+        /// The tensor's shape.
+        shape: Vec<u64>,
+        /// Its size.
+        bytes: u64,
+    },
 }
 
 impl std::fmt::Display for StreamError {
@@ -72,6 +79,11 @@ impl std::fmt::Display for StreamError {
                 crate::units::format_bytes(*room)
             ),
             StreamError::Broken(problem) => f.write_str(problem),
+            StreamError::OutOfMemory { shape, bytes } => write!(
+                f,
+                "cannot allocate {} for a streamed tensor of shape {shape:?}",
+                crate::units::format_bytes(*bytes)
+            ),
         }
     }
 }
@@ -142,12 +154,11 @@ impl TensorReceiver {
                 })
             }
         };
-        if !self.passing {
-            tensor.data.try_reserve_exact(size).map_err(|_| {
-                broken(&format!(
-                    "cannot allocate {size} bytes for a streamed tensor"
-                ))
-            })?;
+        if !self.passing && tensor.data.try_reserve_exact(size).is_err() {
+            return Err(StreamError::OutOfMemory {
+                shape: tensor.shape,
+                bytes: size as u64,
+            });
         }
         self.bytes += size;
         self.expected = size;
@@ -161,6 +172,10 @@ impl TensorReceiver {
         let result = match &mut self.current {
             _ if self.refused.is_some() => Ok(()),
             None => Err(broken("TensorChunk without TensorBegin")),
+            Some(_) if data.len() > CHUNK_BYTES => Err(broken(&format!(
+                "a TensorChunk of {} bytes is over the limit of {CHUNK_BYTES}",
+                data.len()
+            ))),
             Some(tensor) if self.received + data.len() > self.expected => Err(broken(&format!(
                 "streamed tensor of shape {:?} got more than its {} bytes",
                 tensor.shape, self.expected
@@ -388,6 +403,19 @@ mod tests {
         receiver.chunk(&[1, 2, 3]);
         assert!(refused(receiver).contains("more than its 2 bytes"));
         let mut receiver = TensorReceiver::default();
+        receiver.begin(DType::U8, vec![2 * CHUNK_BYTES as u64], usize::MAX);
+        receiver.chunk(&vec![0; CHUNK_BYTES + 1]);
+        assert!(refused(receiver).contains("over the limit of 1048576"));
+        let mut receiver = TensorReceiver::default();
+        receiver.begin(DType::U8, vec![1 << 50], usize::MAX);
+        assert_eq!(
+            receiver.fill(&mut []).unwrap_err(),
+            StreamError::OutOfMemory {
+                shape: vec![1 << 50],
+                bytes: 1 << 50
+            }
+        );
+        let mut receiver = TensorReceiver::default();
         receiver.begin(DType::U8, vec![2], 10);
         receiver.chunk(&[1]);
         receiver.end();
@@ -451,7 +479,11 @@ mod tests {
         );
         assert!(short.contains("ended after 10 of its"), "{short}");
         let long = broken(
-            &[begin.clone(), TensorFrame::Chunk(vec![1; 2 * CHUNK_BYTES])],
+            &[
+                begin.clone(),
+                TensorFrame::Chunk(vec![1; CHUNK_BYTES]),
+                TensorFrame::Chunk(vec![1; CHUNK_BYTES]),
+            ],
             usize::MAX,
         );
         assert!(long.contains("got more than its"), "{long}");

@@ -15,7 +15,7 @@ pub struct ProtocolVersion {
 }
 
 /// The version this crate speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
 
 /// The first version whose peers stream large tensors (`TensorBegin`,
 /// `TensorChunk`, `TensorEnd`).
@@ -25,6 +25,10 @@ pub const STREAMING: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
 /// channels-last (`[N,H,W,3]` RGB8: rows of pixels, as image files hold
 /// them) and get a tiled image's rows streamed while its job still runs.
 pub const PIXEL_ROWS: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
+
+/// The first version that knows the error code `LoadFailed` and the
+/// unload reason `Stuck`; older peers get `InvalidRequest` and `Crash`.
+pub const LOAD_FAILED: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
 
 impl ProtocolVersion {
     /// Whether a peer speaking `other` can talk to one speaking `self`.
@@ -41,6 +45,12 @@ impl ProtocolVersion {
     /// [`PIXEL_ROWS`]).
     pub fn takes_pixel_rows(self) -> bool {
         self.at_least(PIXEL_ROWS)
+    }
+
+    /// Whether a peer speaking this version knows what 1.3 appended (see
+    /// [`LOAD_FAILED`]).
+    pub fn knows_load_failed(self) -> bool {
+        self.at_least(LOAD_FAILED)
     }
 
     fn at_least(self, version: ProtocolVersion) -> bool {

@@ -11,6 +11,7 @@ fn hex(bytes: &[u8]) -> String {
 
 fn frame<T: serde::Serialize>(message: &T) -> String {
     let payload = encode_payload(message).unwrap();
+    keep_as_seed::<T>(&payload);
     let mut framed = (payload.len() as u32).to_be_bytes().to_vec();
     framed.extend_from_slice(&payload);
     hex(&framed)
@@ -21,8 +22,31 @@ where
     T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
 {
     let payload = encode_payload(message).unwrap();
+    keep_as_seed::<T>(&payload);
     let back: T = decode_payload(&payload).unwrap();
     assert_eq!(&back, message);
+}
+
+/// With `GPUCTL_SEED_DIR` set, every pinned payload is also written there,
+/// as `TYPE/HASH` and, framed, as `frames/HASH`: the fuzzers' seed corpus
+/// (scripts/fuzz), so they start from every message this file pins.
+fn keep_as_seed<T>(payload: &[u8]) {
+    let Some(dir) = std::env::var_os("GPUCTL_SEED_DIR") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let kind = std::any::type_name::<T>().rsplit("::").next().unwrap();
+    // FNV-1a: a stable name for the same bytes.
+    let hash = payload.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut framed = (payload.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(payload);
+    for (sub, bytes) in [(kind, payload), ("frames", &framed[..])] {
+        let sub = dir.join(sub);
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join(format!("{hash:016x}")), bytes).unwrap();
+    }
 }
 
 fn request(id: u64, request: Request) -> ClientMessage {
@@ -39,10 +63,10 @@ fn hello_and_welcome() {
         protocol: PROTOCOL_VERSION,
         client: "ab".into(),
     });
-    // len=16 | variant 0 (Hello) | major 1 | minor 2 | string len 2 | "ab"
+    // len=16 | variant 0 (Hello) | major 1 | minor 3 | string len 2 | "ab"
     assert_eq!(
         frame(&hello),
-        "00000012".to_owned() + "00000000" + "0100" + "0200" + "0200000000000000" + "6162"
+        "00000012".to_owned() + "00000000" + "0100" + "0300" + "0200000000000000" + "6162"
     );
     let welcome = DaemonMessage::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,
@@ -53,7 +77,7 @@ fn hello_and_welcome() {
         frame(&welcome),
         "00000029".to_owned()
             + "00000000" // Welcome
-            + "01000200" // 1.2
+            + "01000300" // 1.3
             + "0500000000000000"
             + "302e312e30" // "0.1.0"
             + "0100000000000000" // one capability
@@ -331,6 +355,15 @@ fn arbitration_messages() {
         }),
     };
     roundtrip(&notice);
+    // UnloadReason::Stuck (1.3) is its ninth variant: it follows Crash.
+    let stuck = UnloadReason::Stuck {
+        description: "j".into(),
+    };
+    assert_eq!(
+        hex(&encode_payload(&stuck).unwrap()),
+        "08000000 0100000000000000 6a".replace(' ', "")
+    );
+    roundtrip(&stuck);
     let vram = response(
         4,
         Response::Vram(VramResponse {
@@ -395,6 +428,7 @@ fn error_codes_are_stable() {
         ErrorCode::FrameTooLarge,
         ErrorCode::MalformedFrame,
         ErrorCode::TooLarge,
+        ErrorCode::LoadFailed,
     ];
     for (index, code) in codes.iter().enumerate() {
         assert_eq!(
@@ -459,4 +493,38 @@ fn worker_messages() {
     roundtrip(&run);
     roundtrip(&failed);
     roundtrip(&loaded);
+    for message in [
+        DaemonToWorker::Unload,
+        DaemonToWorker::Cancel { id: 3 },
+        DaemonToWorker::TensorBegin {
+            dtype: DType::U8,
+            shape: vec![1, 2],
+        },
+        DaemonToWorker::TensorChunk { data: vec![1, 2] },
+        DaemonToWorker::TensorEnd,
+    ] {
+        roundtrip(&message);
+    }
+    for message in [
+        WorkerToDaemon::Done {
+            id: 3,
+            outputs: vec![WireTensor::placeholder(DType::U8, vec![1, 2, 2, 3])],
+            run_ms: 4,
+            notes: vec!["n".into()],
+        },
+        WorkerToDaemon::Progress {
+            id: 3,
+            done: 1,
+            total: 2,
+        },
+        WorkerToDaemon::TensorBegin {
+            id: 3,
+            dtype: DType::U8,
+            shape: vec![2],
+        },
+        WorkerToDaemon::TensorChunk { data: vec![1, 2] },
+        WorkerToDaemon::TensorEnd,
+    ] {
+        roundtrip(&message);
+    }
 }

@@ -37,6 +37,7 @@ impl Sim {
             r#"model_root = "{root}"
 [policy]
 keep_alive = "forever"
+max_steps = 100000000
 
 [gpu]
 backend = "sim"

@@ -14,7 +14,10 @@ fn ping_status_and_models() {
     );
     assert!(stdout(&ping).contains(" ms"), "{}", stdout(&ping));
     let ping = daemon.gpuctl_json(&["ping"]);
-    assert_eq!(ping["protocol"], "1.2");
+    assert_eq!(
+        ping["protocol"],
+        gpuctl_protocol::PROTOCOL_VERSION.to_string()
+    );
     assert!(ping["round_trips_ms"][0].as_f64().unwrap() >= 0.0);
 
     daemon.wait_idle();

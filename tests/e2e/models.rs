@@ -27,6 +27,7 @@ pub fn config(policy: &str, extra: &str) -> String {
     format!(
         r#"model_root = "{root}"
 [policy]
+{steps}
 {policy}
 
 [models.up]
@@ -44,7 +45,13 @@ path = "tiny-tensor.pt"
 kind = "tensor"
 {extra}
 "#,
-        root = models_dir().display()
+        root = models_dir().display(),
+        // tiny-generate's steps are how long it runs: slow jobs take millions.
+        steps = if policy.contains("max_steps") {
+            ""
+        } else {
+            "max_steps = 100000000"
+        },
     )
 }
 
@@ -545,7 +552,7 @@ fn load_failures_are_named_and_retried_only_after_a_backoff() {
             )
             .await,
         );
-        assert_eq!(error.code, ErrorCode::NotFound);
+        assert_eq!(error.code, ErrorCode::LoadFailed);
         assert!(
             error
                 .message
@@ -589,6 +596,11 @@ fn load_failures_are_named_and_retried_only_after_a_backoff() {
             again.message.contains("the next attempt is allowed in"),
             "{}",
             again.message
+        );
+        assert_eq!(
+            again.code,
+            ErrorCode::LoadFailed,
+            "the same code in the backoff"
         );
         // Other models are not disturbed.
         generate(&client, tensor_request()).await.unwrap();

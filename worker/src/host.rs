@@ -202,7 +202,10 @@ impl Host {
     fn forward_failed(&self, contract: &str, error: &tch::TchError) -> Error {
         self.error(
             ErrorCode::InvalidRequest,
-            format!("forward failed ({contract}): {}", first_line(error)),
+            format!(
+                "forward failed ({contract}): {}",
+                crate::tensors::raised(error)
+            ),
         )
     }
 

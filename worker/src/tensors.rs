@@ -58,11 +58,15 @@ pub fn to_wire(tensor: &Tensor) -> Result<WireTensor, String> {
     WireTensor::new(dtype, shape, data)
 }
 
-/// The first line of a libtorch error: the rest is a C++ backtrace.
-/// What a failed forward raised: a TorchScript error is a traceback (with
-/// source lines, which may quote any message) ending in the exception.
+/// What a failed forward raised. A TorchScript failure is a traceback
+/// (source lines, which may quote any message) that ends in the exception,
+/// "RuntimeError: The size of tensor a (2) must match …"; other libtorch
+/// errors say what went wrong first, and a C++ backtrace follows.
 pub fn raised(error: &tch::TchError) -> String {
     let text = error.to_string();
+    if !text.contains("The following operation failed in the TorchScript interpreter") {
+        return first_line(error);
+    }
     let last = text
         .lines()
         .rev()
@@ -72,6 +76,7 @@ pub fn raised(error: &tch::TchError) -> String {
     last.strip_prefix("builtins.").unwrap_or(last).to_owned()
 }
 
+/// The first line of a libtorch error: the rest is a C++ backtrace.
 pub fn first_line(error: &tch::TchError) -> String {
     error
         .to_string()

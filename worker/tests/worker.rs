@@ -416,6 +416,27 @@ fn a_forward_that_does_not_fit_the_kind_is_named() {
 }
 
 #[test]
+fn a_failed_forward_names_its_cause_not_the_interpreter() {
+    let (mut worker, _) = Worker::loaded("ten", "tiny-tensor.pt", ModelKind::Tensor);
+    let job = Job::Tensor {
+        inputs: vec![f32_tensor(&[2], |_| 1.0), f32_tensor(&[3], |_| 1.0)],
+    };
+    let error = worker.run(1, job).unwrap_err();
+    assert!(
+        error
+            .message
+            .contains("RuntimeError: The size of tensor a (2) must match the size of tensor b (3)"),
+        "{}",
+        error.message
+    );
+    assert!(
+        !error.message.contains("The following operation failed"),
+        "{}",
+        error.message
+    );
+}
+
+#[test]
 fn the_worker_exits_on_eof_and_with_its_parent() {
     let (mut worker, _) = Worker::loaded("t", "tiny-tensor.pt", ModelKind::Tensor);
     worker.socket.shutdown(std::net::Shutdown::Both).unwrap();

@@ -60,10 +60,30 @@ pub struct DaemonConfig {
     pub log_level: LogLevel,
     /// Client connections served at once.
     pub max_connections: u32,
+    /// Connections one user (uid) may hold at once; administrators are exempt.
+    pub max_connections_per_uid: u32,
+    /// Of `max_connections`, slots only administrators may take, so that
+    /// root can still connect when other users hold the rest.
+    pub admin_connections: u32,
+    /// A connection with nothing in flight (no request, watch or
+    /// reservation) for this long is closed; "0s": never.
+    pub idle_timeout: Duration,
+    /// A client that reads nothing of what it is sent for this long is
+    /// disconnected, and its requests stop.
+    pub send_timeout: Duration,
     /// Largest frame accepted or sent.
     pub max_frame: Bytes,
     /// Tensor bytes one connection may stream in ahead of its requests.
     pub max_upload: Bytes,
+    /// Tensor bytes all connections together may hold: streamed ahead of
+    /// their requests, and the inputs of requests still running.
+    pub max_upload_total: Bytes,
+    /// Tensors streamed for a request that does not come within this are
+    /// dropped.
+    pub upload_timeout: Duration,
+    /// Bytes of answers (outputs) one connection's client may leave unread;
+    /// past it, the request whose output does not fit fails.
+    pub max_unread: Bytes,
     /// The largest output a request may make (an image model's is known
     /// before it runs: input pixels × scale² × 3 bytes).
     pub max_output: Bytes,
@@ -97,6 +117,11 @@ pub struct PolicyConfig {
     /// A generate request that has not finished after this long (waiting
     /// included) is stopped with `Timeout`; "0s": no limit.
     pub request_timeout: Duration,
+    /// A job that was stopped (timeout, cancel, client gone) and still runs
+    /// after this has its worker killed: a forward cannot be interrupted.
+    pub cancel_grace: Duration,
+    /// The most sampling steps a `generate` request may ask for.
+    pub max_steps: u32,
 }
 
 /// `[gpu]`.
@@ -115,6 +140,13 @@ pub struct GpuConfig {
     pub load_wait: Duration,
     /// Under sustained pressure, unload busy models once their work ends.
     pub yield_busy: bool,
+    /// Members of this group may reserve GPU memory without limits, as
+    /// administrators may.
+    pub reserve_group: String,
+    /// The largest reservation others may make; "0": none at all.
+    pub reserve_max: Bytes,
+    /// The longest others' reservations live (without a ttl they get this one).
+    pub reserve_max_ttl: Duration,
     /// The simulated device, for `backend = "sim"`.
     pub sim: SimConfig,
 }
@@ -175,6 +207,9 @@ impl Default for GpuConfig {
             min_free_vram: Bytes(512 << 20),
             load_wait: Duration(std::time::Duration::from_secs(60)),
             yield_busy: true,
+            reserve_group: String::new(),
+            reserve_max: Bytes(0),
+            reserve_max_ttl: Duration(std::time::Duration::from_secs(3600)),
             sim: SimConfig::default(),
         }
     }
@@ -327,8 +362,15 @@ impl Default for DaemonConfig {
             admin_group: String::new(),
             log_level: LogLevel("info".to_owned()),
             max_connections: 256,
+            max_connections_per_uid: 64,
+            admin_connections: 16,
+            idle_timeout: Duration(std::time::Duration::from_secs(600)),
+            send_timeout: Duration(std::time::Duration::from_secs(60)),
             max_frame: Bytes(gpuctl_protocol::DEFAULT_MAX_FRAME as u64),
             max_upload: Bytes(2 << 30),
+            max_upload_total: Bytes(4 << 30),
+            upload_timeout: Duration(std::time::Duration::from_secs(60)),
+            max_unread: Bytes(4 << 30),
             max_output: Bytes(4 << 30),
             handshake_timeout: Duration(std::time::Duration::from_secs(5)),
             shutdown_grace: Duration(std::time::Duration::from_secs(10)),
@@ -347,6 +389,8 @@ impl Default for PolicyConfig {
             queue_max: 64,
             load_retry: Duration(std::time::Duration::from_secs(10)),
             request_timeout: Duration(std::time::Duration::from_secs(3600)),
+            cancel_grace: Duration(std::time::Duration::from_secs(10)),
+            max_steps: 1000,
         }
     }
 }
@@ -420,6 +464,33 @@ impl Config {
         if daemon.max_connections == 0 {
             return invalid("daemon.max_connections", "must be at least 1".into());
         }
+        if daemon.max_connections_per_uid == 0 {
+            return invalid(
+                "daemon.max_connections_per_uid",
+                "must be at least 1".into(),
+            );
+        }
+        if daemon.send_timeout.0.is_zero() {
+            return invalid("daemon.send_timeout", "must be longer than 0s".into());
+        }
+        if daemon.upload_timeout.0.is_zero() {
+            return invalid("daemon.upload_timeout", "must be longer than 0s".into());
+        }
+        if daemon.max_upload_total.0 < daemon.max_upload.0 {
+            return invalid(
+                "daemon.max_upload_total",
+                format!(
+                    "must be at least daemon.max_upload ({})",
+                    gpuctl_protocol::units::format_bytes(daemon.max_upload.0)
+                ),
+            );
+        }
+        if self.policy.max_steps == 0 {
+            return invalid("policy.max_steps", "must be at least 1".into());
+        }
+        if self.policy.cancel_grace.0.is_zero() {
+            return invalid("policy.cancel_grace", "must be longer than 0s".into());
+        }
         let max_frame = daemon.max_frame.0;
         let ceiling = gpuctl_protocol::MAX_FRAME_CEILING as u64;
         if !(MIN_MAX_FRAME..=ceiling).contains(&max_frame) {
@@ -454,6 +525,7 @@ impl Config {
         for (key, group) in [
             ("daemon.socket_group", &daemon.socket_group),
             ("daemon.admin_group", &daemon.admin_group),
+            ("gpu.reserve_group", &self.gpu.reserve_group),
         ] {
             if !group.is_empty() && lookup_group(group).is_none() {
                 return invalid(
@@ -466,6 +538,19 @@ impl Config {
             model.validate(name).map_err(|(key, problem)| {
                 ConfigError::invalid(origin, &format!("models.{name}.{key}"), problem)
             })?;
+            if model
+                .defaults
+                .steps
+                .is_some_and(|steps| steps > self.policy.max_steps)
+            {
+                return invalid(
+                    &format!("models.{name}.defaults.steps"),
+                    format!(
+                        "must be at most policy.max_steps ({})",
+                        self.policy.max_steps
+                    ),
+                );
+            }
             if !valid_model_name(name) {
                 return invalid(
                     &format!("models.{name}"),

@@ -1,5 +1,5 @@
 use gpuctl_protocol::worker::{GenerateJob, Job, Tiling};
-use gpuctl_protocol::{Error, ErrorCode, GenerateRequest, GenerateResponse};
+use gpuctl_protocol::{Error, ErrorCode, GenerateRequest, GenerateResponse, WireTensor};
 
 use crate::config::{check_tiling, Kind, ModelConfig};
 use crate::context::{Context, EventSink};
@@ -21,8 +21,39 @@ pub async fn handle(
         .models
         .get(&request.model)
         .ok_or_else(|| not_found(&request.model, &config))?;
-    let (job, seed) = prepare(&mut request, model)?;
-    check_output_size(&job, model, &request.model, config.daemon.max_output.0)?;
+    let bounds = Bounds {
+        max_steps: config.policy.max_steps,
+        max_output: config.daemon.max_output.0,
+        max_input: config.daemon.max_upload.0,
+    };
+    let (mut job, noise) = prepare(&mut request, model, &bounds)?;
+    check_output_size(&job, model, &request.model, bounds.max_output)?;
+    // The noise is an input the daemon holds for the request, like an
+    // upload: it counts against daemon.max_upload_total while it runs.
+    let mut _noise_permit = None;
+    let seed = match noise {
+        Some(noise) => {
+            _noise_permit =
+                Some(ctx.budget.take(noise.bytes() as usize).ok_or_else(|| {
+                    busy_with_uploads(&request.model, noise.bytes(), &ctx.budget)
+                })?);
+            let seed = noise.seed;
+            let made = tokio::task::spawn_blocking(move || noise.make())
+                .await
+                .map_err(|e| Error::new(ErrorCode::Internal, format!("making noise failed: {e}")))?
+                .map_err(|problem| {
+                    Error::new(
+                        ErrorCode::TooLarge,
+                        format!("model {}: {problem}", request.model),
+                    )
+                })?;
+            if let Job::Generate(job) = &mut job {
+                job.noise = made;
+            }
+            Some(seed)
+        }
+        None => None,
+    };
     let limit = request
         .timeout_ms
         .map(std::time::Duration::from_millis)
@@ -39,7 +70,8 @@ pub async fn handle(
         return ctx.registry.run(job).await;
     }
     // Dropping the call on timeout tells the registry its client is gone:
-    // a queued request is dropped, a running job stops at its next batch.
+    // a queued request leaves the queue, a running job is stopped (and its
+    // worker killed if it does not stop within policy.cancel_grace).
     tokio::time::timeout(limit, ctx.registry.run(job))
         .await
         .unwrap_or_else(|_| {
@@ -51,6 +83,48 @@ pub async fn handle(
                 ),
             ))
         })
+}
+
+/// What the daemon-wide upload budget being spent means to a client.
+pub fn busy_with_uploads(model: &str, bytes: u64, budget: &crate::budget::Budget) -> Error {
+    let fmt = gpuctl_protocol::units::format_bytes;
+    Error::new(
+        ErrorCode::Busy,
+        format!(
+            "model {model}: gpuctld holds {} of inputs for its clients, and {} more would pass daemon.max_upload_total ({}); try again later",
+            fmt(budget.held() as u64),
+            fmt(bytes),
+            fmt(budget.limit() as u64)
+        ),
+    )
+}
+
+/// Limits on what a request may make the daemon allocate or compute.
+struct Bounds {
+    /// `policy.max_steps`.
+    max_steps: u32,
+    /// `daemon.max_output`.
+    max_output: u64,
+    /// `daemon.max_upload`: also bounds the noise the daemon makes.
+    max_input: u64,
+}
+
+/// The noise a `generate` request needs, made off the async runtime.
+struct NoiseSpec {
+    seed: u64,
+    channels: u32,
+    height: u32,
+    width: u32,
+}
+
+impl NoiseSpec {
+    fn bytes(&self) -> u64 {
+        noise::bytes(self.channels, self.height, self.width)
+    }
+
+    fn make(self) -> Result<WireTensor, String> {
+        noise::gaussian(self.seed, self.channels, self.height, self.width)
+    }
 }
 
 /// An image model's output size is known before it runs: refuse one that
@@ -109,11 +183,14 @@ fn tiling(request: &GenerateRequest, model: &ModelConfig) -> Result<Option<Tilin
 }
 
 /// Checks the request against the model's kind and builds the worker's
-/// job, moving the request's tensors into it.
+/// job, moving the request's tensors into it. Every size the client
+/// chose is checked against its bound before anything is allocated; a
+/// `generate` job's noise is left to make (see [`NoiseSpec`]).
 fn prepare(
     request: &mut GenerateRequest,
     model: &ModelConfig,
-) -> Result<(Job, Option<u64>), Error> {
+    bounds: &Bounds,
+) -> Result<(Job, Option<NoiseSpec>), Error> {
     let name = &request.model;
     let invalid = |problem: String| {
         Error::new(
@@ -177,6 +254,27 @@ fn prepare(
             if steps == 0 {
                 return Err(invalid("steps must be at least 1".into()));
             }
+            if steps > bounds.max_steps {
+                return Err(invalid(format!(
+                    "steps {steps} is more than policy.max_steps ({})",
+                    bounds.max_steps
+                )));
+            }
+            let fmt = gpuctl_protocol::units::format_bytes;
+            // [1,3,H,W] as RGB8, which is what a generate model's worker sends.
+            let output = 3u64
+                .saturating_mul(u64::from(width))
+                .saturating_mul(u64::from(height));
+            if output > bounds.max_output {
+                return Err(Error::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "model {name}: a {width}x{height} image ({} as RGB8) is over daemon.max_output ({})",
+                        fmt(output),
+                        fmt(bounds.max_output)
+                    ),
+                ));
+            }
             let guidance = request
                 .guidance
                 .or(defaults.guidance)
@@ -186,16 +284,43 @@ fn prepare(
                     "guidance {guidance} must be a finite number ≥ 0"
                 )));
             }
-            let seed = request.seed.unwrap_or_else(noise::random_seed);
-            let noise = noise::gaussian(seed, model.noise_channels, height / scale, width / scale);
+            let noise = NoiseSpec {
+                seed: request.seed.unwrap_or_else(noise::random_seed),
+                channels: model.noise_channels,
+                height: height / scale,
+                width: width / scale,
+            };
+            if noise.bytes() > bounds.max_input {
+                return Err(Error::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "model {name}: the noise for a {width}x{height} image ({} floats of {}x{}x{}, {}) is over daemon.max_upload ({})",
+                        noise.bytes() / 4,
+                        noise.channels,
+                        noise.height,
+                        noise.width,
+                        fmt(noise.bytes()),
+                        fmt(bounds.max_input)
+                    ),
+                ));
+            }
             let job = GenerateJob {
-                noise,
-                prompt: request.prompt.clone(),
-                negative: request.negative.clone(),
+                // Made off the runtime's threads once the request is admitted.
+                noise: WireTensor::placeholder(
+                    gpuctl_protocol::DType::F32,
+                    vec![
+                        1,
+                        noise.channels.into(),
+                        noise.height.into(),
+                        noise.width.into(),
+                    ],
+                ),
+                prompt: std::mem::take(&mut request.prompt),
+                negative: std::mem::take(&mut request.negative),
                 steps,
                 guidance,
             };
-            Ok((Job::Generate(job), Some(seed)))
+            Ok((Job::Generate(job), Some(noise)))
         }
     }
 }
@@ -206,6 +331,70 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
+
+    const BOUNDS: Bounds = Bounds {
+        max_steps: 1000,
+        max_output: 4 << 30,
+        max_input: 2 << 30,
+    };
+
+    #[test]
+    fn every_size_a_client_chooses_is_bounded_before_anything_is_made() {
+        let config = Config::parse(
+            "[models.gen]\npath = \"g.pt\"\nkind = \"generate\"\n\
+             [models.wide]\npath = \"w.pt\"\nkind = \"generate\"\nnoise_channels = 64\nlatent_scale = 1\n",
+            "t.toml",
+        )
+        .unwrap();
+        let ask = |size: (u32, u32), steps: u32| GenerateRequest {
+            prompt: "x".into(),
+            size: Some(size),
+            steps: Some(steps),
+            ..GenerateRequest::new("gen")
+        };
+        let refuse = |request: GenerateRequest, model: &str| {
+            prepare(&mut request.clone(), &config.models[model], &BOUNDS)
+                .err()
+                .unwrap()
+        };
+        let error = refuse(ask((4294967288, 4294967288), 1), "gen");
+        assert_eq!(error.code, ErrorCode::TooLarge);
+        assert!(
+            error.message.contains("a 4294967288x4294967288 image")
+                && error.message.contains("over daemon.max_output (4.0 GiB)"),
+            "{}",
+            error.message
+        );
+        let error = refuse(ask((64, 64), u32::MAX), "gen");
+        assert_eq!(error.code, ErrorCode::InvalidRequest);
+        assert!(
+            error
+                .message
+                .contains("steps 4294967295 is more than policy.max_steps (1000)"),
+            "{}",
+            error.message
+        );
+        // 64 channels at full size: 256 B of noise per pixel.
+        let error = refuse(ask((8192, 8192), 1), "wide");
+        assert_eq!(error.code, ErrorCode::TooLarge);
+        assert!(
+            error.message.contains("over daemon.max_upload (2.0 GiB)"),
+            "{}",
+            error.message
+        );
+        let (job, noise) =
+            prepare(&mut ask((64, 48), 1000), &config.models["gen"], &BOUNDS).unwrap();
+        let noise = noise.unwrap();
+        assert_eq!((noise.channels, noise.height, noise.width), (4, 6, 8));
+        match job {
+            Job::Generate(job) => {
+                assert!(job.noise.is_placeholder(), "made later, off the runtime")
+            }
+            other => panic!("{other:?}"),
+        }
+        let made = noise.make().unwrap();
+        assert_eq!(made.shape, vec![1, 4, 6, 8]);
+    }
 
     fn image_request() -> GenerateRequest {
         GenerateRequest {
@@ -291,7 +480,7 @@ mod tests {
             "t.toml",
         )
         .unwrap();
-        match prepare(&mut image_request(), &config.models["up"])
+        match prepare(&mut image_request(), &config.models["up"], &BOUNDS)
             .unwrap()
             .0
         {
@@ -306,7 +495,7 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        match prepare(&mut image_request(), &config.models["plain"])
+        match prepare(&mut image_request(), &config.models["plain"], &BOUNDS)
             .unwrap()
             .0
         {

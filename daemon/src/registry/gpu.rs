@@ -151,11 +151,15 @@ impl Registry {
         }
         let path = config.model_path(model);
         let file_bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+        // A measurement larger than any device (a damaged or hand-edited
+        // state file) would make the model unloadable: it is no measurement.
+        let largest = self.gpu.last.iter().map(|d| d.total).max();
         let measured = self
             .measured
             .models
             .get(name)
-            .filter(|m| m.path == path.display().to_string() && m.file_bytes == file_bytes);
+            .filter(|m| m.path == path.display().to_string() && m.file_bytes == file_bytes)
+            .filter(|m| largest.is_none_or(|total| m.vram_bytes <= total));
         match measured {
             Some(m) => (m.vram_bytes, "measured"),
             None => (file_bytes * FILE_ESTIMATE_PERCENT / 100, "file size × 1.2"),

@@ -13,6 +13,7 @@ use gpuctl_protocol::{
     NoticeKind, UnloadResponse,
 };
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use super::gpu::Reclaim;
 use super::{PreparedJob, Registry};
@@ -44,6 +45,9 @@ pub enum Event {
     },
     /// A GPU sample, taken on a blocking thread.
     Sampled(Result<Vec<DeviceSample>, String>),
+    /// The client of a waiting request has gone (disconnected, cancelled,
+    /// timed out): it leaves the queue at once.
+    Departed { model: String, ticket: u64 },
 }
 
 /// A load that waits for GPU memory.
@@ -55,14 +59,26 @@ pub struct VramWait {
 
 enum Life {
     Unloaded,
-    Loading { since: Instant },
-    Ready { worker: WorkerHandle },
-    Unloading { pid: u32 },
+    /// `kill` stops the load (`unload --force`).
+    Loading {
+        since: Instant,
+        kill: CancellationToken,
+    },
+    Ready {
+        worker: WorkerHandle,
+    },
+    /// `kill` ends the worker at once, whatever it is doing.
+    Unloading {
+        pid: u32,
+        kill: CancellationToken,
+    },
 }
 
 enum Waiter {
     Job {
-        job: PreparedJob,
+        job: Box<PreparedJob>,
+        /// Numbers it, so that its client's departure finds it.
+        ticket: u64,
         reply: oneshot::Sender<Result<GenerateResponse, Error>>,
         since: Instant,
         /// The last queue position its client was told.
@@ -90,6 +106,8 @@ pub struct ModelEntry {
     last_used: Instant,
     /// Set by a request's keep-alive; otherwise the config decides.
     keep_alive: Option<KeepAlive>,
+    /// Tickets handed to queued jobs so far.
+    tickets: u64,
     /// Numbers each load, so events of an older worker are recognised.
     load: u64,
     loads: u64,
@@ -131,6 +149,7 @@ impl ModelEntry {
             in_flight: 0,
             last_used: Instant::now(),
             keep_alive: None,
+            tickets: 0,
             load: 0,
             loads: 0,
             last_load_ms: None,
@@ -160,7 +179,7 @@ impl ModelEntry {
     pub fn pid(&self) -> Option<u32> {
         match &self.life {
             Life::Ready { worker } => Some(worker.pid),
-            Life::Unloading { pid } => Some(*pid),
+            Life::Unloading { pid, .. } => Some(*pid),
             _ => None,
         }
     }
@@ -354,13 +373,37 @@ impl Registry {
         if job.keep_alive.is_some() {
             entry.keep_alive = job.keep_alive;
         }
+        entry.tickets += 1;
+        let ticket = entry.tickets;
+        let reply = watch_departure(reply, name.clone(), ticket, self.events.clone());
         entry.queue.push_back(Waiter::Job {
-            job,
+            job: Box::new(job),
+            ticket,
             reply,
             told: None,
             since: Instant::now(),
         });
         self.pump(&name);
+    }
+
+    /// A waiting request whose client has gone leaves the queue at once,
+    /// so it holds no place in `queue_max` and the others move up.
+    fn on_departed(&mut self, name: &str, ticket: u64) {
+        let Some(entry) = self.models.get_mut(name) else {
+            return;
+        };
+        let before = entry.queue.len();
+        entry
+            .queue
+            .retain(|w| !matches!(w, Waiter::Job { ticket: t, .. } if *t == ticket));
+        if entry.queue.len() < before {
+            tracing::info!(
+                model = name,
+                queued = entry.queue.len(),
+                "a waiting request's client has gone; it left the queue"
+            );
+            self.pump(name);
+        }
     }
 
     pub(super) fn submit_load(
@@ -429,7 +472,7 @@ impl Registry {
             let wait =
                 gpuctl_protocol::units::format_duration_ms((ms(retry_at - now) / 1000 + 1) * 1000);
             let error = Error::new(
-                ErrorCode::Internal,
+                ErrorCode::LoadFailed,
                 format!("{reason}; the next attempt is allowed in {wait}"),
             );
             fail_all(&mut entry.queue, &error);
@@ -538,7 +581,7 @@ impl Registry {
                         seed,
                         events: progress,
                         ..
-                    } = job;
+                    } = *job;
                     // Workers send pictures as rows of RGB8 pixels; clients
                     // before protocol 1.2 take them planar.
                     let planar =
@@ -634,8 +677,10 @@ impl Registry {
         entry.held = 0;
         entry.load += 1;
         entry.loaded_file = file_identity(&config.model_path(model));
+        let kill = CancellationToken::new();
         entry.life = Life::Loading {
             since: Instant::now(),
+            kill: kill.clone(),
         };
         let load = entry.load;
         let spec = LoadModel {
@@ -649,7 +694,10 @@ impl Registry {
         };
         tracing::info!(model = name, path = %spec.path, device = %spec.device, "loading");
         let program = self.worker_program.clone();
-        let max_output = config.daemon.max_output.0 as usize;
+        let limits = worker::Limits {
+            max_output: config.daemon.max_output.0 as usize,
+            cancel_grace: config.policy.cancel_grace.0,
+        };
         let events = self.events.clone();
         let model_name = name.to_owned();
         tokio::spawn(async move {
@@ -659,7 +707,7 @@ impl Registry {
                     let _ = events.send(Event::Exited { model, load, exit });
                 }
             };
-            let result = worker::start(&program, spec, max_output, on_exit).await;
+            let result = worker::start(&program, spec, limits, kill, on_exit).await;
             let _ = events.send(Event::Loaded {
                 model: model_name,
                 load,
@@ -700,6 +748,7 @@ impl Registry {
             }
             Event::Exited { model, load, exit } => self.on_exited(&model, load, exit),
             Event::Sampled(sample) => self.on_sampled(sample),
+            Event::Departed { model, ticket } => self.on_departed(&model, ticket),
         }
     }
 
@@ -708,7 +757,7 @@ impl Registry {
             return;
         };
         let since = match entry.life {
-            Life::Loading { since } => since,
+            Life::Loading { since, .. } => since,
             _ => return,
         };
         match result {
@@ -746,13 +795,43 @@ impl Registry {
                     self.request_sample();
                 }
             }
+            // Stopped by `unload --force`: not the model's failure.
+            Err(error) if error.code == ErrorCode::Cancelled => {
+                self.record_stopped_load(name, error)
+            }
             Err(error) => self.record_load_failure(name, error),
         }
+    }
+
+    /// A load stopped by `unload --force`: its waiters are cancelled, and
+    /// the next request loads again without a backoff.
+    fn record_stopped_load(&mut self, name: &str, error: Error) {
+        let Some(entry) = self.models.get_mut(name) else {
+            return;
+        };
+        tracing::info!(model = name, "load stopped");
+        let reason = entry
+            .unload_when_loaded
+            .take()
+            .unwrap_or(UnloadReason::Explicit);
+        entry.vram_wait = None;
+        entry.life = Life::Unloaded;
+        entry.last_unload = Some(reason);
+        fail_all(&mut entry.queue, &error);
+        for waiter in entry.unload_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        entry.placement = None;
+        self.pump_all();
+        self.request_sample();
     }
 
     /// A load failed: its waiters get the error, and no new attempt is made
     /// before the backoff has passed.
     fn record_load_failure(&mut self, name: &str, error: Error) {
+        // Whatever the cause (file, contract, worker binary), a client
+        // sees one code for it, now and while it backs off.
+        let error = Error::new(ErrorCode::LoadFailed, error.message);
         let retry_base = self.config().policy.load_retry.0;
         let Some(entry) = self.models.get_mut(name) else {
             return;
@@ -787,8 +866,15 @@ impl Registry {
         if matches!(entry.life, Life::Loading { .. }) {
             return; // a failed load; on_loaded reports it
         }
-        let (reason, since) = match entry.unloading.take() {
-            Some(unloading) if exit.expected => unloading,
+        let (reason, since) = match (entry.unloading.take(), &exit.stuck) {
+            // Killed by its supervisor: not a crash, and no backoff.
+            (_, Some(stuck)) => (
+                UnloadReason::Stuck {
+                    description: stuck.clone(),
+                },
+                Instant::now(),
+            ),
+            (Some(unloading), None) if exit.expected => unloading,
             _ => (
                 UnloadReason::Crash {
                     description: exit.description.clone(),
@@ -806,7 +892,14 @@ impl Registry {
             reason,
             since,
         };
-        if exit.expected {
+        if let Some(stuck) = &exit.stuck {
+            let message = format!(
+                "model {name}: its worker (pid {}) was killed: {stuck} (policy.cancel_grace); the next request loads it again",
+                exit.pid
+            );
+            tracing::warn!(model = name, pid = exit.pid, reason = %stuck, "worker killed: a cancelled job did not stop");
+            entry.last_error = Some(message);
+        } else if exit.expected {
             tracing::info!(model = name, pid = exit.pid, status = %exit.description, "worker exited");
         } else {
             entry.failures += 1;
@@ -844,12 +937,21 @@ impl Registry {
     ) -> Option<oneshot::Receiver<()>> {
         let entry = self.models.get_mut(name)?;
         let (done, gone) = oneshot::channel();
+        let cancelled = Error::new(
+            ErrorCode::Cancelled,
+            format!("model {name} was unloaded with --force"),
+        );
         match std::mem::replace(&mut entry.life, Life::Unloaded) {
             Life::Unloaded => {
                 let _ = done.send(());
             }
-            Life::Loading { since } => {
-                entry.life = Life::Loading { since };
+            Life::Loading { since, kill } => {
+                if force {
+                    tracing::info!(model = name, "stopping its load (--force)");
+                    kill.cancel();
+                    fail_all(&mut entry.queue, &cancelled);
+                }
+                entry.life = Life::Loading { since, kill };
                 entry.unload_when_loaded = Some(reason);
                 entry.unload_waiters.push(done);
             }
@@ -862,23 +964,26 @@ impl Registry {
                     force,
                     "unloading"
                 );
-                entry.life = Life::Unloading { pid: worker.pid };
+                let pid = worker.pid;
                 entry.unloading = Some((reason, Instant::now()));
                 entry.yield_after_work = None;
+                // Without force it drains; the switch still ends it at once
+                // if a later `unload --force` asks.
+                let kill = worker.unload();
                 if force {
-                    worker.kill();
-                    let cancelled = Error::new(
-                        ErrorCode::Cancelled,
-                        format!("model {name} was unloaded with --force"),
-                    );
+                    kill.cancel();
                     fail_all(&mut entry.queue, &cancelled);
-                } else {
-                    worker.unload();
                 }
+                entry.life = Life::Unloading { pid, kill };
                 entry.unload_waiters.push(done);
             }
-            Life::Unloading { pid } => {
-                entry.life = Life::Unloading { pid };
+            Life::Unloading { pid, kill } => {
+                if force && !kill.is_cancelled() {
+                    tracing::info!(model = name, pid, "killing its draining worker (--force)");
+                    kill.cancel();
+                    fail_all(&mut entry.queue, &cancelled);
+                }
+                entry.life = Life::Unloading { pid, kill };
                 entry.unload_waiters.push(done);
             }
         }
@@ -1007,7 +1112,7 @@ impl Registry {
                             worker.loaded.device_bytes
                         },
                     ),
-                    Life::Unloading { pid } => {
+                    Life::Unloading { pid, .. } => {
                         let state = if entry.in_flight > 0 {
                             ModelState::Draining
                         } else {
@@ -1049,6 +1154,34 @@ impl Registry {
 fn file_identity(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Stands between a job's client and the registry: answers the client, or,
+/// when the client goes first (disconnect, `Cancel`, timeout), tells the
+/// registry so that the job leaves its queue. The registry's end of the
+/// returned sender closes then too, which stops a job already running.
+fn watch_departure(
+    reply: oneshot::Sender<Result<GenerateResponse, Error>>,
+    model: String,
+    ticket: u64,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+) -> oneshot::Sender<Result<GenerateResponse, Error>> {
+    let (answer, answered) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut reply = reply;
+        tokio::select! {
+            answer = answered => {
+                let answer = answer.unwrap_or_else(|_| {
+                    Err(Error::new(ErrorCode::Internal, format!("model {model}: its request was dropped")))
+                });
+                let _ = reply.send(answer);
+            }
+            _ = reply.closed() => {
+                let _ = events.send(Event::Departed { model, ticket });
+            }
+        }
+    });
+    answer
 }
 
 fn fail_all(queue: &mut VecDeque<Waiter>, error: &Error) {

@@ -115,6 +115,7 @@ impl Registry {
             )));
         }
         if let Some(device) = reservation.device {
+            reservation.connection.drop_reservation();
             tracing::info!(reservation = id, device, bytes = %format_bytes(reservation.bytes), why, "reservation ended");
             self.notice(NoticeKind::Released {
                 reservation: id,
@@ -210,6 +211,8 @@ impl Registry {
             return;
         };
         reservation.device = Some(device);
+        // A connection that holds a reservation is not idle.
+        reservation.connection.hold_reservation();
         let answer = ReserveResponse {
             reservation: id,
             device,
