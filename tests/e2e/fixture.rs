@@ -200,6 +200,30 @@ impl Daemon {
         gpuctl_at(&self.socket, args)
     }
 
+    /// Runs gpuctl against this daemon; panics if it has not returned
+    /// within `limit` (a command that would hang is a failure, not a wait).
+    pub fn gpuctl_within(&self, args: &[&str], limit: Duration) -> Output {
+        let mut child = Command::new(bin("gpuctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("GPUCTL_SOCKET")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run gpuctl");
+        let deadline = Instant::now() + limit;
+        while child.try_wait().expect("try_wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("gpuctl {args:?} did not return within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().expect("gpuctl output")
+    }
+
     /// Runs `gpuctl --json ARGS`, expects success, parses stdout.
     pub fn gpuctl_json(&self, args: &[&str]) -> Value {
         let mut all = vec!["--json"];

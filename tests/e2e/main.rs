@@ -1,6 +1,7 @@
 //! End-to-end tests: real gpuctld and gpuctl processes on temporary sockets.
 #![allow(clippy::unwrap_used)]
 
+mod abuse;
 mod access;
 mod activation;
 mod arbitration;
