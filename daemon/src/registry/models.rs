@@ -628,6 +628,27 @@ impl Registry {
                             ))
                         });
                         let succeeded = outcome.is_ok();
+                        let outcome = match outcome {
+                            // Up to max_output of pixels: CPU work, off the runtime.
+                            Ok(mut output) if planar => {
+                                let outputs = std::mem::take(&mut output.outputs);
+                                match tokio::task::spawn_blocking(move || {
+                                    outputs.into_iter().map(pixels::to_planar).collect()
+                                })
+                                .await
+                                {
+                                    Ok(outputs) => {
+                                        output.outputs = outputs;
+                                        Ok(output)
+                                    }
+                                    Err(error) => Err(Error::new(
+                                        ErrorCode::Internal,
+                                        format!("model {model_name}: making its output planar failed: {error}"),
+                                    )),
+                                }
+                            }
+                            other => other,
+                        };
                         let answer = outcome.map(
                             |JobOutput {
                                  outputs,
@@ -637,11 +658,7 @@ impl Registry {
                                 model: model_name.clone(),
                                 device,
                                 seed,
-                                outputs: if planar {
-                                    outputs.into_iter().map(pixels::to_planar).collect()
-                                } else {
-                                    outputs
-                                },
+                                outputs,
                                 queue_ms,
                                 load_ms: waited_for_load,
                                 run_ms,
