@@ -61,12 +61,15 @@ fuzz_target!(|case: Case| {
     let mut slots: Vec<WireTensor> = case
         .placeholders
         .into_iter()
-        .map(|(d, shape)| WireTensor::placeholder(dtype(d), shape.into_iter().map(u64::from).collect()))
+        .map(|(d, shape)| {
+            WireTensor::placeholder(dtype(d), shape.into_iter().map(u64::from).collect())
+        })
         .collect();
     let passing = case.passing;
     if receiver.fill(&mut slots).is_ok() && !passing {
         for slot in &slots {
-            slot.check().expect("a filled placeholder matches its shape");
+            slot.check()
+                .expect("a filled placeholder matches its shape");
         }
     }
 });
