@@ -370,7 +370,9 @@ async fn supervise(
     let mut unloading = false;
     // Killed by us: with --force, or because a cancelled job went on.
     let mut killed = false;
-    let mut stuck: Option<String> = None;
+    // Why the worker was killed for a job that went on, for its log and
+    // status, and what the jobs running on it are told.
+    let mut stuck: Option<(String, Error)> = None;
     // Told to exit: it gets EXIT_GRACE, then it is killed.
     let mut exit_by: Option<tokio::time::Instant> = None;
     let (cancels, mut cancelled) = mpsc::unbounded_channel::<u64>();
@@ -395,11 +397,15 @@ async fn supervise(
                 killed = true;
                 unloading = true;
                 let _ = child.start_kill();
-                fail_pending(&mut pending, &Error::new(
-                    ErrorCode::Internal,
-                    format!("model {model}: its worker (pid {pid}) was killed because a cancelled job on it did not stop within {grace} (policy.cancel_grace); the next request loads the model again"),
+                // Its jobs are answered once it is gone (below), after the
+                // registry has heard of its exit.
+                stuck = Some((
+                    format!("job {job} went on {grace} after it was cancelled"),
+                    Error::new(
+                        ErrorCode::Internal,
+                        format!("model {model}: its worker (pid {pid}) was killed because a cancelled job on it did not stop within {grace} (policy.cancel_grace); the next request loads the model again"),
+                    ),
                 ));
-                stuck = Some(format!("job {job} went on {grace} after it was cancelled"));
             }
             _ = sleep_until(exit_by), if exit_by.is_some() => {
                 tracing::warn!(model, pid, grace_ms = EXIT_GRACE.as_millis() as u64, "worker did not exit after Unload; killing it");
@@ -498,28 +504,32 @@ async fn supervise(
         Ok(status) => describe(*status),
         Err(error) => format!("cannot be waited for: {error}"),
     };
-    let expected = unloading && pending.is_empty();
-    fail_pending(
-        &mut pending,
-        &Error::new(
-            ErrorCode::Internal,
-            format!("model {model}: its worker (pid {pid}) died while running this request: {description}"),
+    let expected = (unloading && pending.is_empty()) || stuck.is_some();
+    let (stuck, failed) = match stuck {
+        Some((why, error)) => (Some(why), error),
+        None => (
+            None,
+            Error::new(
+                ErrorCode::Internal,
+                format!("model {model}: its worker (pid {pid}) died while running this request: {description}"),
+            ),
         ),
-    );
-    // Jobs that arrived after the end never reached the worker.
+    };
+    // The registry hears of the exit before any client does, so that no
+    // new job is sent to a worker that is gone.
     queue.close();
-    while let Ok(WorkerJob { reply, .. }) = queue.try_recv() {
-        let _ = reply.send(Err(Error::new(
-            ErrorCode::Internal,
-            format!("model {model}: its worker exited ({description})"),
-        )));
-    }
+    let exited_with = format!("model {model}: its worker exited ({description})");
     exited(Exit {
         pid,
         description,
         expected,
         stuck,
     });
+    fail_pending(&mut pending, &failed);
+    // Jobs that arrived after the end never reached the worker.
+    while let Ok(WorkerJob { reply, .. }) = queue.try_recv() {
+        let _ = reply.send(Err(Error::new(ErrorCode::Internal, exited_with.clone())));
+    }
 }
 
 /// Answers every job the worker was running with `error`.
