@@ -137,15 +137,19 @@ fn sizes_and_steps_a_client_chooses_are_bounded_before_anything_is_allocated() {
     );
 }
 
-/// Waits until `gen`'s worker is gone and the model is free, and returns
-/// its status then.
+/// Waits until `gen`'s worker is gone, unloaded as stuck, and returns the
+/// model's status then.
 fn wait_until_unstuck(daemon: &Daemon, pid: u64) -> Value {
+    let mut status = Value::Null;
     wait_until(
         "the stuck worker to be killed",
         Duration::from_secs(20),
-        || !pid_alive(pid) && model_status(daemon, "gen")["in_flight"] == 0,
+        || {
+            status = model_status(daemon, "gen");
+            !pid_alive(pid) && status["last_unload"]["Stuck"].is_object()
+        },
     );
-    model_status(daemon, "gen")
+    status
 }
 
 #[test]
@@ -159,7 +163,10 @@ fn a_stopped_job_that_goes_on_has_its_worker_killed_and_the_model_comes_back() {
             .unwrap();
 
         // A timeout: the client is told at once, the job goes on inside
-        // the forward, and its worker is killed after the grace.
+        // the forward, and its worker is killed after the grace. The model
+        // is loaded first, so that the job runs well within the timeout.
+        let loaded = daemon.gpuctl(&["load", "gen"]);
+        assert!(loaded.status.success(), "{}", stderr(&loaded));
         let started = Instant::now();
         let timed_out = daemon.gpuctl(&[
             "generate",
@@ -171,7 +178,7 @@ fn a_stopped_job_that_goes_on_has_its_worker_killed_and_the_model_comes_back() {
             "--steps",
             FOREVER,
             "--timeout",
-            "2s",
+            "3s",
             "-o",
             "/dev/null",
         ]);
@@ -187,8 +194,8 @@ fn a_stopped_job_that_goes_on_has_its_worker_killed_and_the_model_comes_back() {
             None => model_status(&daemon, "gen"),
         };
         assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "killed within the grace"
+            started.elapsed() < Duration::from_secs(30),
+            "killed soon after the grace"
         );
         assert!(
             status["last_unload"]["Stuck"]["description"]
@@ -281,10 +288,8 @@ fn unload_force_kills_a_draining_or_stopped_worker() {
         let _ = draining.kill();
         let _ = draining.wait();
         // --force from the draining state ends it at once.
-        let started = Instant::now();
         let forced = daemon.gpuctl_within(&["unload", "gen", "--force"], Duration::from_secs(10));
         assert!(forced.status.success(), "{}", stderr(&forced));
-        assert!(started.elapsed() < Duration::from_secs(10));
         assert!(!pid_alive(pid), "the worker is gone");
         let error = daemon_error(job.response().await);
         assert_eq!(error.code, ErrorCode::Cancelled);
@@ -502,7 +507,7 @@ fn idle_connections_are_closed_but_watches_and_reservations_are_not() {
     let started = Instant::now();
     let message = idle.expect_closing(ErrorCode::Timeout);
     assert!(message.contains("daemon.idle_timeout"), "{message}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(1500));
     // The watch and the reservation still stand.
     let vram = daemon.gpuctl_json(&["vram"]);
@@ -641,41 +646,26 @@ fn request_a_picture(client: &mut RawClient, id: u64) {
     );
 }
 
+fn pictures_made(daemon: &Daemon) -> bool {
+    let gen = model_status(daemon, "gen");
+    gen["queued"] == 0 && gen["in_flight"] == 0
+}
+
 #[test]
-fn answers_a_client_leaves_unread_are_bounded_and_a_client_that_reads_nothing_is_dropped() {
-    let daemon = Daemon::start(&config(
-        "",
-        "[daemon]\nmax_unread = \"8MiB\"\nsend_timeout = \"3s\"\n",
-    ));
-    runtime().block_on(async {
-        let client = Client::connect(&daemon.socket).await.unwrap();
-        victim_is_served(&client).await;
-        generate(&client, GenerateRequest::new("gen"))
-            .await
-            .unwrap();
-    });
-    let baseline = rss_kib(daemon.pid());
-    // Five 3 MiB answers, not read for a while: two or so fit in 8 MiB.
+fn answers_a_client_leaves_unread_are_bounded_per_connection() {
+    let daemon = Daemon::start(&config("", "[daemon]\nmax_unread = \"8MiB\"\n"));
+    // Five 3 MiB answers, not read until all are made: two or so fit.
     let mut slow = RawClient::handshaken(&daemon.socket);
     for id in 1..=5 {
         request_a_picture(&mut slow, id);
     }
-    // A client that never reads: twenty of them, 60 MiB.
-    let mut deaf = RawClient::handshaken(&daemon.socket);
-    for id in 1..=20 {
-        request_a_picture(&mut deaf, id);
-    }
     runtime().block_on(async {
         let client = Client::connect(&daemon.socket).await.unwrap();
         victim_is_served(&client).await;
     });
-    wait_until("the pictures to be made", Duration::from_secs(30), || {
-        model_status(&daemon, "gen")["queued"] == 0
-            && model_status(&daemon, "gen")["in_flight"] == 0
+    wait_until("the pictures to be made", Duration::from_secs(60), || {
+        pictures_made(&daemon)
     });
-    let grown = rss_kib(daemon.pid()).saturating_sub(baseline);
-    // Each connection holds at most max_unread, and frames in flight.
-    assert!(grown < 40 * 1024, "gpuctld grew by {grown} KiB");
     let (mut answered, mut refused) = (Vec::new(), Vec::new());
     while answered.len() + refused.len() < 5 {
         match slow.receive() {
@@ -694,15 +684,47 @@ fn answers_a_client_leaves_unread_are_bounded_and_a_client_that_reads_nothing_is
             None => panic!("the connection ended"),
         }
     }
-    let answered = answered.len();
     assert!(
-        answered >= 2 && !refused.is_empty(),
-        "{answered} answered, {refused:?} refused"
+        answered.len() >= 2 && !refused.is_empty(),
+        "{answered:?} answered, {refused:?} refused"
     );
-    // The deaf client is disconnected after send_timeout.
+    // The connection goes on.
+    slow.request(9, Request::Ping(PingRequest {}));
+    assert!(answer_of(&mut slow, 9).is_ok());
+}
+
+#[test]
+fn a_client_that_reads_nothing_is_bounded_then_dropped() {
+    let daemon = Daemon::start(&config(
+        "",
+        "[daemon]\nmax_unread = \"8MiB\"\nsend_timeout = \"5s\"\n",
+    ));
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        victim_is_served(&client).await;
+        generate(&client, GenerateRequest::new("gen"))
+            .await
+            .unwrap();
+    });
+    let baseline = rss_kib(daemon.pid());
+    // Twenty answers of 3 MiB, 60 MiB, to a client that never reads.
+    let mut deaf = RawClient::handshaken(&daemon.socket);
+    for id in 1..=20 {
+        request_a_picture(&mut deaf, id);
+    }
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        victim_is_served(&client).await;
+    });
+    wait_until("the pictures to be made", Duration::from_secs(60), || {
+        pictures_made(&daemon)
+    });
+    // It held at most max_unread for it (and frames on their way), not 60 MiB.
+    let grown = rss_kib(daemon.pid()).saturating_sub(baseline);
+    assert!(grown < 40 * 1024, "gpuctld grew by {grown} KiB");
     wait_until(
         "the deaf client to be dropped",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || daemon.log_text().contains("daemon.send_timeout"),
     );
     drop(deaf);
