@@ -45,6 +45,22 @@ impl Host {
         let started = Instant::now();
         let fail =
             |code, problem: String| Error::new(code, format!("model {}: {problem}", spec.name));
+        // Before the device is chosen: "auto" asks libtorch whether it sees
+        // a GPU, which it can only answer with its CUDA library loaded.
+        if spec.device != "cpu" {
+            match crate::cuda::load() {
+                Ok(_) => {}
+                Err(reason) if spec.device == "auto" => {
+                    eprintln!("gpuctl-worker: running on the CPU: {reason}");
+                }
+                Err(reason) => {
+                    return Err(fail(
+                        ErrorCode::LoadFailed,
+                        format!("libtorch's CUDA support did not load: {reason}"),
+                    ))
+                }
+            }
+        }
         let device = parse_device(&spec.device).map_err(|p| fail(ErrorCode::InvalidRequest, p))?;
         if let Device::Cuda(n) = device {
             let available = tch::Cuda::device_count();

@@ -7,6 +7,7 @@
 //! `Unload`, on EOF, and when its parent dies.
 
 mod channel;
+mod cuda;
 mod host;
 mod tensors;
 mod tiling;
