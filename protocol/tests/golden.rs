@@ -12,6 +12,7 @@ fn hex(bytes: &[u8]) -> String {
 fn frame<T: serde::Serialize>(message: &T) -> String {
     let payload = encode_payload(message).unwrap();
     keep_as_seed::<T>(&payload);
+    record(message, &payload);
     let mut framed = (payload.len() as u32).to_be_bytes().to_vec();
     framed.extend_from_slice(&payload);
     hex(&framed)
@@ -23,6 +24,7 @@ where
 {
     let payload = encode_payload(message).unwrap();
     keep_as_seed::<T>(&payload);
+    record(message, &payload);
     let back: T = decode_payload(&payload).unwrap();
     assert_eq!(&back, message);
 }
@@ -47,6 +49,51 @@ fn keep_as_seed<T>(payload: &[u8]) {
         std::fs::create_dir_all(&sub).unwrap();
         std::fs::write(sub.join(format!("{hash:016x}")), bytes).unwrap();
     }
+}
+
+thread_local! {
+    static RECORDED: std::cell::RefCell<Vec<serde_json::Value>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Notes a pinned message for the shared test vectors: its type, its
+/// serde form as JSON (externally tagged enums, structs as objects, byte
+/// strings as arrays) and its payload.
+fn record<T: serde::Serialize>(message: &T, payload: &[u8]) {
+    let vector = serde_json::json!({
+        "type": std::any::type_name::<T>().rsplit("::").next().unwrap(),
+        "message": serde_json::to_value(message).unwrap(),
+        "payload": hex(payload),
+    });
+    RECORDED.with(|recorded| {
+        let mut recorded = recorded.borrow_mut();
+        if !recorded.contains(&vector) {
+            recorded.push(vector);
+        }
+    });
+}
+
+/// The vectors a test pinned must equal `tests/vectors/TEST.json`, which
+/// clients in other languages test against (python/tests): a change in
+/// the encoding shows there too. `GPUCTL_BLESS=1 cargo test -p
+/// gpuctl-protocol --test golden` rewrites the files after a deliberate
+/// change.
+fn shared_vectors(test: &str) {
+    let recorded = RECORDED.with(|recorded| std::mem::take(&mut *recorded.borrow_mut()));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/vectors")
+        .join(format!("{test}.json"));
+    let text = serde_json::to_string_pretty(&recorded).unwrap() + "\n";
+    if std::env::var_os("GPUCTL_BLESS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        return;
+    }
+    let pinned = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        pinned == text,
+        "{} differs from the vectors this test pins; after a deliberate change, run GPUCTL_BLESS=1 cargo test -p gpuctl-protocol --test golden",
+        path.display()
+    );
 }
 
 fn request(id: u64, request: Request) -> ClientMessage {
@@ -86,6 +133,7 @@ fn hello_and_welcome() {
     );
     roundtrip(&hello);
     roundtrip(&welcome);
+    shared_vectors("hello_and_welcome");
 }
 
 #[test]
@@ -112,6 +160,7 @@ fn requests() {
         assert_eq!(frame(&message), expected.replace(' ', ""), "{message:?}");
         roundtrip(&message);
     }
+    shared_vectors("requests");
 }
 
 #[test]
@@ -166,6 +215,7 @@ fn tensor_streams() {
     for message in [begin, chunk, end] {
         roundtrip(&message);
     }
+    shared_vectors("tensor_streams");
 }
 
 #[test]
@@ -236,6 +286,7 @@ fn responses_errors_events() {
     for message in [ping, reload, error, event, closing, queued] {
         roundtrip(&message);
     }
+    shared_vectors("responses_errors_events");
 }
 
 #[test]
@@ -310,6 +361,7 @@ fn status_and_models_roundtrip() {
         }),
     );
     roundtrip(&models);
+    shared_vectors("status_and_models_roundtrip");
 }
 
 #[test]
@@ -407,6 +459,7 @@ fn arbitration_messages() {
             bytes: 2,
         }),
     ));
+    shared_vectors("arbitration_messages");
 }
 
 /// Error codes travel as their position; appending is the only safe change.
@@ -431,12 +484,11 @@ fn error_codes_are_stable() {
         ErrorCode::LoadFailed,
     ];
     for (index, code) in codes.iter().enumerate() {
-        assert_eq!(
-            encode_payload(code).unwrap(),
-            (index as u32).to_le_bytes(),
-            "{code}"
-        );
+        let payload = encode_payload(code).unwrap();
+        assert_eq!(payload, (index as u32).to_le_bytes(), "{code}");
+        record(code, &payload);
     }
+    shared_vectors("error_codes_are_stable");
 }
 
 #[test]
@@ -449,6 +501,7 @@ fn tensors_travel_as_raw_bytes() {
             .replace(' ', "")
     );
     roundtrip(&tensor);
+    shared_vectors("tensors_travel_as_raw_bytes");
 }
 
 #[test]
@@ -527,4 +580,5 @@ fn worker_messages() {
     ] {
         roundtrip(&message);
     }
+    shared_vectors("worker_messages");
 }
