@@ -104,8 +104,11 @@ pub async fn start_slow_job(client: &Client, daemon: &Daemon, steps: u32) -> gpu
         .start(Request::Generate(slow_request(steps)))
         .await
         .unwrap();
+    // In flight counts from admission; a model that has to load first has
+    // no worker pid yet, and the callers want the worker that runs it.
     wait_until("the slow job to run", Duration::from_secs(30), || {
-        model_status(daemon, "gen")["in_flight"] == 1
+        let status = model_status(daemon, "gen");
+        status["in_flight"] == 1 && status["pid"].is_u64()
     });
     job
 }
