@@ -298,7 +298,7 @@ async fn serve_requests(
                         shared.take_overflowed(id);
                         let ctx = ctx.clone();
                         let shared = shared.clone();
-                        let sink = EventSink::new(id, events.clone(), protocol.takes_pixel_rows(), shared.clone());
+                        let sink = EventSink::new(id, events.clone(), protocol, shared.clone());
                         let span = tracing::debug_span!("request", id, op = request.operation());
                         let task = running.spawn(async move {
                             // Its streamed inputs count against the daemon-wide

@@ -137,9 +137,9 @@ pub type Outbox = tokio::sync::mpsc::UnboundedSender<(gpuctl_protocol::RequestId
 pub struct EventSink {
     id: gpuctl_protocol::RequestId,
     events: Outbox,
-    /// The client takes pixel rows (protocol 1.2): outputs reach it as the
-    /// worker streams them.
-    pixel_rows: bool,
+    /// The protocol the client speaks: it decides what it may send and
+    /// how outputs reach it.
+    peer: gpuctl_protocol::ProtocolVersion,
     shared: Arc<Shared>,
 }
 
@@ -147,15 +147,20 @@ impl EventSink {
     pub fn new(
         id: gpuctl_protocol::RequestId,
         events: Outbox,
-        pixel_rows: bool,
+        peer: gpuctl_protocol::ProtocolVersion,
         shared: Arc<Shared>,
     ) -> Self {
         EventSink {
             id,
             events,
-            pixel_rows,
+            peer,
             shared,
         }
+    }
+
+    /// The protocol version the client speaks.
+    pub fn peer(&self) -> gpuctl_protocol::ProtocolVersion {
+        self.peer
     }
 
     /// Sends an event; a client that has gone simply misses it.
@@ -199,7 +204,7 @@ impl EventSink {
     /// Whether the client takes pixel rows, and outputs streamed as they
     /// are made (protocol 1.2).
     pub fn takes_pixel_rows(&self) -> bool {
-        self.pixel_rows
+        self.peer.takes_pixel_rows()
     }
 
     /// Whether both belong to the same connection.

@@ -34,6 +34,7 @@ mod client;
 mod codec;
 mod downgrade;
 mod error;
+mod image;
 mod message;
 mod socket;
 pub mod stream;
@@ -48,13 +49,14 @@ pub use codec::{
     MAX_FRAME_CEILING,
 };
 pub use error::{Error, ErrorCode};
+pub use image::{ImageLayout, IMAGE_SHAPES};
 pub use message::*;
 pub use socket::{
     client_default_socket, daemon_default_socket, user_socket, SOCKET_ENV, SYSTEM_SOCKET,
 };
 pub use stream::{StreamError, TensorFrame, TensorReceiver, CHUNK_BYTES};
 pub use tensor::{DType, WireTensor};
-pub use version::{ProtocolVersion, LOAD_FAILED, PIXEL_ROWS, PROTOCOL_VERSION};
+pub use version::{ProtocolVersion, LOAD_FAILED, PIXEL_ROWS, PIXEL_ROWS_IN, PROTOCOL_VERSION};
 
 impl fmt::Display for KeepAlive {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -659,7 +659,8 @@ pub struct ReloadResponse {
 pub struct GenerateRequest {
     /// The configured model's name.
     pub model: String,
-    /// `image` models: the picture, `[N,3,H,W]` u8 0..255 or float 0..1.
+    /// `image` models: the picture, u8 0..255 or float 0..1, as planes
+    /// `[N,3,H,W]` or (from clients of 1.4) rows of pixels `[N,H,W,3]`.
     pub input: Option<crate::WireTensor>,
     /// `tensor` models: the forward's arguments.
     pub inputs: Vec<crate::WireTensor>,

@@ -15,7 +15,7 @@ pub struct ProtocolVersion {
 }
 
 /// The version this crate speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 4 };
 
 /// The first version whose peers stream large tensors (`TensorBegin`,
 /// `TensorChunk`, `TensorEnd`).
@@ -29,6 +29,11 @@ pub const PIXEL_ROWS: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
 /// The first version that knows the error code `LoadFailed` and the
 /// unload reason `Stuck`; older peers get `InvalidRequest` and `Crash`.
 pub const LOAD_FAILED: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
+
+/// The first version whose peers may send an `image` input as rows of
+/// pixels, `[N,H,W,3]` (see [`crate::ImageLayout`]); daemons of this
+/// version take them, so clients check the `Welcome` before sending them.
+pub const PIXEL_ROWS_IN: ProtocolVersion = ProtocolVersion { major: 1, minor: 4 };
 
 impl ProtocolVersion {
     /// Whether a peer speaking `other` can talk to one speaking `self`.
@@ -51,6 +56,12 @@ impl ProtocolVersion {
     /// [`LOAD_FAILED`]).
     pub fn knows_load_failed(self) -> bool {
         self.at_least(LOAD_FAILED)
+    }
+
+    /// Whether a peer speaking this version takes (as a daemon) or may
+    /// send (as a client) image inputs as pixel rows (see [`PIXEL_ROWS_IN`]).
+    pub fn sends_pixel_rows(self) -> bool {
+        self.at_least(PIXEL_ROWS_IN)
     }
 
     fn at_least(self, version: ProtocolVersion) -> bool {

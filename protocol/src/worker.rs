@@ -85,12 +85,14 @@ pub struct LoadModel {
 /// One unit of work, shaped by the model's kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Job {
-    /// `image`: `[N,3,H,W]`, float 0..1 or u8 0..255.
+    /// `image`: float 0..1 or u8 0..255, in `layout`.
     Image {
         /// The input batch.
         input: WireTensor,
         /// Cut it into tiles; `None`: one forward over the whole image.
         tiling: Option<Tiling>,
+        /// `[N,3,H,W]` or `[N,H,W,3]`, as the client sent it.
+        layout: crate::ImageLayout,
     },
     /// `generate`: the daemon made `noise` from the seed.
     Generate(GenerateJob),

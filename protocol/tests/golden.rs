@@ -110,10 +110,10 @@ fn hello_and_welcome() {
         protocol: PROTOCOL_VERSION,
         client: "ab".into(),
     });
-    // len=16 | variant 0 (Hello) | major 1 | minor 3 | string len 2 | "ab"
+    // len=16 | variant 0 (Hello) | major 1 | minor 4 | string len 2 | "ab"
     assert_eq!(
         frame(&hello),
-        "00000012".to_owned() + "00000000" + "0100" + "0300" + "0200000000000000" + "6162"
+        "00000012".to_owned() + "00000000" + "0100" + "0400" + "0200000000000000" + "6162"
     );
     let welcome = DaemonMessage::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,
@@ -124,7 +124,7 @@ fn hello_and_welcome() {
         frame(&welcome),
         "00000029".to_owned()
             + "00000000" // Welcome
-            + "01000300" // 1.3
+            + "01000400" // 1.4
             + "0500000000000000"
             + "302e312e30" // "0.1.0"
             + "0100000000000000" // one capability
@@ -527,6 +527,21 @@ fn worker_messages() {
             inputs: vec![WireTensor::new(DType::F32, vec![1], vec![0, 0, 128, 63]).unwrap()],
         },
     };
+    // Run | id 4 | Image | input: U8 [1,1,1,3] 3 bytes | no tiling | Rows
+    let rows = DaemonToWorker::Run {
+        id: 4,
+        job: Job::Image {
+            input: WireTensor::new(DType::U8, vec![1, 1, 1, 3], vec![1, 2, 3]).unwrap(),
+            tiling: None,
+            layout: ImageLayout::Rows,
+        },
+    };
+    assert_eq!(
+        hex(&encode_payload(&rows).unwrap()),
+        "01000000 0400000000000000 00000000 00000000 0400000000000000 0100000000000000 0100000000000000 0100000000000000 0300000000000000 0300000000000000 010203 00 01000000"
+            .replace(' ', "")
+    );
+    roundtrip(&rows);
     let failed = WorkerToDaemon::Failed {
         id: None,
         error: Error::new(ErrorCode::NotFound, "x"),

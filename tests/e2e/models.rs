@@ -259,6 +259,54 @@ fn image_generate_and_tensor_contracts() {
                 assert_eq!(planar.data[c * plane + i], *value, "pixel {i}, channel {c}");
             }
         }
+        // Since 1.4 the input may come as rows of pixels too, as image
+        // files and numpy hold it: the same picture, the same output.
+        let [_, _, h, w] = pixels.shape[..] else {
+            panic!("{:?}", pixels.shape)
+        };
+        let plane_in = (h * w) as usize;
+        let mut row_data = vec![0u8; pixels.data.len()];
+        for i in 0..plane_in {
+            for c in 0..3 {
+                row_data[i * 3 + c] = pixels.data[c * plane_in + i];
+            }
+        }
+        let rows = WireTensor::new(DType::U8, vec![1, h, w, 3], row_data).unwrap();
+        let from_rows = generate(
+            &client,
+            GenerateRequest {
+                input: Some(rows.clone()),
+                ..request("up")
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            from_rows.outputs, up.outputs,
+            "rows in, the same pixels out"
+        );
+        // A client of 1.3 sends planes only: rows from it are named wrong.
+        let mut older = RawClient::speaking(
+            &daemon.socket,
+            gpuctl_protocol::ProtocolVersion { major: 1, minor: 3 },
+        );
+        older.request(
+            1,
+            Request::Generate(GenerateRequest {
+                input: Some(rows),
+                ..request("up")
+            }),
+        );
+        match older.receive() {
+            Some(gpuctl_protocol::DaemonMessage::Error { error, .. }) => assert!(
+                error
+                    .message
+                    .contains("must be [N,3,H,W] (planes) or [N,H,W,3]"),
+                "{}",
+                error.message
+            ),
+            other => panic!("unexpected {other:?}"),
+        }
         let again = generate(
             &client,
             GenerateRequest {

@@ -3,7 +3,10 @@
 use std::time::Instant;
 
 use gpuctl_protocol::worker::{GenerateJob, Job, LoadModel, Loaded, Tiling};
-use gpuctl_protocol::{DType, Error, ErrorCode, ModelKind, TensorFrame, WireTensor, CHUNK_BYTES};
+use gpuctl_protocol::{
+    DType, Error, ErrorCode, ImageLayout, ModelKind, TensorFrame, WireTensor, CHUNK_BYTES,
+    IMAGE_SHAPES,
+};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use crate::tensors::{first_line, from_wire, to_wire};
@@ -162,12 +165,17 @@ impl Host {
     ) -> Result<Vec<WireTensor>, Error> {
         let _no_grad = tch::no_grad_guard();
         let outputs = match (self.spec.kind, job) {
-            (ModelKind::Image, Job::Image { input, tiling }) => {
-                match self.run_image(&input, tiling, progress, output, notes)? {
-                    ImageOutput::Whole(y) => vec![y],
-                    ImageOutput::Sent(placeholder) => return Ok(vec![placeholder]),
-                }
-            }
+            (
+                ModelKind::Image,
+                Job::Image {
+                    input,
+                    tiling,
+                    layout,
+                },
+            ) => match self.run_image(&input, layout, tiling, progress, output, notes)? {
+                ImageOutput::Whole(y) => vec![y],
+                ImageOutput::Sent(placeholder) => return Ok(vec![placeholder]),
+            },
             (ModelKind::Generate, Job::Generate(job)) => vec![self.run_generate(&job)?],
             (ModelKind::Tensor, Job::Tensor { inputs }) => self.run_tensor(&inputs)?,
             (kind, job) => {
@@ -231,19 +239,28 @@ impl Host {
     fn run_image(
         &self,
         input: &WireTensor,
+        layout: ImageLayout,
         tiling: Option<Tiling>,
         progress: &mut dyn FnMut(usize, usize) -> bool,
         output: &mut dyn FnMut(TensorFrame) -> Result<(), String>,
         notes: &mut Vec<String>,
     ) -> Result<ImageOutput, Error> {
-        let shape = &input.shape;
-        if shape.len() != 4 || shape[1] != 3 {
+        let Some((batch, height, width)) = layout.dims(&input.shape) else {
             return Err(self.error(
                 ErrorCode::InvalidRequest,
-                format!("image input must be [N,3,H,W], got {shape:?}"),
+                format!(
+                    "an image input must be {IMAGE_SHAPES}, got {:?} as {layout:?}",
+                    input.shape
+                ),
             ));
-        }
+        };
         let x = self.input(input, "image input")?;
+        // Models take planes: rows of pixels are a view of them, and the
+        // conversion to float below makes them contiguous.
+        let x = match layout {
+            ImageLayout::Planes => x,
+            ImageLayout::Rows => x.permute([0, 3, 1, 2]),
+        };
         let x = match input.dtype {
             DType::U8 => x.f_to_kind(Kind::Float).map(|x| x / 255.0),
             DType::F32 => Ok(x),
@@ -258,7 +275,7 @@ impl Host {
         .map_err(|e| self.error(ErrorCode::Internal, first_line(&e)))?;
         let contract = "image: x[N,3,H,W] -> [N,3,sH,sW]";
         let larger_than_a_tile =
-            tiling.filter(|t| shape[2] > u64::from(t.tile) || shape[3] > u64::from(t.tile));
+            tiling.filter(|t| height > u64::from(t.tile) || width > u64::from(t.tile));
         let y = match larger_than_a_tile {
             None => ImageOutput::Whole(
                 self.forward_image(&x)
@@ -271,7 +288,7 @@ impl Host {
                     batch: i64::from(t.batch.max(1)),
                 };
                 let forward = |tiles: &Tensor| self.forward_image(tiles);
-                let mut rows = if self.spec.rgb8 && shape[0] == 1 {
+                let mut rows = if self.spec.rgb8 && batch == 1 {
                     Rows::Stream(RowStream::new(output))
                 } else {
                     Rows::Collect(Vec::new())
@@ -305,10 +322,10 @@ impl Host {
             sent => return Ok(sent),
         };
         let out = y.size();
-        if out.len() != 4 || out[1] != 3 || out[0] != shape[0] as i64 {
+        if out.len() != 4 || out[1] != 3 || out[0] != batch as i64 {
             return Err(self.error(
                 ErrorCode::InvalidRequest,
-                format!("forward returned {out:?}; an image model must return [N,3,sH,sW] for input {shape:?}"),
+                format!("forward returned {out:?}; an image model must return [N,3,sH,sW] for input [{batch},3,{height},{width}]"),
             ));
         }
         y.f_to_kind(Kind::Float)

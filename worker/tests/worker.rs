@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use gpuctl_protocol::worker::*;
 use gpuctl_protocol::{
-    decode_payload, encode_payload, DType, Error, ErrorCode, ModelKind, WireTensor,
+    decode_payload, encode_payload, DType, Error, ErrorCode, ImageLayout, ModelKind, WireTensor,
 };
 
 fn models() -> PathBuf {
@@ -201,6 +201,10 @@ fn floats(tensor: &WireTensor) -> Vec<f32> {
         .collect()
 }
 
+fn as_u8_pixels(values: &[f32]) -> Vec<u8> {
+    values.iter().map(|v| (v * 255.0).round() as u8).collect()
+}
+
 #[test]
 fn waifu2x_upscales_by_two() {
     let (mut worker, loaded) = Worker::loaded("waifu2x", "waifu2x-upconv7-x2.pt", ModelKind::Image);
@@ -217,6 +221,7 @@ fn waifu2x_upscales_by_two() {
         .run(
             1,
             Job::Image {
+                layout: ImageLayout::Planes,
                 input: image.clone(),
                 tiling: None,
             },
@@ -236,6 +241,7 @@ fn waifu2x_upscales_by_two() {
         .run(
             2,
             Job::Image {
+                layout: ImageLayout::Planes,
                 input: as_u8,
                 tiling: None,
             },
@@ -247,6 +253,53 @@ fn waifu2x_upscales_by_two() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f32::max);
     assert!(largest < 0.02, "u8 and float inputs differ by {largest}");
+
+    // The same pixels as rows ([N,H,W,3], protocol 1.4), whole and in
+    // tiles, give what the planes give.
+    let planes = as_u8_pixels(&floats(&image));
+    let mut rows = vec![0u8; planes.len()];
+    let plane = 20 * 28;
+    for i in 0..plane {
+        for c in 0..3 {
+            rows[i * 3 + c] = planes[c * plane + i];
+        }
+    }
+    let rows = WireTensor::new(DType::U8, vec![1, 20, 28, 3], rows).unwrap();
+    let tiles = Some(Tiling {
+        tile: 16,
+        overlap: 4,
+        batch: 2,
+        retries: 0,
+    });
+    for (id, tiling) in [(3, None), (4, tiles)] {
+        let run = |input: WireTensor, layout| Job::Image {
+            input,
+            tiling,
+            layout,
+        };
+        let from_planes = worker
+            .run(
+                id,
+                run(
+                    WireTensor::new(DType::U8, vec![1, 3, 20, 28], planes.clone()).unwrap(),
+                    ImageLayout::Planes,
+                ),
+            )
+            .unwrap();
+        let from_rows = worker
+            .run(id + 10, run(rows.clone(), ImageLayout::Rows))
+            .unwrap();
+        assert_eq!(from_rows[0].shape, vec![1, 3, 40, 56]);
+        let largest = floats(&from_planes[0])
+            .iter()
+            .zip(floats(&from_rows[0]))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            largest < 1e-5,
+            "rows and planes differ by {largest} (tiling {tiling:?})"
+        );
+    }
 
     worker.send(&DaemonToWorker::Unload);
     assert!(worker.wait_exit().success());
@@ -339,6 +392,7 @@ fn bad_jobs_fail_alone_and_the_model_keeps_serving() {
         .run(
             1,
             Job::Image {
+                layout: ImageLayout::Planes,
                 input: two_channels,
                 tiling: None,
             },
@@ -348,7 +402,7 @@ fn bad_jobs_fail_alone_and_the_model_keeps_serving() {
     assert!(
         error
             .message
-            .contains("model waifu2x: image input must be [N,3,H,W], got [1, 2, 8, 8]"),
+            .contains("model waifu2x: an image input must be [N,3,H,W] (planes) or [N,H,W,3] (rows of pixels, protocol 1.4), got [1, 2, 8, 8] as Planes"),
         "{}",
         error.message
     );
@@ -362,6 +416,7 @@ fn bad_jobs_fail_alone_and_the_model_keeps_serving() {
         .run(
             2,
             Job::Image {
+                layout: ImageLayout::Planes,
                 input: short,
                 tiling: None,
             },
@@ -386,6 +441,7 @@ fn bad_jobs_fail_alone_and_the_model_keeps_serving() {
         .run(
             4,
             Job::Image {
+                layout: ImageLayout::Planes,
                 input: f32_tensor(&[1, 3, 8, 8], |_| 0.5),
                 tiling: None,
             },
@@ -521,6 +577,7 @@ fn untiled_and_tiled(
         .run(
             1,
             Job::Image {
+                layout: ImageLayout::Planes,
                 input: input.clone(),
                 tiling: None,
             },
@@ -530,6 +587,7 @@ fn untiled_and_tiled(
         .run(
             2,
             Job::Image {
+                layout: ImageLayout::Planes,
                 input: input.clone(),
                 tiling: Some(tiling),
             },
@@ -581,6 +639,7 @@ fn waifu2x_tiled_matches_untiled_on_a_photo() {
 
 fn tiled_job(input: WireTensor, tile: u32, overlap: u32, batch: u32, retries: u32) -> Job {
     Job::Image {
+        layout: ImageLayout::Planes,
         input,
         tiling: Some(Tiling {
             tile,
@@ -667,6 +726,7 @@ fn rgb8_outputs_are_the_floats_clamped_and_rounded() {
     // Values past both ends of 0..1, to see the clamping.
     let input = f32_tensor(&[1, 3, 6, 5], |i| (i as f32 - 20.0) / 30.0);
     let job = || Job::Image {
+        layout: ImageLayout::Planes,
         input: input.clone(),
         tiling: None,
     };
@@ -761,6 +821,7 @@ fn fp16_is_for_cuda_and_the_cpu_keeps_float32() {
         ("cpu", "fp32")
     );
     let job = || Job::Image {
+        layout: ImageLayout::Planes,
         input: f32_tensor(&[1, 3, 6, 5], |i| i as f32 / 90.0),
         tiling: None,
     };

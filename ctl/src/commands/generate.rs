@@ -92,7 +92,10 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         overlap: args.overlap,
     };
     match (kind, &args.input) {
-        (Some(ModelKind::Image), Some(path)) => request.input = Some(read_image(path)?),
+        (Some(ModelKind::Image), Some(path)) => {
+            let rows = client.welcome().protocol.sends_pixel_rows();
+            request.input = Some(read_image(path, rows)?);
+        }
         (Some(ModelKind::Image), None) => {
             return Err(CliError::Usage(format!(
                 "{} is an image model: give an input image",
@@ -233,8 +236,9 @@ fn default_output(
     })
 }
 
-/// PNG, JPEG or WebP → `[1,3,H,W]` RGB8.
-fn read_image(path: &Path) -> Result<WireTensor, CliError> {
+/// PNG, JPEG or WebP → RGB8, as rows of pixels `[1,H,W,3]` for a daemon
+/// that takes them (1.4; no copy), else as planes `[1,3,H,W]`.
+fn read_image(path: &Path, rows: bool) -> Result<WireTensor, CliError> {
     let image = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?
@@ -243,6 +247,10 @@ fn read_image(path: &Path) -> Result<WireTensor, CliError> {
         // No copy when the file was RGB8 already, as most photos are.
         .into_rgb8();
     let (width, height) = image.dimensions();
+    if rows {
+        let shape = vec![1, u64::from(height), u64::from(width), 3];
+        return WireTensor::new(DType::U8, shape, image.into_raw()).map_err(CliError::Usage);
+    }
     let plane = (width * height) as usize;
     let mut data = vec![0u8; plane * 3];
     for (i, pixel) in image.pixels().enumerate() {

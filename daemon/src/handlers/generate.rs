@@ -1,5 +1,8 @@
 use gpuctl_protocol::worker::{GenerateJob, Job, Tiling};
-use gpuctl_protocol::{Error, ErrorCode, GenerateRequest, GenerateResponse, WireTensor};
+use gpuctl_protocol::{
+    Error, ErrorCode, GenerateRequest, GenerateResponse, ImageLayout, ProtocolVersion, WireTensor,
+    IMAGE_SHAPES,
+};
 
 use crate::config::{check_tiling, Kind, ModelConfig};
 use crate::context::{Context, EventSink};
@@ -26,7 +29,7 @@ pub async fn handle(
         max_output: config.daemon.max_output.0,
         max_input: config.daemon.max_upload.0,
     };
-    let (mut job, noise) = prepare(&mut request, model, &bounds)?;
+    let (mut job, noise) = prepare(&mut request, model, &bounds, events.peer())?;
     check_output_size(&job, model, &request.model, bounds.max_output)?;
     // The noise is an input the daemon holds for the request, like an
     // upload: it counts against daemon.max_upload_total while it runs.
@@ -130,13 +133,13 @@ impl NoiseSpec {
 /// An image model's output size is known before it runs: refuse one that
 /// would be too large at once, rather than after minutes of work.
 fn check_output_size(job: &Job, model: &ModelConfig, name: &str, limit: u64) -> Result<(), Error> {
-    let (Job::Image { input, .. }, Some(scale)) = (job, model.scale) else {
+    let (Job::Image { input, layout, .. }, Some(scale)) = (job, model.scale) else {
         return Ok(());
     };
-    let [n, c, h, w] = input.shape[..] else {
+    let Some((n, h, w)) = layout.dims(&input.shape) else {
         return Ok(());
     };
-    let bytes = [n, c, h, w, u64::from(scale), u64::from(scale)]
+    let bytes = [n, 3, h, w, u64::from(scale), u64::from(scale)]
         .iter()
         .try_fold(1u64, |a, b| a.checked_mul(*b))
         .unwrap_or(u64::MAX);
@@ -190,6 +193,7 @@ fn prepare(
     request: &mut GenerateRequest,
     model: &ModelConfig,
     bounds: &Bounds,
+    peer: ProtocolVersion,
 ) -> Result<(Job, Option<NoiseSpec>), Error> {
     let name = &request.model;
     let invalid = |problem: String| {
@@ -218,7 +222,20 @@ fn prepare(
                 .take()
                 .ok_or_else(|| invalid("is an image model: send an input image".into()))?;
             input.check().map_err(invalid)?;
-            Ok((Job::Image { input, tiling }, None))
+            let layout = ImageLayout::of(&input.shape, peer).ok_or_else(|| {
+                invalid(format!(
+                    "an image input must be {IMAGE_SHAPES}, got {:?}",
+                    input.shape
+                ))
+            })?;
+            Ok((
+                Job::Image {
+                    input,
+                    tiling,
+                    layout,
+                },
+                None,
+            ))
         }
         Kind::Tensor => {
             if request.input.is_some() || generate_given || tiling_given {
@@ -327,7 +344,7 @@ fn prepare(
 
 #[cfg(test)]
 mod tests {
-    use gpuctl_protocol::{DType, WireTensor};
+    use gpuctl_protocol::{DType, WireTensor, PROTOCOL_VERSION};
 
     use super::*;
     use crate::config::Config;
@@ -353,9 +370,14 @@ mod tests {
             ..GenerateRequest::new("gen")
         };
         let refuse = |request: GenerateRequest, model: &str| {
-            prepare(&mut request.clone(), &config.models[model], &BOUNDS)
-                .err()
-                .unwrap()
+            prepare(
+                &mut request.clone(),
+                &config.models[model],
+                &BOUNDS,
+                PROTOCOL_VERSION,
+            )
+            .err()
+            .unwrap()
         };
         let error = refuse(ask((4294967288, 4294967288), 1), "gen");
         assert_eq!(error.code, ErrorCode::TooLarge);
@@ -382,8 +404,13 @@ mod tests {
             "{}",
             error.message
         );
-        let (job, noise) =
-            prepare(&mut ask((64, 48), 1000), &config.models["gen"], &BOUNDS).unwrap();
+        let (job, noise) = prepare(
+            &mut ask((64, 48), 1000),
+            &config.models["gen"],
+            &BOUNDS,
+            PROTOCOL_VERSION,
+        )
+        .unwrap();
         let noise = noise.unwrap();
         assert_eq!((noise.channels, noise.height, noise.width), (4, 6, 8));
         match job {
@@ -458,9 +485,24 @@ mod tests {
         let job = |side: u64| Job::Image {
             input: WireTensor::placeholder(DType::U8, vec![1, 3, side, side]),
             tiling: None,
+            layout: ImageLayout::Planes,
         };
         // 2048² × 4 → 8192² RGB8 is 192 MiB.
         assert!(check_output_size(&job(2048), up, "up", 192 << 20).is_ok());
+        // The same picture as pixel rows, 3000 wide and 1000 high.
+        let rows = Job::Image {
+            input: WireTensor::placeholder(DType::U8, vec![1, 1000, 3000, 3]),
+            tiling: None,
+            layout: ImageLayout::Rows,
+        };
+        let error = check_output_size(&rows, up, "up", 100 << 20).unwrap_err();
+        assert!(
+            error
+                .message
+                .contains("a 3000x1000 input makes a 12000x4000 output"),
+            "{}",
+            error.message
+        );
         let error = check_output_size(&job(2048), up, "up", (192 << 20) - 1).unwrap_err();
         assert_eq!(error.code, ErrorCode::TooLarge);
         assert!(
@@ -473,6 +515,42 @@ mod tests {
     }
 
     #[test]
+    fn image_inputs_come_as_planes_or_as_rows_of_pixels() {
+        let config =
+            Config::parse("[models.up]\npath = \"u.pt\"\nkind = \"image\"\n", "t.toml").unwrap();
+        let up = &config.models["up"];
+        let ask = |shape: Vec<u64>| GenerateRequest {
+            input: Some({
+                let bytes = shape.iter().product::<u64>() as usize;
+                WireTensor::new(DType::U8, shape, vec![0; bytes]).unwrap()
+            }),
+            ..image_request()
+        };
+        let layout = |shape: Vec<u64>, peer| match prepare(&mut ask(shape), up, &BOUNDS, peer) {
+            Ok((Job::Image { layout, .. }, _)) => Ok(layout),
+            Ok((other, _)) => panic!("{other:?}"),
+            Err(error) => Err(error.message),
+        };
+        let old = gpuctl_protocol::LOAD_FAILED;
+        assert_eq!(
+            layout(vec![1, 3, 4, 5], PROTOCOL_VERSION),
+            Ok(ImageLayout::Planes)
+        );
+        assert_eq!(
+            layout(vec![1, 4, 5, 3], PROTOCOL_VERSION),
+            Ok(ImageLayout::Rows)
+        );
+        assert_eq!(layout(vec![1, 3, 4, 5], old), Ok(ImageLayout::Planes));
+        let error = layout(vec![1, 4, 5, 3], old).unwrap_err();
+        assert!(
+            error.contains("must be [N,3,H,W] (planes) or [N,H,W,3]"),
+            "{error}"
+        );
+        let error = layout(vec![1, 4, 5, 6], PROTOCOL_VERSION).unwrap_err();
+        assert!(error.contains("got [1, 4, 5, 6]"), "{error}");
+    }
+
+    #[test]
     fn an_image_model_with_a_tile_sends_its_tiling() {
         let config = Config::parse(
             "[models.up]\npath = \"u.pt\"\nkind = \"image\"\ntile = 256\noverlap = 16\nbatch = 3\n\
@@ -480,9 +558,14 @@ mod tests {
             "t.toml",
         )
         .unwrap();
-        match prepare(&mut image_request(), &config.models["up"], &BOUNDS)
-            .unwrap()
-            .0
+        match prepare(
+            &mut image_request(),
+            &config.models["up"],
+            &BOUNDS,
+            PROTOCOL_VERSION,
+        )
+        .unwrap()
+        .0
         {
             Job::Image { tiling, .. } => assert_eq!(
                 tiling,
@@ -495,9 +578,14 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        match prepare(&mut image_request(), &config.models["plain"], &BOUNDS)
-            .unwrap()
-            .0
+        match prepare(
+            &mut image_request(),
+            &config.models["plain"],
+            &BOUNDS,
+            PROTOCOL_VERSION,
+        )
+        .unwrap()
+        .0
         {
             Job::Image { tiling, .. } => assert_eq!(tiling, None),
             other => panic!("{other:?}"),
