@@ -146,7 +146,12 @@ fn wait_until_unstuck(daemon: &Daemon, pid: u64) -> Value {
         Duration::from_secs(20),
         || {
             status = model_status(daemon, "gen");
-            !pid_alive(pid) && status["last_unload"]["Stuck"].is_object()
+            // The registry lists the worker until it has heard of its exit,
+            // and until then its stopped job still counts as in flight
+            // (last_unload may be Stuck from an earlier worker already).
+            !pid_alive(pid)
+                && status["pid"].as_u64() != Some(pid)
+                && status["last_unload"]["Stuck"].is_object()
         },
     );
     status
@@ -239,7 +244,10 @@ fn a_stopped_job_that_goes_on_has_its_worker_killed_and_the_model_comes_back() {
         for leave in ["cancel", "disconnect"] {
             let leaver = Client::connect(&daemon.socket).await.unwrap();
             let job = start_slow_job(&leaver, &daemon, FOREVER_STEPS).await;
-            let pid = model_status(&daemon, "gen")["pid"].as_u64().unwrap();
+            let status = model_status(&daemon, "gen");
+            let pid = status["pid"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{leave}: no worker: {status}\n{}", daemon.log_text()));
             if leave == "cancel" {
                 let cancelled = leaver
                     .call(Request::Cancel(CancelRequest { id: job.id() }))
