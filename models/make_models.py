@@ -134,6 +134,15 @@ class TinyFaulty(nn.Module):
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
+class TinyView(nn.Module):
+    """The identity, through `view`: an image model that, like many real
+    ones, needs its input contiguous (`view` refuses strided memory)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.view(x.size(0), -1)
+        return (flat * 1.0).view(x.size(0), 3, x.size(2), x.size(3))
+
+
 class TinyTensor(nn.Module):
     """Tensors in, a tuple of tensors out: the `tensor` contract."""
 
@@ -252,6 +261,7 @@ def main() -> None:
     torch.jit.script(TinyTensor().eval()).save(str(args.out / "tiny-tensor.pt"))
     torch.jit.script(TinyX4().eval()).save(str(args.out / "tiny-x4.pt"))
     torch.jit.script(TinyFaulty().eval()).save(str(args.out / "tiny-faulty.pt"))
+    torch.jit.script(TinyView().eval()).save(str(args.out / "tiny-view.pt"))
     # A 192x256 crop of the photo as raw CHW RGB8, for the tiling tests.
     crop = (decode_png(photo_png)[0, :, 100:292, 130:386] * 255).round().to(torch.uint8)
     (args.out / "astronaut-crop-192x256.rgb").write_bytes(crop.contiguous().numpy().tobytes())
@@ -264,6 +274,7 @@ def main() -> None:
             "tiny-tensor.pt": {"kind": "tensor", "inputs": 2, "outputs": 2},
             "tiny-x4.pt": {"kind": "image", "scale": 4},
             "tiny-faulty.pt": {"kind": "image", "scale": 2, "fails": "on purpose, for tests"},
+            "tiny-view.pt": {"kind": "image", "scale": 1, "needs": "a contiguous input"},
         },
     }
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

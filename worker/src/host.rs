@@ -255,8 +255,9 @@ impl Host {
             ));
         };
         let x = self.input(input, "image input")?;
-        // Models take planes: rows of pixels are a view of them, and the
-        // conversion to float below makes them contiguous.
+        // Models take planes: rows of pixels are a view of them, made
+        // contiguous once in float below (a model may call `view`, which
+        // strided memory refuses, and convolutions run on planes).
         let x = match layout {
             ImageLayout::Planes => x,
             ImageLayout::Rows => x.permute([0, 3, 1, 2]),
@@ -272,6 +273,7 @@ impl Host {
                 ))
             }
         }
+        .and_then(|x| x.f_contiguous())
         .map_err(|e| self.error(ErrorCode::Internal, first_line(&e)))?;
         let contract = "image: x[N,3,H,W] -> [N,3,sH,sW]";
         let larger_than_a_tile =

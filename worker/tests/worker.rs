@@ -306,6 +306,51 @@ fn waifu2x_upscales_by_two() {
 }
 
 #[test]
+fn rows_of_pixels_reach_the_model_as_contiguous_planes() {
+    // tiny-view calls `view`, which strided memory refuses: rows must be
+    // made into real planes, not handed over as a permuted view.
+    let (mut worker, _) = Worker::loaded("view", "tiny-view.pt", ModelKind::Image);
+    let (h, w) = (5u64, 7u64);
+    let rows: Vec<u8> = (0..h * w * 3).map(|i| (i * 7 % 251) as u8).collect();
+    for (id, dtype, data) in [
+        (1, DType::U8, rows.clone()),
+        (
+            2,
+            DType::F32,
+            rows.iter()
+                .flat_map(|v| (f32::from(*v) / 255.0).to_le_bytes())
+                .collect(),
+        ),
+    ] {
+        let input = WireTensor::new(dtype, vec![1, h, w, 3], data).unwrap();
+        let out = worker
+            .run(
+                id,
+                Job::Image {
+                    input,
+                    tiling: None,
+                    layout: ImageLayout::Rows,
+                },
+            )
+            .unwrap();
+        assert_eq!(out[0].shape, vec![1, 3, h, w]);
+        let values = floats(&out[0]);
+        let plane = (h * w) as usize;
+        for i in 0..plane {
+            for c in 0..3 {
+                let expected = f32::from(rows[i * 3 + c]) / 255.0;
+                assert!(
+                    (values[c * plane + i] - expected).abs() < 1e-6,
+                    "{dtype:?}: pixel {i}, channel {c}"
+                );
+            }
+        }
+    }
+    worker.send(&DaemonToWorker::Unload);
+    assert!(worker.wait_exit().success());
+}
+
+#[test]
 fn generate_is_deterministic_in_its_inputs() {
     let (mut worker, _) = Worker::loaded("tiny-gen", "tiny-generate.pt", ModelKind::Generate);
     let job = |prompt: &str, seed: usize| {
