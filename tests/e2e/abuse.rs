@@ -581,6 +581,11 @@ fn uploads_are_capped_daemon_wide_and_dropped_when_unclaimed() {
     let mut first = RawClient::handshaken(&daemon.socket);
     let mut second = RawClient::handshaken(&daemon.socket);
     announce(&mut first, 1, 60 << 20);
+    // Connections are served concurrently: the first's announcement must
+    // have been taken (a connection's messages are handled in order, so
+    // its ping's answer says so) before the second's comes.
+    first.request(9, Request::Ping(PingRequest {}));
+    assert!(answer_of(&mut first, 9).is_ok());
     announce(&mut second, 1, 60 << 20);
     second.request(1, tensor_request_for(60 << 20));
     let refused = answer_of(&mut second, 1).unwrap_err();
