@@ -5,6 +5,8 @@
 
 use gpuctl_protocol::*;
 
+mod pinned;
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -79,21 +81,8 @@ fn record<T: serde::Serialize>(message: &T, payload: &[u8]) {
 /// change.
 fn shared_vectors(test: &str) {
     let recorded = RECORDED.with(|recorded| std::mem::take(&mut *recorded.borrow_mut()));
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/vectors")
-        .join(format!("{test}.json"));
     let text = serde_json::to_string_pretty(&recorded).unwrap() + "\n";
-    if std::env::var_os("GPUCTL_BLESS").is_some() {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, text).unwrap();
-        return;
-    }
-    let pinned = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        pinned == text,
-        "{} differs from the vectors this test pins; after a deliberate change, run GPUCTL_BLESS=1 cargo test -p gpuctl-protocol --test golden",
-        path.display()
-    );
+    pinned::check_or_bless(&format!("tests/vectors/{test}.json"), &text, "golden");
 }
 
 fn request(id: u64, request: Request) -> ClientMessage {

@@ -13,6 +13,8 @@ use gpuctl_protocol::worker::{DaemonToWorker, WorkerToDaemon};
 use gpuctl_protocol::*;
 use serde_reflection::{Tracer, TracerConfig};
 
+mod pinned;
+
 #[test]
 fn the_schema_file_describes_every_message() {
     let mut tracer = Tracer::new(TracerConfig::default());
@@ -39,15 +41,5 @@ fn the_schema_file_describes_every_message() {
     tracer.trace_simple_type::<ReloadTrigger>().unwrap();
     let registry = tracer.registry().unwrap();
     let text = serde_json::to_string_pretty(&registry).unwrap() + "\n";
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schema.json");
-    if std::env::var_os("GPUCTL_BLESS").is_some() {
-        std::fs::write(&path, text).unwrap();
-        return;
-    }
-    let pinned = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        pinned == text,
-        "{} differs from the message types; after a deliberate change, run GPUCTL_BLESS=1 cargo test -p gpuctl-protocol --test schema",
-        path.display()
-    );
+    pinned::check_or_bless("tests/schema.json", &text, "schema");
 }

@@ -201,6 +201,15 @@ fn floats(tensor: &WireTensor) -> Vec<f32> {
         .collect()
 }
 
+/// The largest difference between two float tensors' values.
+fn largest_difference(a: &WireTensor, b: &WireTensor) -> f32 {
+    floats(a)
+        .iter()
+        .zip(floats(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 fn as_u8_pixels(values: &[f32]) -> Vec<u8> {
     values.iter().map(|v| (v * 255.0).round() as u8).collect()
 }
@@ -247,11 +256,7 @@ fn waifu2x_upscales_by_two() {
             },
         )
         .unwrap();
-    let largest = floats(&out[0])
-        .iter()
-        .zip(floats(&out_u8[0]))
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let largest = largest_difference(&out[0], &out_u8[0]);
     assert!(largest < 0.02, "u8 and float inputs differ by {largest}");
 
     // The same pixels as rows ([N,H,W,3], protocol 1.4), whole and in
@@ -290,11 +295,7 @@ fn waifu2x_upscales_by_two() {
             .run(id + 10, run(rows.clone(), ImageLayout::Rows))
             .unwrap();
         assert_eq!(from_rows[0].shape, vec![1, 3, 40, 56]);
-        let largest = floats(&from_planes[0])
-            .iter()
-            .zip(floats(&from_rows[0]))
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let largest = largest_difference(&from_planes[0], &from_rows[0]);
         assert!(
             largest < 1e-5,
             "rows and planes differ by {largest} (tiling {tiling:?})"
