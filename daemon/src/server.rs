@@ -72,7 +72,11 @@ pub async fn run(setup: Setup) {
     });
     let connections = TaskTracker::new();
     let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
-    let mut socket_check = tokio::time::interval(SOCKET_CHECK);
+    // The socket was just bound: the first check is one period from now
+    // (an interval's first tick is immediate, and would run whenever the
+    // loop first polls, racing anyone who looks at the file meanwhile).
+    let mut socket_check =
+        tokio::time::interval_at(tokio::time::Instant::now() + SOCKET_CHECK, SOCKET_CHECK);
     socket_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     tracing::info!(socket = %socket, pid = std::process::id(), version = env!("CARGO_PKG_VERSION"), "gpuctld ready");
