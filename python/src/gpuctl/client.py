@@ -1,0 +1,413 @@
+"""The blocking client: one Unix socket, shared by every thread that uses it."""
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+
+from . import errors
+from ._core import Call, Core, Upload
+from ._requests import (
+    GenerateResult,
+    KeepAliveArg,
+    ProgressCallback,
+    QueuedCallback,
+    SizeArg,
+    connect_hint,
+    default_socket,
+    duration_ms,
+    generate_request,
+    generate_result,
+    keep_alive,
+    size_bytes,
+)
+from ._core import fill_placeholders
+from .messages import (
+    EventNotice,
+    EventProgress,
+    EventQueued,
+    LoadRequest,
+    LoadResponse,
+    ModelInfo,
+    ModelsRequest,
+    Notice,
+    PingRequest,
+    ReleaseRequest,
+    ReloadRequest,
+    ReloadResponse,
+    Request,
+    RequestLoad,
+    RequestModels,
+    RequestPing,
+    RequestRelease,
+    RequestReload,
+    RequestReserve,
+    RequestStatus,
+    RequestUnload,
+    RequestVram,
+    RequestWatch,
+    ReserveRequest,
+    ReserveResponse,
+    Response,
+    StatusRequest,
+    StatusResponse,
+    UnloadRequest,
+    VramRequest,
+    VramResponse,
+    WatchRequest,
+    Welcome,
+)
+
+Path = Union[str, "os.PathLike[str]"]
+
+
+class Client:
+    """A connection to gpuctld, for threads.
+
+    ``Client(path)`` connects on first use to ``path``, or to the socket
+    ``gpuctl`` would use (``$GPUCTL_SOCKET``, the per-user daemon's, then
+    ``/run/gpuctl/gpuctld.sock``). Any number of threads may call it at once:
+    their requests share the connection and are answered in any order. A
+    connection the daemon closed while idle is made again on the next call.
+    """
+
+    def __init__(self, path: Optional[Path] = None, *, connect_timeout: float = 10.0, name: str = "gpuctl-python") -> None:
+        self.path = os.fspath(path) if path is not None else default_socket()
+        self.connect_timeout = connect_timeout
+        self.name = name
+        self._cv = threading.Condition(threading.Lock())
+        self._send_lock = threading.Lock()
+        self._connect_lock = threading.Lock()
+        self._sock: Optional[socket.socket] = None
+        self._core: Optional[Core] = None
+        self._reading = False
+
+    # --- life cycle ----------------------------------------------------
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the connection: reservations it holds end, calls in flight fail."""
+        with self._cv:
+            sock, self._sock = self._sock, None
+            if self._core is not None:
+                self._core.connection_lost("the client was closed")
+            self._cv.notify_all()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    @property
+    def welcome(self) -> Welcome:
+        """The daemon's `Welcome` (its version and capabilities); connects if needed."""
+        core, _ = self._connection()
+        assert core.welcome is not None
+        return core.welcome
+
+    def _connection(self) -> Tuple[Core, socket.socket]:
+        with self._connect_lock:
+            core, sock = self._core, self._sock
+            if core is not None and sock is not None and core.closed is None:
+                self._poll_idle(core, sock)
+            if core is None or sock is None or core.closed is not None:
+                core, sock = self._connect()
+            return core, sock
+
+    def _poll_idle(self, core: Core, sock: socket.socket) -> None:
+        """With nothing in flight, notices that the daemon closed an idle
+        connection (Closing(Timeout), or a restart) before a new request is
+        sent into it."""
+        with self._cv:
+            if core.calls or self._reading:
+                return
+            try:
+                readable, _, _ = select.select([sock], [], [], 0)
+            except (OSError, ValueError):
+                core.connection_lost()
+                return
+            if readable:
+                try:
+                    count = sock.recv_into(core.read_buffer(), 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    count = 0
+                if count == 0:
+                    core.connection_lost()
+                else:
+                    core.received(count)
+
+    def _connect(self) -> Tuple[Core, socket.socket]:
+        old = self._sock
+        if old is not None:
+            old.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.connect_timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as error:
+            sock.close()
+            raise connect_hint(self.path, error) from None
+        core = Core(self.name)
+        try:
+            sock.sendall(core.hello())
+            deadline = time.monotonic() + self.connect_timeout
+            while core.welcome is None and core.closed is None:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                view = core.read_buffer()
+                try:
+                    count = sock.recv_into(view)
+                finally:
+                    view.release()
+                if count == 0:
+                    core.connection_lost(f"gpuctld at {self.path} closed the connection during the handshake")
+                else:
+                    core.received(count)
+        except socket.timeout:
+            sock.close()
+            raise errors.Timeout(f"gpuctld at {self.path} did not answer the handshake within {self.connect_timeout} s") from None
+        except OSError as error:
+            sock.close()
+            raise errors.ConnectionClosed(f"the connection to gpuctld at {self.path} failed during the handshake: {error}") from None
+        if core.closed is not None:
+            sock.close()
+            raise core.closed
+        sock.settimeout(None)
+        with self._cv:
+            self._sock, self._core = sock, core
+        return core, sock
+
+    # --- calls ----------------------------------------------------------
+
+    def _start(self, request: Request, uploads: Sequence[Upload] = ()) -> Tuple[Call, Core, socket.socket]:
+        core, sock = self._connection()
+        with self._cv:
+            call, frames = core.start(request, uploads)
+        try:
+            for frame in frames:
+                with self._send_lock:
+                    for part in frame:
+                        sock.sendall(part)
+        except BaseException as error:
+            with self._cv:
+                core.forget(call)
+            if isinstance(error, OSError):
+                raise errors.ConnectionClosed(f"sending to gpuctld at {self.path} failed: {error}") from None
+            raise
+        return call, core, sock
+
+    def _next(self, call: Call, core: Core, sock: socket.socket) -> Optional[Any]:
+        """The call's next event, or None once it is answered. One waiting
+        thread at a time reads the socket for everyone."""
+        while True:
+            with self._cv:
+                if call.events:
+                    return call.events.popleft()
+                if call.finished:
+                    return None
+                if self._reading:
+                    self._cv.wait()
+                    continue
+                self._reading = True
+            try:
+                self._read_until_news(call, core, sock)
+            finally:
+                with self._cv:
+                    self._reading = False
+                    self._cv.notify_all()
+
+    def _read_until_news(self, call: Call, core: Core, sock: socket.socket) -> None:
+        while not call.has_news():
+            view = core.read_buffer()
+            try:
+                count = sock.recv_into(view)
+            except OSError as error:
+                count, why = 0, f"reading from gpuctld at {self.path} failed: {error}"
+            else:
+                why = f"gpuctld at {self.path} closed the connection"
+            finally:
+                view.release()
+            with self._cv:
+                if count == 0:
+                    core.connection_lost(why)
+                else:
+                    core.received(count)
+                self._cv.notify_all()
+
+    def _cancel(self, call: Call, core: Core, sock: socket.socket) -> None:
+        with self._cv:
+            frame = core.cancel(call)
+        if frame is not None:
+            try:
+                with self._send_lock:
+                    sock.sendall(frame)
+            except OSError:
+                pass
+
+    def _finish(self, call: Call) -> Response:
+        if call.error is not None:
+            raise call.error
+        assert call.response is not None
+        return call.response
+
+    def request(self, request: Request) -> Response:
+        """Sends any request and waits for its answer (events are dropped)."""
+        call, core, sock = self._start(request)
+        try:
+            while self._next(call, core, sock) is not None:
+                pass
+        except BaseException:
+            self._cancel(call, core, sock)
+            raise
+        return self._finish(call)
+
+    # --- requests ---------------------------------------------------------
+
+    def ping(self) -> float:
+        """Round trip to the daemon, in seconds."""
+        started = time.perf_counter()
+        self.request(RequestPing(PingRequest()))
+        return time.perf_counter() - started
+
+    def status(self) -> StatusResponse:
+        return self.request(RequestStatus(StatusRequest())).value  # type: ignore[no-any-return]
+
+    def models(self) -> List[ModelInfo]:
+        return self.request(RequestModels(ModelsRequest())).value.models  # type: ignore[no-any-return]
+
+    def vram(self) -> VramResponse:
+        return self.request(RequestVram(VramRequest())).value  # type: ignore[no-any-return]
+
+    def reload(self) -> ReloadResponse:
+        """Re-reads the daemon's config file (administrators only)."""
+        return self.request(RequestReload(ReloadRequest())).value  # type: ignore[no-any-return]
+
+    def load(self, model: str, *, keep_alive: KeepAliveArg = None) -> LoadResponse:
+        """Loads `model` now (administrators only); `load_ms` is None when it was loaded."""
+        return self.request(RequestLoad(LoadRequest(model, _keep_alive(keep_alive)))).value  # type: ignore[no-any-return]
+
+    def unload(self, model: Optional[str] = None, *, force: bool = False) -> List[str]:
+        """Unloads `model`, or every model when None (administrators only); the names unloaded."""
+        return self.request(RequestUnload(UnloadRequest(model, force))).value.unloaded  # type: ignore[no-any-return]
+
+    def reserve(
+        self,
+        size: SizeArg,
+        *,
+        device: Optional[int] = None,
+        timeout: Union[int, float, str] = 60,
+        ttl: Union[None, int, float, str] = None,
+    ) -> "Reservation":
+        """Reserves GPU memory for this process; idle models are unloaded to
+        make room. Use as a context manager: the reservation is released when
+        the block ends (or when this client closes)."""
+        request = ReserveRequest(
+            size_bytes(size), device, duration_ms(timeout, "timeout"), None if ttl is None else duration_ms(ttl, "ttl")
+        )
+        granted: ReserveResponse = self.request(RequestReserve(request)).value
+        return Reservation(self, granted)
+
+    def release(self, reservation: int) -> int:
+        """Ends a reservation made by this client; the bytes it held."""
+        return self.request(RequestRelease(ReleaseRequest(reservation))).value.bytes  # type: ignore[no-any-return]
+
+    def watch(self) -> Iterator[Notice]:
+        """The daemon's notices (loads, unloads, pressure, reservations,
+        reloads) as they happen, until the iterator is closed."""
+        call, core, sock = self._start(RequestWatch(WatchRequest()))
+        try:
+            while True:
+                event = self._next(call, core, sock)
+                if event is None:
+                    self._finish(call)
+                    return
+                if isinstance(event, EventNotice):
+                    yield event.value
+        finally:
+            self._cancel(call, core, sock)
+
+    def generate(
+        self,
+        model: str,
+        image: Any = None,
+        *,
+        inputs: Optional[Sequence[Any]] = None,
+        prompt: Optional[str] = None,
+        negative: Optional[str] = None,
+        seed: Optional[int] = None,
+        steps: Optional[int] = None,
+        guidance: Optional[float] = None,
+        size: Union[None, str, Tuple[int, int]] = None,
+        keep_alive: KeepAliveArg = None,
+        timeout: Union[None, int, float, str] = None,
+        tile: Optional[int] = None,
+        overlap: Optional[int] = None,
+        on_progress: Optional[ProgressCallback] = None,
+        on_queued: Optional[QueuedCallback] = None,
+    ) -> GenerateResult:
+        """Runs `model`: `image=` for image models (a PIL image, a numpy uint8
+        [H,W,3] or [N,H,W,3] array, or a path), `prompt=` and friends for
+        generate models, `inputs=[arrays]` for tensor models. `timeout` (seconds
+        or "5m") bounds the request in the daemon. Ctrl-C cancels the job."""
+        core, _ = self._connection()
+        assert core.peer is not None
+        request, uploads, given = generate_request(
+            model, image, inputs, prompt, negative, seed, steps, guidance, size, keep_alive, timeout, tile, overlap, core.peer
+        )
+        call, core, sock = self._start(request, uploads)
+        try:
+            while True:
+                event = self._next(call, core, sock)
+                if event is None:
+                    break
+                if isinstance(event, EventProgress) and on_progress is not None:
+                    on_progress(event.value)
+                elif isinstance(event, EventQueued) and on_queued is not None:
+                    on_queued(event.value)
+        except BaseException:
+            # KeyboardInterrupt, or a callback's exception: stop the job.
+            self._cancel(call, core, sock)
+            raise
+        response = self._finish(call).value
+        outputs = fill_placeholders(response, call.streamed)
+        return generate_result(response, outputs, given, prompt is not None)
+
+
+def _keep_alive(value: KeepAliveArg) -> Any:
+    return keep_alive(value)
+
+
+class Reservation:
+    """GPU memory held for this process until `release()` or the end of the
+    `with` block."""
+
+    def __init__(self, client: Client, granted: ReserveResponse) -> None:
+        self.client = client
+        self.id = granted.reservation
+        self.device = granted.device
+        self.bytes = granted.bytes
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.client.release(self.id)
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Reservation(id={self.id}, device={self.device}, bytes={self.bytes})"
