@@ -29,6 +29,7 @@ from .messages import (
     EventNotice,
     EventProgress,
     EventQueued,
+    CancelRequest,
     LoadRequest,
     LoadResponse,
     ModelInfo,
@@ -39,6 +40,7 @@ from .messages import (
     ReloadRequest,
     ReloadResponse,
     Request,
+    RequestCancel,
     RequestLoad,
     RequestModels,
     RequestPing,
@@ -359,15 +361,70 @@ class Client:
         [H,W,3] or [N,H,W,3] array, or a path), `prompt=` and friends for
         generate models, `inputs=[arrays]` for tensor models. `timeout` (seconds
         or "5m") bounds the request in the daemon. Ctrl-C cancels the job."""
+        job = self.start_generate(
+            model, image, inputs=inputs, prompt=prompt, negative=negative, seed=seed, steps=steps,
+            guidance=guidance, size=size, keep_alive=keep_alive, timeout=timeout, tile=tile, overlap=overlap,
+        )
+        return job.result(on_progress=on_progress, on_queued=on_queued)
+
+    def start_generate(
+        self,
+        model: str,
+        image: Any = None,
+        *,
+        inputs: Optional[Sequence[Any]] = None,
+        prompt: Optional[str] = None,
+        negative: Optional[str] = None,
+        seed: Optional[int] = None,
+        steps: Optional[int] = None,
+        guidance: Optional[float] = None,
+        size: Union[None, str, Tuple[int, int]] = None,
+        keep_alive: KeepAliveArg = None,
+        timeout: Union[None, int, float, str] = None,
+        tile: Optional[int] = None,
+        overlap: Optional[int] = None,
+    ) -> "GenerateJob":
+        """Sends a generate request and returns at once: `job.result()` waits
+        for it, `job.cancel()` (from any thread) stops it."""
         core, _ = self._connection()
         assert core.peer is not None
         request, uploads, given = generate_request(
             model, image, inputs, prompt, negative, seed, steps, guidance, size, keep_alive, timeout, tile, overlap, core.peer
         )
         call, core, sock = self._start(request, uploads)
+        return GenerateJob(self, call, core, sock, given, prompt is not None)
+
+    def cancel(self, request_id: int) -> bool:
+        """Asks the daemon to stop request `request_id` of this client; False
+        when it had already finished. The request then fails with `gpuctl.Cancelled`."""
+        return self.request(RequestCancel(CancelRequest(request_id))).value.cancelled  # type: ignore[no-any-return]
+
+
+class GenerateJob:
+    """A generate request in flight (`Client.start_generate`)."""
+
+    def __init__(self, client: Client, call: Call, core: Core, sock: socket.socket, given: Any, generated: bool) -> None:
+        self.client = client
+        self._call, self._core, self._sock = call, core, sock
+        self._given, self._generated = given, generated
+
+    @property
+    def id(self) -> int:
+        """The request's id on its connection."""
+        return self._call.id
+
+    def cancel(self) -> bool:
+        """Stops the job in the daemon at its next batch; `result()` then
+        raises `gpuctl.Cancelled`. False when it had already finished."""
+        return self.client.cancel(self._call.id)
+
+    def result(self, on_progress: Optional[ProgressCallback] = None, on_queued: Optional[QueuedCallback] = None) -> GenerateResult:
+        """Waits for the answer, passing events to the callbacks on the way.
+        Ctrl-C (or a callback's exception) cancels the job."""
+        client, call, core, sock = self.client, self._call, self._core, self._sock
         try:
             while True:
-                event = self._next(call, core, sock)
+                event = client._next(call, core, sock)
                 if event is None:
                     break
                 if isinstance(event, EventProgress) and on_progress is not None:
@@ -375,12 +432,11 @@ class Client:
                 elif isinstance(event, EventQueued) and on_queued is not None:
                     on_queued(event.value)
         except BaseException:
-            # KeyboardInterrupt, or a callback's exception: stop the job.
-            self._cancel(call, core, sock)
+            client._cancel(call, core, sock)
             raise
-        response = self._finish(call).value
+        response = client._finish(call).value
         outputs = fill_placeholders(response, call.streamed)
-        return generate_result(response, outputs, given, prompt is not None)
+        return generate_result(response, outputs, self._given, self._generated)
 
 
 def _keep_alive(value: KeepAliveArg) -> Any:
