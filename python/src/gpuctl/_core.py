@@ -30,6 +30,7 @@ from .messages import (
     ProtocolVersion,
     Request,
     RequestCancel,
+    RequestGenerate,
     Response,
     ResponseGenerate,
     Welcome,
@@ -335,6 +336,7 @@ class Core:
             end = _U32.pack(_CLIENT_TENSOR_END) + struct.pack("<Q", id)
             yield (LENGTH.pack(len(end)) + end,)
         if wires:
+            assert isinstance(request, RequestGenerate), "only generate requests carry tensors"
             generate = request.value
             if generate.input is not None:
                 generate.input = wires.pop(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from . import errors, tensors
 from ._core import Upload
@@ -18,6 +18,8 @@ from .messages import (
     ProtocolVersion,
     QueuedEvent,
     RequestGenerate,
+    Response,
+    Variant,
 )
 
 try:  # Pillow is optional
@@ -29,6 +31,16 @@ try:
     import numpy as _np
 except ImportError:  # pragma: no cover
     _np = None  # type: ignore[assignment]
+
+V = TypeVar("V", bound=Variant)
+
+
+def expect(response: Response, variant: Type[V]) -> V:
+    """The answer as the variant that answers the request sent."""
+    if not isinstance(response, variant):
+        raise errors.MalformedFrame(f"gpuctld answered {response.name} to a {variant.NAME} request")
+    return response
+
 
 ProgressCallback = Callable[[ProgressEvent], Any]
 QueuedCallback = Callable[[QueuedEvent], Any]
@@ -139,7 +151,7 @@ def image_input(image: Any, peer: ProtocolVersion) -> ImageInput:
             planar = image_input(_np.asarray(picture), peer)
             planar.kind = "pil"
             return planar
-        shape = (1, height, width, 3)
+        shape: Tuple[int, ...] = (1, height, width, 3)
         return ImageInput(Upload(DType.U8, shape, _pil_bands(picture), height * width * 3), "pil", False)
     if tensors.is_numpy(image) or isinstance(image, tensors.Tensor):
         dtype, shape, view = tensors.to_wire(image, "image")
@@ -157,7 +169,7 @@ def image_input(image: Any, peer: ProtocolVersion) -> ImageInput:
         if not rows:
             if _np is None:
                 raise errors.Incompatible("this gpuctld (protocol before 1.4) takes planar images only: install numpy, or upgrade gpuctld")
-            array = _np.frombuffer(view, dtype=tensors.NUMPY[dtype]).reshape(shape)
+            array = _np.frombuffer(bytes(view), dtype=tensors.NUMPY[dtype]).reshape(shape)
             planes = _np.ascontiguousarray(array.transpose(0, 3, 1, 2))
             dtype, shape, view = tensors.to_wire(planes, "image")
         return ImageInput(Upload(dtype, shape, [view], len(view)), kind, batched)
@@ -282,16 +294,17 @@ class GenerateResult:
 
 
 def _to_pil(output: Any) -> Any:
+    data: Any
     if isinstance(output, tensors.Tensor):
         dtype, shape, data = output.dtype, output.shape, output.data
     else:
-        dtype, shape, data = DType.U8 if output.dtype.itemsize == 1 else None, tuple(output.shape), output
+        dtype, shape, data = (DType.U8 if output.dtype.itemsize == 1 else DType.F32), tuple(output.shape), output
     if dtype != DType.U8 or len(shape) != 4 or shape[3] != 3:
         raise ValueError(f"an output of shape {list(shape)} is not an RGB8 image [N,H,W,3]")
     if _PILImage is None:
         raise RuntimeError("PIL images need Pillow: pip install pillow")
     height, width = shape[1], shape[2]
-    first = data if shape[0] == 1 else memoryview(data).cast("B")[: height * width * 3]
+    first: Any = data if shape[0] == 1 else memoryview(data).cast("B")[: height * width * 3]
     return _PILImage.frombuffer("RGB", (width, height), first, "raw", "RGB", 0, 1)
 
 

@@ -15,6 +15,7 @@ from ._requests import (
     connect_hint,
     default_socket,
     duration_ms,
+    expect,
     generate_request,
     generate_result,
     keep_alive,
@@ -49,6 +50,15 @@ from .messages import (
     ReserveRequest,
     ReserveResponse,
     Response,
+    ResponseGenerate,
+    ResponseLoad,
+    ResponseModels,
+    ResponseRelease,
+    ResponseReload,
+    ResponseReserve,
+    ResponseStatus,
+    ResponseUnload,
+    ResponseVram,
     StatusRequest,
     StatusResponse,
     UnloadRequest,
@@ -247,22 +257,22 @@ class AsyncClient:
         return time.perf_counter() - started
 
     async def status(self) -> StatusResponse:
-        return (await self.request(RequestStatus(StatusRequest()))).value  # type: ignore[no-any-return]
+        return expect(await self.request(RequestStatus(StatusRequest())), ResponseStatus).value
 
     async def models(self) -> List[ModelInfo]:
-        return (await self.request(RequestModels(ModelsRequest()))).value.models  # type: ignore[no-any-return]
+        return expect(await self.request(RequestModels(ModelsRequest())), ResponseModels).value.models
 
     async def vram(self) -> VramResponse:
-        return (await self.request(RequestVram(VramRequest()))).value  # type: ignore[no-any-return]
+        return expect(await self.request(RequestVram(VramRequest())), ResponseVram).value
 
     async def reload(self) -> ReloadResponse:
-        return (await self.request(RequestReload(ReloadRequest()))).value  # type: ignore[no-any-return]
+        return expect(await self.request(RequestReload(ReloadRequest())), ResponseReload).value
 
     async def load(self, model: str, *, keep_alive: KeepAliveArg = None) -> LoadResponse:
-        return (await self.request(RequestLoad(LoadRequest(model, _keep_alive(keep_alive))))).value  # type: ignore[no-any-return]
+        return expect(await self.request(RequestLoad(LoadRequest(model, _keep_alive(keep_alive)))), ResponseLoad).value
 
     async def unload(self, model: Optional[str] = None, *, force: bool = False) -> List[str]:
-        return (await self.request(RequestUnload(UnloadRequest(model, force)))).value.unloaded  # type: ignore[no-any-return]
+        return expect(await self.request(RequestUnload(UnloadRequest(model, force))), ResponseUnload).value.unloaded
 
     def reserve(
         self,
@@ -281,7 +291,7 @@ class AsyncClient:
         return AsyncReservation(self, request)
 
     async def release(self, reservation: int) -> int:
-        return (await self.request(RequestRelease(ReleaseRequest(reservation)))).value.bytes  # type: ignore[no-any-return]
+        return expect(await self.request(RequestRelease(ReleaseRequest(reservation))), ResponseRelease).value.bytes
 
     async def watch(self) -> AsyncIterator[Notice]:
         """``async for notice in client.watch():`` the daemon's notices as they happen."""
@@ -359,7 +369,7 @@ class AsyncClient:
                     break
                 if isinstance(event, (EventProgress, EventQueued)):
                     yield event.value
-            response = self._finish(call, protocol).value
+            response = expect(self._finish(call, protocol), ResponseGenerate).value
             outputs = fill_placeholders(response, call.streamed)
             yield generate_result(response, outputs, given, prompt is not None)
         finally:
@@ -382,7 +392,7 @@ class AsyncReservation:
         self.released = False
 
     async def _acquire(self) -> "AsyncReservation":
-        granted: ReserveResponse = (await self.client.request(RequestReserve(self._request))).value
+        granted: ReserveResponse = expect(await self.client.request(RequestReserve(self._request)), ResponseReserve).value
         self.id, self.device, self.bytes = granted.reservation, granted.device, granted.bytes
         return self
 

@@ -19,6 +19,7 @@ from ._requests import (
     connect_hint,
     default_socket,
     duration_ms,
+    expect,
     generate_request,
     generate_result,
     keep_alive,
@@ -54,6 +55,16 @@ from .messages import (
     ReserveRequest,
     ReserveResponse,
     Response,
+    ResponseCancel,
+    ResponseGenerate,
+    ResponseLoad,
+    ResponseModels,
+    ResponseRelease,
+    ResponseReload,
+    ResponseReserve,
+    ResponseStatus,
+    ResponseUnload,
+    ResponseVram,
     StatusRequest,
     StatusResponse,
     UnloadRequest,
@@ -282,25 +293,25 @@ class Client:
         return time.perf_counter() - started
 
     def status(self) -> StatusResponse:
-        return self.request(RequestStatus(StatusRequest())).value  # type: ignore[no-any-return]
+        return expect(self.request(RequestStatus(StatusRequest())), ResponseStatus).value
 
     def models(self) -> List[ModelInfo]:
-        return self.request(RequestModels(ModelsRequest())).value.models  # type: ignore[no-any-return]
+        return expect(self.request(RequestModels(ModelsRequest())), ResponseModels).value.models
 
     def vram(self) -> VramResponse:
-        return self.request(RequestVram(VramRequest())).value  # type: ignore[no-any-return]
+        return expect(self.request(RequestVram(VramRequest())), ResponseVram).value
 
     def reload(self) -> ReloadResponse:
         """Re-reads the daemon's config file (administrators only)."""
-        return self.request(RequestReload(ReloadRequest())).value  # type: ignore[no-any-return]
+        return expect(self.request(RequestReload(ReloadRequest())), ResponseReload).value
 
     def load(self, model: str, *, keep_alive: KeepAliveArg = None) -> LoadResponse:
         """Loads `model` now (administrators only); `load_ms` is None when it was loaded."""
-        return self.request(RequestLoad(LoadRequest(model, _keep_alive(keep_alive)))).value  # type: ignore[no-any-return]
+        return expect(self.request(RequestLoad(LoadRequest(model, _keep_alive(keep_alive)))), ResponseLoad).value
 
     def unload(self, model: Optional[str] = None, *, force: bool = False) -> List[str]:
         """Unloads `model`, or every model when None (administrators only); the names unloaded."""
-        return self.request(RequestUnload(UnloadRequest(model, force))).value.unloaded  # type: ignore[no-any-return]
+        return expect(self.request(RequestUnload(UnloadRequest(model, force))), ResponseUnload).value.unloaded
 
     def reserve(
         self,
@@ -316,12 +327,12 @@ class Client:
         request = ReserveRequest(
             size_bytes(size), device, duration_ms(timeout, "timeout"), None if ttl is None else duration_ms(ttl, "ttl")
         )
-        granted: ReserveResponse = self.request(RequestReserve(request)).value
+        granted: ReserveResponse = expect(self.request(RequestReserve(request)), ResponseReserve).value
         return Reservation(self, granted)
 
     def release(self, reservation: int) -> int:
         """Ends a reservation made by this client; the bytes it held."""
-        return self.request(RequestRelease(ReleaseRequest(reservation))).value.bytes  # type: ignore[no-any-return]
+        return expect(self.request(RequestRelease(ReleaseRequest(reservation))), ResponseRelease).value.bytes
 
     def watch(self) -> Iterator[Notice]:
         """The daemon's notices (loads, unloads, pressure, reservations,
@@ -397,7 +408,7 @@ class Client:
     def cancel(self, request_id: int) -> bool:
         """Asks the daemon to stop request `request_id` of this client; False
         when it had already finished. The request then fails with `gpuctl.Cancelled`."""
-        return self.request(RequestCancel(CancelRequest(request_id))).value.cancelled  # type: ignore[no-any-return]
+        return expect(self.request(RequestCancel(CancelRequest(request_id))), ResponseCancel).value.cancelled
 
 
 class GenerateJob:
@@ -434,7 +445,7 @@ class GenerateJob:
         except BaseException:
             client._cancel(call, core, sock)
             raise
-        response = client._finish(call).value
+        response = expect(client._finish(call), ResponseGenerate).value
         outputs = fill_placeholders(response, call.streamed)
         return generate_result(response, outputs, self._given, self._generated)
 

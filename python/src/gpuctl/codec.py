@@ -121,7 +121,8 @@ class Codec:
             if inner is None:
                 return (cls if unit_enum else cls()), pos + 4
             if is_struct:
-                return inner(buf, pos + 4)
+                decoded: Tuple[Any, int] = inner(buf, pos + 4)
+                return decoded
             value, pos = inner(buf, pos + 4)
             return cls(value), pos
 
@@ -431,7 +432,8 @@ def from_json(typename: str, obj: Any, schema: Dict[str, Any] = messages.SCHEMA)
             return vcls()
         if "NEWTYPE" in vfmt:
             return vcls(_format_from_json(vfmt["NEWTYPE"], payload, schema))
-        return vcls(*[_format_from_json(f, payload[n], schema) for n, f in _named_formats(vfmt["STRUCT"])])
+        fields: Dict[str, Any] = payload or {}
+        return vcls(*[_format_from_json(f, fields[n], schema) for n, f in _named_formats(vfmt["STRUCT"])])
     raise ValueError(f"{typename}: no variant {name}")
 
 

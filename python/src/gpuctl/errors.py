@@ -134,7 +134,7 @@ class ConnectionClosed(GpuctlError):
 
 
 BY_CODE: Dict[ErrorCode, Type[GpuctlError]] = {
-    cls.code: cls  # type: ignore[misc]
+    cls.code: cls
     for cls in (
         Internal, InvalidRequest, NotFound, Unauthorized, Busy, QueueFull, InsufficientVram, Timeout,
         Cancelled, Incompatible, InvalidConfig, ShuttingDown, FrameTooLarge, MalformedFrame, TooLarge,

@@ -59,7 +59,8 @@ def allocate(dtype: DType, shape: Sequence[int]) -> Tuple[Any, memoryview]:
     8192² image costs nothing before its rows come."""
     if _np is not None:
         array = _np.empty(tuple(shape), dtype=NUMPY[dtype])
-        return array, memoryview(array.reshape(-1).view("u1"))
+        flat: Any = array.reshape(-1).view("u1")
+        return array, memoryview(flat)
     data = bytearray(nbytes(dtype, shape))
     return Tensor(dtype, tuple(shape), data), memoryview(data)
 
@@ -85,7 +86,8 @@ def to_wire(value: Any, what: str) -> Tuple[DType, Tuple[int, ...], memoryview]:
         array = _np.ascontiguousarray(array)
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
-        return dtype, tuple(int(d) for d in array.shape), memoryview(array.reshape(-1).view("u1"))
+        flat: Any = array.reshape(-1).view("u1")
+        return dtype, tuple(int(d) for d in array.shape), memoryview(flat)
     raise TypeError(f"{what}: expected a numpy array or a gpuctl.Tensor, got {type(value).__name__}")
 
 
