@@ -135,23 +135,22 @@ def serve_canned(listener: socket.socket, side: int) -> None:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     welcome = frame(DaemonMessageWelcome(Welcome(ProtocolVersion(1, 4), "stand-in", ["generate"])))
     pixels = bytes(side * side * 3)
-    buf = bytearray(8 << 20)
+    buf = bytearray(64 << 20)
     view = memoryview(buf)
-    pending = bytearray()
+
+    def read_exactly(count: int) -> memoryview:
+        got = 0
+        while got < count:
+            n = conn.recv_into(view[got:count], count - got, socket.MSG_WAITALL)
+            if n == 0:
+                raise EOFError
+            got += n
+        return view[:count]
 
     def read_frame() -> bytes:
-        nonlocal pending
-        while True:
-            if len(pending) >= 4:
-                (length,) = LENGTH.unpack_from(pending, 0)
-                if len(pending) >= 4 + length:
-                    payload = bytes(pending[4 : 4 + length])
-                    del pending[: 4 + length]
-                    return payload
-            count = conn.recv_into(view)
-            if count == 0:
-                raise EOFError
-            pending += view[:count]
+        (length,) = LENGTH.unpack(read_exactly(4))
+        # Only the first 12 bytes (variant, request id) matter here.
+        return bytes(read_exactly(length)[:12])
 
     try:
         read_frame()  # Hello

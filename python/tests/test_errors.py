@@ -1,6 +1,7 @@
 """Each error class, raised for what a real gpuctld refuses."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -128,6 +129,30 @@ def test_an_idle_connection_closed_by_the_daemon_is_made_again(client: gpuctl.Cl
     assert client.status().connections == first
 
 
+def test_an_idle_async_connection_closed_by_the_daemon_is_made_again(limited: Daemon) -> None:
+    async def main() -> None:
+        async with gpuctl.AsyncClient(limited.path) as client:
+            await client.ping()
+            await asyncio.sleep(1.6)  # idle_timeout = 1s
+            assert await client.ping() > 0
+            assert (await client.generate("ten", inputs=[np.ones(2, np.float32)] * 2)).outputs[0].tolist() == [3.0, 3.0]
+
+    asyncio.run(main())
+
+
+def test_default_socket_as_gpuctl_finds_it(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("GPUCTL_SOCKET", "/somewhere/else.sock")
+    assert gpuctl.default_socket() == "/somewhere/else.sock"
+    assert gpuctl.Client().path == "/somewhere/else.sock"
+    monkeypatch.delenv("GPUCTL_SOCKET")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert gpuctl.default_socket() == "/run/gpuctl/gpuctld.sock"  # no per-user daemon
+    (tmp_path / "gpuctl").mkdir()
+    (tmp_path / "gpuctl" / "gpuctld.sock").touch()
+    assert gpuctl.default_socket() == str(tmp_path / "gpuctl" / "gpuctld.sock")
+    assert gpuctl.AsyncClient().path == str(tmp_path / "gpuctl" / "gpuctld.sock")
+
+
 def test_connect_error_names_the_socket_and_how_to_start_gpuctld(tmp_path) -> None:  # type: ignore[no-untyped-def]
     missing = tmp_path / "nothing.sock"
     with pytest.raises(gpuctl.ConnectError) as raised:
@@ -151,8 +176,9 @@ def test_incompatible_daemon(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
     thread = threading.Thread(target=serve)
     thread.start()
-    with pytest.raises(gpuctl.Incompatible, match="2.0"):
+    with pytest.raises(gpuctl.Incompatible, match="2.0") as raised:
         gpuctl.Client(path).ping()
+    assert path in str(raised.value)
     thread.join(5)
     server.close()
 

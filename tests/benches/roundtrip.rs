@@ -10,14 +10,15 @@
 
 use std::time::{Duration, Instant};
 
-use gpuctl_protocol::{
-    Client, DType, GenerateRequest, PingRequest, Request, Response, WireTensor,
-};
+use gpuctl_protocol::{Client, DType, GenerateRequest, PingRequest, Request, Response, WireTensor};
 
 const WARMUP: usize = 50;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     if args.len() < 3 {
         eprintln!("usage: roundtrip SOCKET ping COUNT | roundtrip SOCKET image COUNT MODEL SIZE");
         std::process::exit(2);

@@ -75,6 +75,17 @@ def connect_hint(path: str, error: OSError) -> errors.ConnectError:
     )
 
 
+def refused(path: str, error: errors.GpuctlError) -> errors.GpuctlError:
+    """A handshake the daemon refused, saying which daemon."""
+    if isinstance(error, errors.Incompatible):
+        return errors.Incompatible(
+            f"gpuctld at {path} cannot talk to this client: {error.message}; use a gpuctl Python package "
+            f"that matches the daemon (pip install the python/ folder of the same gpuctl release)",
+            error.code,
+        )
+    return type(error)(f"gpuctld at {path} refused the connection: {error.message}", error.code)
+
+
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 

@@ -16,6 +16,7 @@ from ._requests import (
     default_socket,
     duration_ms,
     expect,
+    refused,
     generate_request,
     generate_result,
     keep_alive,
@@ -196,7 +197,7 @@ class AsyncClient:
             raise errors.Timeout(f"gpuctld at {self.path} did not answer the handshake within {self.connect_timeout} s") from None
         if core.closed is not None:
             transport.close()
-            raise core.closed
+            raise refused(self.path, core.closed)
         return protocol
 
     async def _start(self, request: Request, uploads: Sequence[Upload] = ()) -> Tuple[Call, _Protocol]:

@@ -20,6 +20,7 @@ from ._requests import (
     default_socket,
     duration_ms,
     expect,
+    refused,
     generate_request,
     generate_result,
     keep_alive,
@@ -194,7 +195,7 @@ class Client:
             raise errors.ConnectionClosed(f"the connection to gpuctld at {self.path} failed during the handshake: {error}") from None
         if core.closed is not None:
             sock.close()
-            raise core.closed
+            raise refused(self.path, core.closed)
         sock.settimeout(None)
         with self._cv:
             self._sock, self._core = sock, core
