@@ -76,6 +76,13 @@ def test_pil_and_path_in_pil_out(client: gpuctl.Client, tmp_path) -> None:  # ty
     result.save(tmp_path / "out.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), expected)
     assert result.png().startswith(b"\x89PNG")
+    encoded = client.generate("up", path.read_bytes())
+    assert isinstance(encoded.image, Image.Image)
+    assert np.array_equal(np.asarray(encoded.image), expected)
+    with pytest.raises(ValueError, match="not an image file"):
+        client.generate("up", b"not a picture")
+    with pytest.raises(TypeError, match="numpy array"):
+        client.generate("up", 42)
 
 
 def test_a_strided_array_goes_as_its_pixels(client: gpuctl.Client) -> None:

@@ -143,6 +143,17 @@ class ImageInput:
 
 def image_input(image: Any, peer: ProtocolVersion) -> ImageInput:
     rows = (peer.major, peer.minor) >= (1, 4)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        # An encoded file (PNG, JPEG, WebP…), e.g. a web upload's body.
+        if _PILImage is None:
+            raise RuntimeError("decoding an image file needs Pillow: pip install pillow")
+        import io
+
+        try:
+            with _PILImage.open(io.BytesIO(image)) as opened:
+                image = opened.convert("RGB")
+        except OSError as error:
+            raise ValueError(f"image: {len(image)} bytes that are not an image file Pillow can read: {error}") from None
     if isinstance(image, (str, os.PathLike)):
         if _PILImage is None:
             raise RuntimeError("reading an image file needs Pillow: pip install pillow")
@@ -185,7 +196,8 @@ def image_input(image: Any, peer: ProtocolVersion) -> ImageInput:
             dtype, shape, view = tensors.to_wire(planes, "image")
         return ImageInput(Upload(dtype, shape, [view], len(view)), kind, batched)
     raise TypeError(
-        f"image: expected a PIL image, a numpy array [H,W,3], a gpuctl.Tensor or a path, got {type(image).__name__}"
+        f"image: expected a PIL image, a numpy array [H,W,3], a gpuctl.Tensor, a path or an encoded "
+        f"image file's bytes, got {type(image).__name__}"
     )
 
 
