@@ -244,8 +244,74 @@ pub fn reload_changes(
     changes
 }
 
+/// The longest a model backs off after failures.
+pub const MAX_RETRY: Duration = Duration::from_secs(600);
+
+/// What went wrong with a model, for its backoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Its load failed (file, contract, worker binary).
+    Load,
+    /// Its worker died while loaded.
+    Crash,
+}
+
+/// How long requests for a model fail at once after `failures` consecutive
+/// failures, the last of kind `last`: `base` doubled for each further
+/// failure, at most `MAX_RETRY`. One formula for both kinds; a crash is
+/// forgiven once (a single crash reloads on the next request), so it counts
+/// one failure less. None: no backoff.
+pub fn retry_backoff(base: Duration, failures: u32, last: Failure) -> Option<Duration> {
+    let strikes = match last {
+        Failure::Load => failures,
+        Failure::Crash => failures.saturating_sub(1),
+    };
+    if strikes == 0 {
+        return None;
+    }
+    Some(
+        base.saturating_mul(1 << (strikes - 1).min(10))
+            .min(MAX_RETRY),
+    )
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_failed_load_backs_off_from_the_first_failure_doubling_up_to_the_cap() {
+        let base = Duration::from_secs(10);
+        let backoff = |n| retry_backoff(base, n, Failure::Load);
+        assert_eq!(backoff(0), None);
+        assert_eq!(backoff(1), Some(Duration::from_secs(10)));
+        assert_eq!(backoff(2), Some(Duration::from_secs(20)));
+        assert_eq!(backoff(3), Some(Duration::from_secs(40)));
+        assert_eq!(backoff(6), Some(Duration::from_secs(320)));
+        assert_eq!(backoff(7), Some(MAX_RETRY));
+        assert_eq!(backoff(u32::MAX), Some(MAX_RETRY));
+    }
+
+    #[test]
+    fn a_crash_is_forgiven_once_then_backs_off_by_the_same_formula() {
+        let base = Duration::from_secs(10);
+        assert_eq!(retry_backoff(base, 1, Failure::Crash), None);
+        for failures in 2..20 {
+            assert_eq!(
+                retry_backoff(base, failures, Failure::Crash),
+                retry_backoff(base, failures - 1, Failure::Load)
+            );
+        }
+        assert_eq!(retry_backoff(base, 0, Failure::Crash), None);
+    }
+
+    #[test]
+    fn a_huge_base_saturates_at_the_cap() {
+        assert_eq!(
+            retry_backoff(Duration::MAX, 11, Failure::Load),
+            Some(MAX_RETRY)
+        );
+    }
+
     use super::*;
 
     fn at(t0: Instant, secs: u64) -> Instant {

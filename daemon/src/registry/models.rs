@@ -23,9 +23,6 @@ use crate::pixels;
 use crate::policy::{self, Admission, ModelChange, ModelView, Phase, UnloadReason};
 use crate::worker::{self, Exit, JobOutput, WorkerHandle, WorkerJob};
 
-/// The longest wait between load retries.
-const MAX_RETRY: Duration = Duration::from_secs(600);
-
 /// What load and job tasks report back.
 pub enum Event {
     Loaded {
@@ -854,9 +851,8 @@ impl Registry {
             return;
         };
         entry.failures += 1;
-        let backoff = retry_base
-            .saturating_mul(1 << (entry.failures - 1).min(10))
-            .min(MAX_RETRY);
+        let backoff = policy::retry_backoff(retry_base, entry.failures, policy::Failure::Load)
+            .unwrap_or_default();
         tracing::error!(model = name, error = %error.message, retry_in_ms = ms(backoff), "load failed");
         entry.vram_wait = None;
         entry.retry_at = Some(Instant::now() + backoff);
@@ -927,10 +923,9 @@ impl Registry {
             tracing::error!(model = name, pid = exit.pid, status = %exit.description, failures = entry.failures, "worker crashed");
             entry.last_error = Some(message);
             // One crash reloads on the next request; repeated ones back off.
-            if entry.failures > 1 {
-                let backoff = retry_base
-                    .saturating_mul(1 << (entry.failures - 2).min(10))
-                    .min(MAX_RETRY);
+            if let Some(backoff) =
+                policy::retry_backoff(retry_base, entry.failures, policy::Failure::Crash)
+            {
                 entry.retry_at = Some(Instant::now() + backoff);
             }
         }
