@@ -15,6 +15,7 @@ from .messages import (
     ClientMessage,
     ClientMessageHello,
     ClientMessageRequest,
+    ClientMessageTensorBegin,
     DaemonMessage,
     DaemonMessageClosing,
     DaemonMessageError,
@@ -42,7 +43,7 @@ PROTOCOL = ProtocolVersion(1, 4)
 
 _U32 = struct.Struct("<I")
 _CHUNK_HEADER = struct.Struct("<IQQ")  # variant, id, data length
-_CLIENT_TENSOR_BEGIN, _CLIENT_TENSOR_CHUNK, _CLIENT_TENSOR_END = 2, 3, 4
+_CLIENT_TENSOR_CHUNK, _CLIENT_TENSOR_END = 3, 4
 _DAEMON_TENSOR_CHUNK = 6
 
 # A frame as buffers written back to back (a header and a chunk's bytes,
@@ -322,7 +323,7 @@ class Core:
                 continue
             wires.append(WireTensor(upload.dtype, list(upload.shape), b""))
             begin = bytearray()
-            CODEC.encode_into("ClientMessage", _tensor_begin(id, upload.dtype, upload.shape), begin)
+            CODEC.encode_into("ClientMessage", ClientMessageTensorBegin(id, upload.dtype, list(upload.shape)), begin)
             yield (LENGTH.pack(len(begin)) + begin,)
             sent = 0
             for part in upload.parts:
@@ -363,12 +364,6 @@ class Core:
         CODEC.encode_into("ClientMessage", message, out)
         LENGTH.pack_into(out, 0, len(out) - 4)
         return bytes(out)
-
-
-def _tensor_begin(id: int, dtype: DType, shape: Tuple[int, ...]) -> ClientMessage:
-    from .messages import ClientMessageTensorBegin
-
-    return ClientMessageTensorBegin(id, dtype, list(shape))
 
 
 def fill_placeholders(response: GenerateResponse, streamed: List[Tuple[DType, Tuple[int, ...], Any]]) -> List[Any]:

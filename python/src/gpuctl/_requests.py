@@ -20,6 +20,7 @@ from .messages import (
     RequestGenerate,
     Response,
     Variant,
+    WireTensor,
 )
 
 try:  # Pillow is optional
@@ -255,9 +256,7 @@ def generate_request(
     return RequestGenerate(request), uploads, taken
 
 
-def placeholder(upload: Upload) -> Any:
-    from .messages import WireTensor
-
+def placeholder(upload: Upload) -> WireTensor:
     return WireTensor(upload.dtype, list(upload.shape), b"")
 
 

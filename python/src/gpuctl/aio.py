@@ -19,7 +19,7 @@ from ._requests import (
     refused,
     generate_request,
     generate_result,
-    keep_alive,
+    keep_alive as parse_keep_alive,
     size_bytes,
 )
 from .messages import (
@@ -200,8 +200,10 @@ class AsyncClient:
             raise refused(self.path, core.closed)
         return protocol
 
-    async def _start(self, request: Request, uploads: Sequence[Upload] = ()) -> Tuple[Call, _Protocol]:
-        protocol = await self._connection()
+    async def _start(
+        self, request: Request, uploads: Sequence[Upload] = (), protocol: Optional[_Protocol] = None
+    ) -> Tuple[Call, _Protocol]:
+        protocol = protocol or await self._connection()
         call, frames = protocol.core.start(request, uploads)
         protocol.waiters[call.id] = asyncio.Event()
         try:
@@ -270,7 +272,7 @@ class AsyncClient:
         return expect(await self.request(RequestReload(ReloadRequest())), ResponseReload).value
 
     async def load(self, model: str, *, keep_alive: KeepAliveArg = None) -> LoadResponse:
-        return expect(await self.request(RequestLoad(LoadRequest(model, _keep_alive(keep_alive)))), ResponseLoad).value
+        return expect(await self.request(RequestLoad(LoadRequest(model, parse_keep_alive(keep_alive)))), ResponseLoad).value
 
     async def unload(self, model: Optional[str] = None, *, force: bool = False) -> List[str]:
         return expect(await self.request(RequestUnload(UnloadRequest(model, force))), ResponseUnload).value.unloaded
@@ -362,7 +364,7 @@ class AsyncClient:
             model, image, inputs, prompt, negative, seed, steps, guidance, size, keep_alive, timeout, tile, overlap,
             protocol.core.peer,
         )
-        call, protocol = await self._start(request, uploads)
+        call, protocol = await self._start(request, uploads, protocol)
         try:
             while True:
                 event = await self._next(call, protocol)
@@ -375,10 +377,6 @@ class AsyncClient:
             yield generate_result(response, outputs, given, prompt is not None)
         finally:
             self._cancel(call, protocol)
-
-
-def _keep_alive(value: KeepAliveArg) -> Any:
-    return keep_alive(value)
 
 
 class AsyncReservation:

@@ -23,7 +23,7 @@ from ._requests import (
     refused,
     generate_request,
     generate_result,
-    keep_alive,
+    keep_alive as parse_keep_alive,
     size_bytes,
 )
 from ._core import fill_placeholders
@@ -203,8 +203,10 @@ class Client:
 
     # --- calls ----------------------------------------------------------
 
-    def _start(self, request: Request, uploads: Sequence[Upload] = ()) -> Tuple[Call, Core, socket.socket]:
-        core, sock = self._connection()
+    def _start(
+        self, request: Request, uploads: Sequence[Upload] = (), connection: Optional[Tuple[Core, socket.socket]] = None
+    ) -> Tuple[Call, Core, socket.socket]:
+        core, sock = connection or self._connection()
         with self._cv:
             call, frames = core.start(request, uploads)
         try:
@@ -308,7 +310,7 @@ class Client:
 
     def load(self, model: str, *, keep_alive: KeepAliveArg = None) -> LoadResponse:
         """Loads `model` now (administrators only); `load_ms` is None when it was loaded."""
-        return expect(self.request(RequestLoad(LoadRequest(model, _keep_alive(keep_alive)))), ResponseLoad).value
+        return expect(self.request(RequestLoad(LoadRequest(model, parse_keep_alive(keep_alive)))), ResponseLoad).value
 
     def unload(self, model: Optional[str] = None, *, force: bool = False) -> List[str]:
         """Unloads `model`, or every model when None (administrators only); the names unloaded."""
@@ -398,12 +400,13 @@ class Client:
     ) -> "GenerateJob":
         """Sends a generate request and returns at once: `job.result()` waits
         for it, `job.cancel()` (from any thread) stops it."""
-        core, _ = self._connection()
-        assert core.peer is not None
+        connection = self._connection()
+        peer = connection[0].peer
+        assert peer is not None
         request, uploads, given = generate_request(
-            model, image, inputs, prompt, negative, seed, steps, guidance, size, keep_alive, timeout, tile, overlap, core.peer
+            model, image, inputs, prompt, negative, seed, steps, guidance, size, keep_alive, timeout, tile, overlap, peer
         )
-        call, core, sock = self._start(request, uploads)
+        call, core, sock = self._start(request, uploads, connection)
         return GenerateJob(self, call, core, sock, given, prompt is not None)
 
     def cancel(self, request_id: int) -> bool:
@@ -449,10 +452,6 @@ class GenerateJob:
         response = expect(client._finish(call), ResponseGenerate).value
         outputs = fill_placeholders(response, call.streamed)
         return generate_result(response, outputs, self._given, self._generated)
-
-
-def _keep_alive(value: KeepAliveArg) -> Any:
-    return keep_alive(value)
 
 
 class Reservation:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Sequence, Tuple, Union
 
 from .messages import DType
 
@@ -89,9 +89,4 @@ def to_wire(value: Any, what: str) -> Tuple[DType, Tuple[int, ...], memoryview]:
         flat: Any = array.reshape(-1).view("u1")
         return dtype, tuple(int(d) for d in array.shape), memoryview(flat)
     raise TypeError(f"{what}: expected a numpy array or a gpuctl.Tensor, got {type(value).__name__}")
-
-
-def chunks(view: memoryview, size: int = CHUNK) -> Iterator[memoryview]:
-    for start in range(0, len(view), size):
-        yield view[start : start + size]
 
