@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::access::Peer;
-use crate::context::{Context, EventSink, Outgoing, Shared};
+use crate::context::Context;
 use crate::handlers;
+use crate::outbox::{EventSink, Outgoing, Shared};
 use crate::uploads::Uploads;
 
 type Connection = Framed<UnixStream, FrameCodec<ClientMessage, DaemonMessage>>;

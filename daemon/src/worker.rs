@@ -42,7 +42,7 @@ pub struct WorkerJob {
     pub job: Job,
     pub reply: oneshot::Sender<Result<JobOutput, Error>>,
     /// Where its progress goes (its client), if anywhere.
-    pub progress: Option<crate::context::EventSink>,
+    pub progress: Option<crate::outbox::EventSink>,
     /// Fires when its client has gone: the worker stops it at the next
     /// batch boundary. Dropped unfired when the job ends normally.
     pub cancel: oneshot::Receiver<()>,
@@ -51,7 +51,7 @@ pub struct WorkerJob {
 /// A job the worker is running.
 struct Running {
     reply: oneshot::Sender<Result<JobOutput, Error>>,
-    progress: Option<crate::context::EventSink>,
+    progress: Option<crate::outbox::EventSink>,
     started: std::time::Instant,
     /// Set when it was cancelled: it must have ended by then, or the
     /// worker is killed (a forward inside TorchScript cannot be interrupted).
@@ -289,7 +289,7 @@ async fn send_job(channel: &mut Channel, id: u64, mut job: Job) -> Result<(), Fr
 struct Incoming {
     job: u64,
     received: TensorReceiver,
-    relay: Option<crate::context::EventSink>,
+    relay: Option<crate::outbox::EventSink>,
 }
 
 impl Incoming {

@@ -8,15 +8,16 @@ use crate::{DaemonMessage, Error, ErrorCode, Event, NoticeKind, ProtocolVersion,
 impl DaemonMessage {
     /// This message as a peer speaking `peer` can decode it.
     pub fn for_peer(self, peer: ProtocolVersion) -> DaemonMessage {
-        if peer.knows_load_failed() {
+        if peer.knows_retry_later() {
             return self;
         }
         match self {
             DaemonMessage::Error { id, error } => DaemonMessage::Error {
                 id,
-                error: error.before_load_failed(),
+                error: error.for_peer(peer),
             },
-            DaemonMessage::Closing(error) => DaemonMessage::Closing(error.before_load_failed()),
+            DaemonMessage::Closing(error) => DaemonMessage::Closing(error.for_peer(peer)),
+            other if peer.knows_load_failed() => other,
             DaemonMessage::Event {
                 id,
                 event: Event::Notice(mut notice),
@@ -47,14 +48,17 @@ impl DaemonMessage {
 }
 
 impl Error {
-    fn before_load_failed(self) -> Error {
-        match self.code {
-            ErrorCode::LoadFailed => Error {
-                code: ErrorCode::InvalidRequest,
-                ..self
-            },
-            _ => self,
-        }
+    /// The nearest code an older peer knows: `RetryLater` was `LoadFailed`
+    /// before 1.5, and both were `InvalidRequest` before 1.3.
+    fn for_peer(self, peer: ProtocolVersion) -> Error {
+        let code = match self.code {
+            ErrorCode::RetryLater | ErrorCode::LoadFailed if !peer.knows_load_failed() => {
+                ErrorCode::InvalidRequest
+            }
+            ErrorCode::RetryLater if !peer.knows_retry_later() => ErrorCode::LoadFailed,
+            code => code,
+        };
+        Error { code, ..self }
     }
 }
 
@@ -120,5 +124,35 @@ mod tests {
             },
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn retry_later_is_load_failed_before_1_5_and_invalid_request_before_1_3() {
+        let backing_off = DaemonMessage::Error {
+            id: 3,
+            error: Error::new(
+                ErrorCode::RetryLater,
+                "model x: broken; the next attempt is allowed in 10s",
+            ),
+        };
+        let code_for = |peer| match backing_off.clone().for_peer(peer) {
+            DaemonMessage::Error { error, .. } => error.code,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(code_for(PROTOCOL_VERSION), ErrorCode::RetryLater);
+        assert_eq!(
+            code_for(ProtocolVersion { major: 1, minor: 4 }),
+            ErrorCode::LoadFailed
+        );
+        assert_eq!(code_for(crate::LOAD_FAILED), ErrorCode::LoadFailed);
+        assert_eq!(code_for(OLD), ErrorCode::InvalidRequest);
+        let closing = DaemonMessage::Closing(Error::new(ErrorCode::RetryLater, "x"));
+        assert!(matches!(
+            closing.for_peer(ProtocolVersion { major: 1, minor: 4 }),
+            DaemonMessage::Closing(Error {
+                code: ErrorCode::LoadFailed,
+                ..
+            })
+        ));
     }
 }

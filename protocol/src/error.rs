@@ -43,8 +43,14 @@ pub enum ErrorCode {
     TooLarge,
     /// The model could not be loaded (a missing or corrupt file, a forward
     /// that does not follow its kind's contract): the same code for the
-    /// failure itself and for requests refused while it backs off (1.3).
+    /// failure itself and, for peers before 1.5, for requests refused
+    /// while it backs off (1.3).
     LoadFailed,
+    /// The model failed (its load, or its worker crashed repeatedly) and
+    /// backs off: requests fail at once until the time the message names,
+    /// then the next one tries again (`policy.load_retry`). Peers before
+    /// 1.5 get `LoadFailed` (1.5).
+    RetryLater,
 }
 
 impl ErrorCode {
@@ -67,6 +73,7 @@ impl ErrorCode {
             ErrorCode::MalformedFrame => "malformed_frame",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::LoadFailed => "load_failed",
+            ErrorCode::RetryLater => "retry_later",
         }
     }
 }

@@ -15,7 +15,7 @@ pub struct ProtocolVersion {
 }
 
 /// The version this crate speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 4 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 5 };
 
 /// The first version whose peers stream large tensors (`TensorBegin`,
 /// `TensorChunk`, `TensorEnd`).
@@ -34,6 +34,10 @@ pub const LOAD_FAILED: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
 /// pixels, `[N,H,W,3]` (see [`crate::ImageLayout`]); daemons of this
 /// version take them, so clients check the `Welcome` before sending them.
 pub const PIXEL_ROWS_IN: ProtocolVersion = ProtocolVersion { major: 1, minor: 4 };
+
+/// The first version that knows the error code `RetryLater`; older peers
+/// get `LoadFailed` (or, before 1.3, `InvalidRequest`).
+pub const RETRY_LATER: ProtocolVersion = ProtocolVersion { major: 1, minor: 5 };
 
 impl ProtocolVersion {
     /// Whether a peer speaking `other` can talk to one speaking `self`.
@@ -62,6 +66,12 @@ impl ProtocolVersion {
     /// send (as a client) image inputs as pixel rows (see [`PIXEL_ROWS_IN`]).
     pub fn sends_pixel_rows(self) -> bool {
         self.at_least(PIXEL_ROWS_IN)
+    }
+
+    /// Whether a peer speaking this version knows what 1.5 appended (see
+    /// [`RETRY_LATER`]).
+    pub fn knows_retry_later(self) -> bool {
+        self.at_least(RETRY_LATER)
     }
 
     fn at_least(self, version: ProtocolVersion) -> bool {

@@ -66,6 +66,11 @@ def test_not_found_invalid_request_load_failed(client: gpuctl.Client) -> None:
         client.generate("broken", np.zeros((4, 4, 3), np.uint8))
     assert raised.value.code == gpuctl.ErrorCode.LoadFailed
     assert isinstance(raised.value, gpuctl.GpuctlError)
+    # While it backs off, a distinct code: still a LoadFailed to code that catches that.
+    with pytest.raises(gpuctl.RetryLater, match="next attempt is allowed in") as again:
+        client.generate("broken", np.zeros((4, 4, 3), np.uint8))
+    assert again.value.code == gpuctl.ErrorCode.RetryLater
+    assert isinstance(again.value, gpuctl.LoadFailed)
 
 
 def test_too_large_and_insufficient_vram(client: gpuctl.Client) -> None:

@@ -650,8 +650,8 @@ fn load_failures_are_named_and_retried_only_after_a_backoff() {
         );
         assert_eq!(
             again.code,
-            ErrorCode::LoadFailed,
-            "the same code in the backoff"
+            ErrorCode::RetryLater,
+            "a code of its own in the backoff, so a client can tell it from a daemon bug"
         );
         // Other models are not disturbed.
         generate(&client, tensor_request()).await.unwrap();

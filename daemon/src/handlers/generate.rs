@@ -5,8 +5,9 @@ use gpuctl_protocol::{
 };
 
 use crate::config::{check_tiling, Kind, ModelConfig};
-use crate::context::{Context, EventSink};
+use crate::context::Context;
 use crate::noise;
+use crate::outbox::EventSink;
 use crate::registry::{not_found, PreparedJob};
 
 /// Defaults when neither the request nor the model's `defaults` say.
@@ -62,6 +63,9 @@ pub async fn handle(
         .map(std::time::Duration::from_millis)
         .unwrap_or(config.policy.request_timeout.0);
     let name = request.model.clone();
+    // Workers send pictures as rows of RGB8 pixels; clients before protocol
+    // 1.2 take them planar.
+    let planar = model.kind != crate::config::Kind::Tensor && !events.takes_pixel_rows();
     let job = PreparedJob {
         model: request.model,
         job,
@@ -69,23 +73,46 @@ pub async fn handle(
         keep_alive: request.keep_alive,
         events: Some(events),
     };
-    if limit.is_zero() {
-        return ctx.registry.run(job).await;
+    let response = if limit.is_zero() {
+        ctx.registry.run(job).await?
+    } else {
+        // Dropping the call on timeout tells the registry its client is gone:
+        // a queued request leaves the queue, a running job is stopped (and its
+        // worker killed if it does not stop within policy.cancel_grace).
+        tokio::time::timeout(limit, ctx.registry.run(job))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "model {name}: the request did not finish within {} (policy.request_timeout, or the request's own timeout); it was stopped",
+                        gpuctl_protocol::units::format_duration_ms(limit.as_millis() as u64)
+                    ),
+                ))
+            })?
+    };
+    if planar {
+        to_planar(response).await
+    } else {
+        Ok(response)
     }
-    // Dropping the call on timeout tells the registry its client is gone:
-    // a queued request leaves the queue, a running job is stopped (and its
-    // worker killed if it does not stop within policy.cancel_grace).
-    tokio::time::timeout(limit, ctx.registry.run(job))
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::new(
-                ErrorCode::Timeout,
-                format!(
-                    "model {name}: the request did not finish within {} (policy.request_timeout, or the request's own timeout); it was stopped",
-                    gpuctl_protocol::units::format_duration_ms(limit.as_millis() as u64)
-                ),
-            ))
-        })
+}
+
+/// Up to `daemon.max_output` of pixels made planar: CPU work, off the runtime.
+async fn to_planar(mut response: GenerateResponse) -> Result<GenerateResponse, Error> {
+    let outputs = std::mem::take(&mut response.outputs);
+    let model = response.model.clone();
+    response.outputs = tokio::task::spawn_blocking(move || {
+        outputs.into_iter().map(crate::pixels::to_planar).collect()
+    })
+    .await
+    .map_err(|error| {
+        Error::new(
+            ErrorCode::Internal,
+            format!("model {model}: making its output planar failed: {error}"),
+        )
+    })?;
+    Ok(response)
 }
 
 /// What the daemon-wide upload budget being spent means to a client.

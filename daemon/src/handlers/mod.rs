@@ -15,7 +15,8 @@ mod watch;
 use gpuctl_protocol::{Error, Request, Response};
 
 use crate::access::{self, Peer};
-use crate::context::{Context, EventSink};
+use crate::context::Context;
+use crate::outbox::EventSink;
 
 /// The operations this daemon serves, as advertised in `Welcome`.
 pub const CAPABILITIES: [&str; 12] = [

@@ -1,6 +1,7 @@
 use gpuctl_protocol::{Error, ReleaseRequest, ReleaseResponse};
 
-use crate::context::{Context, EventSink};
+use crate::context::Context;
+use crate::outbox::EventSink;
 
 pub async fn handle(
     request: ReleaseRequest,

@@ -1,7 +1,8 @@
 use gpuctl_protocol::{Error, ReserveRequest, ReserveResponse};
 
 use crate::access::{self, Peer};
-use crate::context::{Context, EventSink};
+use crate::context::Context;
+use crate::outbox::EventSink;
 
 /// Waits until the memory is free; the reservation lives on with this
 /// connection after the answer. Who may reserve how much, for how long,

@@ -1,7 +1,8 @@
 use gpuctl_protocol::{Error, Event, WatchRequest, WatchResponse};
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::context::{Context, EventSink};
+use crate::context::Context;
+use crate::outbox::EventSink;
 
 /// Forwards every notice until the client hangs up (which ends this task
 /// with its connection) or the daemon stops.

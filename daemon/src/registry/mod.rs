@@ -2,14 +2,38 @@
 //! every model's life cycle. Everything else sends it commands and awaits
 //! replies; the configuration is also published read-only through a
 //! `watch` channel. Decisions come from [`crate::policy`]; this module
-//! carries them out.
+//! carries them out. daemon/README.md ("Architecture") draws the whole.
+//!
+//! | file | what it holds |
+//! | --- | --- |
+//! | `mod.rs` | the handle, the commands, the task's loop |
+//! | `entry.rs` | one model: its life-cycle enum, queue, history; its state derived |
+//! | `queue.rs` | waiting requests and how they are answered |
+//! | `jobs.rs` | queueing requests, handing them to a worker, answering |
+//! | `loading.rs` | admitting a load, starting a worker, recording the outcome |
+//! | `unloading.rs` | ending a worker, and what follows its exit |
+//! | `status.rs` | the snapshot policy decides on; `Status`'s model list |
+//! | `reload.rs` | reloading the configuration and applying the difference |
+//! | `sampling.rs` | sampling the GPUs, measuring workers, verifying unloads |
+//! | `memory.rs` | what the GPUs look like to arbitration: needs, devices, residents, holders |
+//! | `waiting_loads.rs` | loads waiting for GPU memory |
+//! | `pressure.rs` | yielding to other programs |
+//! | `reservations.rs` | memory kept free for other programs |
+//! | `vram.rs` | the `Vram` request |
 
-mod admission;
-mod gpu;
-mod models;
+mod entry;
+mod jobs;
+mod loading;
+mod memory;
 mod pressure;
+mod queue;
+mod reload;
 mod reservations;
+mod sampling;
+mod status;
+mod unloading;
 mod vram;
+mod waiting_loads;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,12 +49,13 @@ use gpuctl_protocol::{
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::config::{Config, ConfigSource};
-use crate::context::EventSink;
-use crate::{notify, state};
-use gpu::GpuState;
-pub use models::not_found;
-use models::{Event, ModelEntry};
+use crate::gpu::DeviceSample;
+use crate::measurements::{self, Measurements};
+use crate::outbox::EventSink;
+use crate::worker::{Exit, WorkerHandle};
+use entry::ModelEntry;
 use reservations::Reservation;
+use sampling::GpuState;
 
 /// Notices kept for a watcher that falls behind before it misses some.
 const NOTICE_BACKLOG: usize = 256;
@@ -42,7 +67,31 @@ pub struct PreparedJob {
     pub seed: Option<u64>,
     pub keep_alive: Option<KeepAlive>,
     /// Where queue-position events go.
-    pub events: Option<crate::context::EventSink>,
+    pub events: Option<EventSink>,
+}
+
+/// What load and job tasks report back.
+pub enum Event {
+    Loaded {
+        model: String,
+        load: u64,
+        result: Result<WorkerHandle, Error>,
+    },
+    JobDone {
+        model: String,
+        load: u64,
+        succeeded: bool,
+    },
+    Exited {
+        model: String,
+        load: u64,
+        exit: Exit,
+    },
+    /// A GPU sample, taken on a blocking thread.
+    Sampled(Result<Vec<DeviceSample>, String>),
+    /// The client of a waiting request has gone (disconnected, cancelled,
+    /// timed out): it leaves the queue at once.
+    Departed { model: String, ticket: u64 },
 }
 
 enum Command {
@@ -229,6 +278,24 @@ fn gone() -> Error {
     Error::new(ErrorCode::ShuttingDown, "gpuctld is shutting down")
 }
 
+/// The error for a model name that is not configured, listing those that are.
+pub fn not_found(model: &str, config: &Config) -> Error {
+    let known: Vec<&str> = config.models.keys().map(String::as_str).collect();
+    let known = if known.is_empty() {
+        "none is configured".to_owned()
+    } else {
+        format!("configured: {}", known.join(", "))
+    };
+    Error::new(
+        ErrorCode::NotFound,
+        format!("no model named {model:?} ({known})"),
+    )
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    d.as_millis() as u64
+}
+
 fn unix_ms(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -252,7 +319,7 @@ struct Registry {
     commands: mpsc::WeakSender<Command>,
     notices: broadcast::Sender<Notice>,
     state_dir: Option<PathBuf>,
-    measured: state::State,
+    measured: Measurements,
 }
 
 /// Starts the registry with the configuration loaded at start-up. It runs
@@ -261,13 +328,15 @@ pub fn spawn(source: ConfigSource, config: Config) -> RegistryHandle {
     let worker_program = crate::worker::worker_program(&config.daemon.worker);
     let (probe, probe_reason) = crate::gpu::choose(&config.gpu);
     tracing::info!(backend = probe.backend(), reason = %probe_reason, "gpu probe");
-    let state_dir = state::locate(&config.daemon.state_dir);
-    let measured = state_dir.as_deref().map(state::load).unwrap_or_default();
+    let state_dir = measurements::locate(&config.daemon.state_dir);
+    let measured = state_dir
+        .as_deref()
+        .map(measurements::load)
+        .unwrap_or_default();
     tracing::debug!(state_dir = ?state_dir, measured = measured.models.len(), "state");
-    let models = config
-        .models
-        .keys()
-        .map(|name| (name.clone(), ModelEntry::new()))
+    let models = reload::model_files(&config)
+        .into_iter()
+        .map(|(name, seen)| (name, ModelEntry::new(seen)))
         .collect();
     let (published, receiver) = watch::channel(Arc::new(config));
     let (commands, inbox) = mpsc::channel(64);
@@ -369,86 +438,27 @@ impl Registry {
             }
         }
     }
-
-    fn config_status(&self) -> ConfigStatus {
-        ConfigStatus {
-            path: self.source.path().map(|p| p.display().to_string()),
-            generation: self.generation,
-            applied_at_unix_ms: unix_ms(self.applied_at),
-            last_reload: self.last_reload.clone(),
-        }
-    }
-
-    /// Reads, validates and swaps; a bad file leaves the running config alone.
-    async fn reload(&mut self, trigger: ReloadTrigger) -> Result<ReloadResponse, Error> {
-        notify::reloading();
-        let result = self.read_and_apply().await;
-        let at_unix_ms = unix_ms(SystemTime::now());
-        match &result {
-            Ok(applied) => {
-                tracing::info!(
-                    ?trigger,
-                    generation = applied.generation,
-                    changed = applied.changed,
-                    models = applied.models,
-                    "configuration reloaded"
-                );
-                notify::ready(&format!("config generation {} applied", applied.generation));
-            }
-            Err(error) => {
-                tracing::error!(?trigger, error = %error.message, generation = self.generation, "reload failed; keeping the running configuration");
-                notify::ready(&format!(
-                    "reload failed, config generation {} kept: {}",
-                    self.generation, error.message
-                ));
-            }
-        }
-        let error = result.as_ref().err().map(|e| e.message.clone());
-        self.notice(NoticeKind::Reloaded {
-            generation: self.generation,
-            error: error.clone(),
-        });
-        self.last_reload = Some(ReloadOutcome {
-            at_unix_ms,
-            trigger,
-            error,
-        });
-        result
-    }
-
-    async fn read_and_apply(&mut self) -> Result<ReloadResponse, Error> {
-        if self.source == ConfigSource::Embedded {
-            return Err(Error::new(
-                ErrorCode::InvalidRequest,
-                "gpuctld runs on its embedded default configuration: there is no file to reload (start it with --config FILE)",
-            ));
-        }
-        let source = self.source.clone();
-        let loaded = tokio::task::spawn_blocking(move || source.load())
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorCode::Internal,
-                    format!("reading the configuration failed: {e}"),
-                )
-            })?;
-        let config = loaded.map_err(|e| Error::new(ErrorCode::InvalidConfig, e.to_string()))?;
-        let old = self.config();
-        let changed = *old != config;
-        let models = config.models.len() as u32;
-        self.published.send_replace(Arc::new(config));
-        self.generation += 1;
-        self.applied_at = SystemTime::now();
-        self.apply_model_changes(&old);
-        Ok(ReloadResponse {
-            generation: self.generation,
-            changed,
-            models,
-        })
-    }
 }
 
 impl Registry {
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Loaded {
+                model,
+                load,
+                result,
+            } => self.on_loaded(&model, load, result),
+            Event::JobDone {
+                model,
+                load,
+                succeeded,
+            } => self.on_job_done(&model, load, succeeded),
+            Event::Exited { model, load, exit } => self.on_exited(&model, load, exit),
+            Event::Sampled(sample) => self.on_sampled(sample),
+            Event::Departed { model, ticket } => self.on_departed(&model, ticket),
+        }
+    }
+
     /// Logs nothing (the caller has), and tells every watcher.
     fn notice(&self, what: NoticeKind) {
         let _ = self.notices.send(Notice {

@@ -7,8 +7,10 @@ use std::collections::HashMap;
 use gpuctl_protocol::units::format_bytes;
 use gpuctl_protocol::{NoticeKind, UnloadReason};
 
+use super::entry::Life;
 use super::Registry;
 use crate::arbitration;
+use crate::policy;
 
 impl Registry {
     /// Where free memory fell below `min_free_vram`: idle models go now,
@@ -32,8 +34,15 @@ impl Registry {
                     tracing::info!(device = view.index, free = %format_bytes(view.free), "memory pressure is over");
                     let mut resumed = false;
                     for entry in self.models.values_mut() {
-                        if entry.placement == Some(view.index) {
-                            resumed |= entry.yield_after_work.take().is_some();
+                        if let Life::Ready {
+                            placement: Some(device),
+                            yield_after_work,
+                            ..
+                        } = &mut entry.life
+                        {
+                            if *device == view.index {
+                                resumed |= yield_after_work.take().is_some();
+                            }
                         }
                     }
                     if resumed {
@@ -43,19 +52,8 @@ impl Registry {
                 }
                 continue;
             }
-            // The program that grew most since the last sample, else the biggest.
-            let foreign = self.foreign(view.index);
-            let holder = foreign
-                .iter()
-                .filter_map(|h| {
-                    let grew = h
-                        .bytes
-                        .saturating_sub(self.gpu.foreign_before.get(&h.pid).copied().unwrap_or(0));
-                    (grew > 0).then_some((grew, h))
-                })
-                .max_by_key(|(grew, _)| *grew)
-                .map(|(_, h)| h.clone())
-                .or_else(|| foreign.first().cloned());
+            let holder =
+                policy::pressure_holder(&self.foreign(view.index), &self.gpu.foreign_before);
             if self.gpu.pressured.insert(view.index) {
                 tracing::warn!(
                     device = view.index,
@@ -80,11 +78,18 @@ impl Registry {
                 let Some(entry) = self.models.get_mut(&name) else {
                     continue;
                 };
-                if entry.in_flight == 0 {
-                    self.unload(&name, reason.clone(), false);
-                } else if entry.yield_after_work.is_none() {
-                    tracing::info!(model = %name, "busy under pressure: unloading once its work is done");
-                    entry.yield_after_work = Some(reason.clone());
+                match &mut entry.life {
+                    Life::Ready { in_flight: 0, .. } => {
+                        self.unload(&name, reason.clone(), false);
+                    }
+                    Life::Ready {
+                        yield_after_work: yield_after_work @ None,
+                        ..
+                    } => {
+                        tracing::info!(model = %name, "busy under pressure: unloading once its work is done");
+                        *yield_after_work = Some(reason.clone());
+                    }
+                    _ => {}
                 }
             }
         }

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use super::{Command, Registry};
 use crate::arbitration::{self, Placement};
-use crate::context::EventSink;
+use crate::outbox::EventSink;
 
 pub struct Reservation {
     pub id: u64,

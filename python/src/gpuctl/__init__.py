@@ -25,6 +25,7 @@ from .errors import (
     MalformedFrame,
     NotFound,
     QueueFull,
+    RetryLater,
     ShuttingDown,
     Timeout,
     TooLarge,
@@ -55,6 +56,6 @@ __all__ = [
     "ErrorCode", "FrameTooLarge", "GenerateResult", "GpuctlError", "Incompatible", "InsufficientVram", "Internal",
     "InvalidConfig", "InvalidRequest", "KeepAlive", "LoadFailed", "MalformedFrame", "ModelInfo", "ModelKind",
     "ModelState", "ModelStatus", "Notice", "NoticeKind", "NotFound", "ProgressEvent", "QueuedEvent", "QueueFull",
-    "Reservation", "ShuttingDown", "StatusResponse", "Tensor", "Timeout", "TooLarge", "Unauthorized",
+    "Reservation", "RetryLater", "ShuttingDown", "StatusResponse", "Tensor", "Timeout", "TooLarge", "Unauthorized",
     "UnloadReason", "VramResponse", "default_socket",
 ]

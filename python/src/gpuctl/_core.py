@@ -38,8 +38,8 @@ from .messages import (
     WireTensor,
 )
 
-# What this client speaks: 1.4 (pixel rows in).
-PROTOCOL = ProtocolVersion(1, 4)
+# What this client speaks: 1.5 (pixel rows in, RetryLater).
+PROTOCOL = ProtocolVersion(1, 5)
 
 _U32 = struct.Struct("<I")
 _CHUNK_HEADER = struct.Struct("<IQQ")  # variant, id, data length

@@ -125,6 +125,14 @@ class LoadFailed(GpuctlError):
     code = ErrorCode.LoadFailed
 
 
+class RetryLater(LoadFailed):
+    """The model failed and backs off: the message names the failure and when
+    the next attempt is allowed (protocol 1.5; a `LoadFailed`, so code that
+    catches that catches this too)."""
+
+    code = ErrorCode.RetryLater
+
+
 class ConnectError(GpuctlError):
     """Nothing answers at the socket: gpuctld is not running there."""
 
@@ -138,7 +146,7 @@ BY_CODE: Dict[ErrorCode, Type[GpuctlError]] = {
     for cls in (
         Internal, InvalidRequest, NotFound, Unauthorized, Busy, QueueFull, InsufficientVram, Timeout,
         Cancelled, Incompatible, InvalidConfig, ShuttingDown, FrameTooLarge, MalformedFrame, TooLarge,
-        LoadFailed,
+        LoadFailed, RetryLater,
     )
 }
 

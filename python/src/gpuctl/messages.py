@@ -50,6 +50,7 @@ class ErrorCode(enum.IntEnum):
     MalformedFrame = 13
     TooLarge = 14
     LoadFailed = 15
+    RetryLater = 16
 
 
 class ImageLayout(enum.IntEnum):
@@ -1327,6 +1328,7 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                         '13': {'MalformedFrame': 'UNIT'},
                         '14': {'TooLarge': 'UNIT'},
                         '15': {'LoadFailed': 'UNIT'},
+                        '16': {'RetryLater': 'UNIT'},
                         '2': {'NotFound': 'UNIT'},
                         '3': {'Unauthorized': 'UNIT'},
                         '4': {'Busy': 'UNIT'},

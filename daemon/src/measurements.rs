@@ -20,9 +20,9 @@ pub struct Measured {
     pub vram_bytes: u64,
 }
 
-/// The state directory's contents.
+/// The state directory's contents: every measured model.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct State {
+pub struct Measurements {
     pub models: BTreeMap<String, Measured>,
 }
 
@@ -61,23 +61,23 @@ fn writable(dir: &Path) -> bool {
 
 /// Reads the state; a missing file is an empty state, a broken one is
 /// reported and ignored (it only holds measurements, which come back).
-pub fn load(dir: &Path) -> State {
+pub fn load(dir: &Path) -> Measurements {
     let file = dir.join(FILE);
     match std::fs::read_to_string(&file) {
         Ok(text) => serde_json::from_str(&text).unwrap_or_else(|error| {
             tracing::warn!(file = %file.display(), %error, "ignoring unreadable state file");
-            State::default()
+            Measurements::default()
         }),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => State::default(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Measurements::default(),
         Err(error) => {
             tracing::warn!(file = %file.display(), %error, "cannot read state file");
-            State::default()
+            Measurements::default()
         }
     }
 }
 
 /// Writes the state atomically (a new file renamed over the old one).
-pub fn save(dir: &Path, state: &State) -> std::io::Result<()> {
+pub fn save(dir: &Path, state: &Measurements) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let text = serde_json::to_string_pretty(state).map_err(std::io::Error::other)?;
     let temporary = dir.join(format!(".{FILE}.{}", std::process::id()));
@@ -92,8 +92,8 @@ mod tests {
     #[test]
     fn saves_and_loads_and_survives_a_broken_file() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(load(dir.path()), State::default(), "no file yet");
-        let mut state = State::default();
+        assert_eq!(load(dir.path()), Measurements::default(), "no file yet");
+        let mut state = Measurements::default();
         state.models.insert(
             "up".into(),
             Measured {
@@ -105,7 +105,7 @@ mod tests {
         save(&dir.path().join("sub"), &state).unwrap();
         assert_eq!(load(&dir.path().join("sub")), state);
         std::fs::write(dir.path().join(FILE), "{ not json").unwrap();
-        assert_eq!(load(dir.path()), State::default());
+        assert_eq!(load(dir.path()), Measurements::default());
     }
 
     #[test]

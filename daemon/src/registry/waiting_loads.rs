@@ -7,9 +7,12 @@ use std::time::Instant;
 use gpuctl_protocol::units::format_bytes;
 use gpuctl_protocol::{Error, ErrorCode, NoticeKind, UnloadReason};
 
-use super::gpu::preferred_device;
+use super::entry::Life;
+use super::memory::preferred_device;
+use super::queue::tell_waiting;
 use super::Registry;
 use crate::arbitration::{self, Placement};
+use crate::policy::{self, Need};
 
 impl Registry {
     /// Loads waiting for memory: the oldest first, each where it fits now,
@@ -22,20 +25,26 @@ impl Registry {
         let mut waiting: Vec<(Instant, String)> = self
             .models
             .iter()
-            .filter_map(|(name, e)| e.vram_wait.as_ref().map(|w| (w.since, name.clone())))
+            .filter_map(|(name, e)| match e.life {
+                Life::WaitingForVram { since, .. } => Some((since, name.clone())),
+                _ => None,
+            })
             .collect();
         waiting.sort();
         for (since, name) in waiting {
             let Some(model) = config.models.get(&name) else {
                 continue;
             };
-            if !self.models.get(&name).is_some_and(|e| e.has_waiters()) {
-                if let Some(entry) = self.models.get_mut(&name) {
-                    entry.vram_wait = None;
-                }
+            if let Some(entry) = self.models.get_mut(&name).filter(|e| e.queue.is_empty()) {
+                // Its clients have all gone.
+                entry.life = Life::Unloaded { retry_at: None };
                 continue;
             }
-            let (need, source) = self.need(&name, model, &config);
+            let Need {
+                bytes: need,
+                source,
+            } = self.need(&name, model, &config);
+            let source = source.describe();
             let placement = if self.gpu.error.is_some() {
                 Placement::Wait {
                     device: 0,
@@ -94,7 +103,7 @@ impl Registry {
                     ),
                 },
             };
-            if since.elapsed() >= load_wait {
+            if policy::load_wait_over(since, Instant::now(), load_wait) {
                 let free = match &placement {
                     Placement::Wait { device, .. }
                     | Placement::Evict { device, .. }
@@ -120,15 +129,15 @@ impl Registry {
             let Some(entry) = self.models.get_mut(&name) else {
                 continue;
             };
-            let Some(wait) = entry.vram_wait.as_mut() else {
+            let Life::WaitingForVram { told, .. } = &mut entry.life else {
                 continue;
             };
-            if wait.told.as_ref() == Some(&waiting_for) {
+            if told.as_ref() == Some(&waiting_for) {
                 continue;
             }
-            wait.told = Some(waiting_for.clone());
+            *told = Some(waiting_for.clone());
             let message = format!("waiting for {waiting_for}");
-            entry.tell_waiting(&name, &message, true);
+            tell_waiting(&mut entry.queue, &name, &message, true);
             tracing::info!(model = %name, %message, "load waits for GPU memory");
             self.notice(NoticeKind::WaitingForVram {
                 model: name.clone(),
@@ -142,7 +151,7 @@ impl Registry {
     fn give_up(&mut self, name: &str, error: &Error) {
         tracing::warn!(model = name, error = %error.message, "load gave up");
         if let Some(entry) = self.models.get_mut(name) {
-            entry.vram_wait = None;
+            entry.life = Life::Unloaded { retry_at: None };
             entry.fail_waiters(error);
         }
         self.notice(NoticeKind::LoadFailed {

@@ -1,0 +1,319 @@
+//! Moving a model with waiters along: serve from its ready worker, or admit
+//! a load (evicting what policy says), start its worker, and record how the
+//! load went.
+
+use std::time::Instant;
+
+use gpuctl_protocol::worker::LoadModel;
+use gpuctl_protocol::{Error, ErrorCode, NoticeKind};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::entry::{FileIdentity, Life, PendingUnload};
+use super::queue::{fail_all, tell_waiting, Waiter};
+use super::{ms, Event, Registry};
+use crate::config::{Config, Kind, ModelConfig};
+use crate::policy::{self, Admission, UnloadReason};
+use crate::worker::{self, WorkerHandle};
+
+impl Registry {
+    pub(super) fn preload(&mut self) {
+        let config = self.config();
+        for (name, model) in &config.models {
+            if model.preload {
+                tracing::info!(model = %name, "preloading");
+                self.enqueue_preload(name);
+            }
+        }
+    }
+
+    fn enqueue_preload(&mut self, name: &str) {
+        let (reply, answer) = oneshot::channel();
+        if let Some(entry) = self.models.get_mut(name) {
+            entry.queue.push_back(Waiter::Load {
+                reply,
+                since: Instant::now(),
+            });
+        }
+        let model = name.to_owned();
+        tokio::spawn(async move {
+            if let Ok(Err(error)) = answer.await {
+                tracing::warn!(model, error = %error.message, "preload failed");
+            }
+        });
+        self.pump(name);
+    }
+
+    /// Serves what can be served: dispatches jobs to a ready worker, or
+    /// starts a load (evicting what policy says) for a model with waiters.
+    pub(super) fn pump(&mut self, name: &str) {
+        self.advance(name);
+        self.tell_positions(name);
+    }
+
+    /// Pumps every model with waiters: an unload may have made room.
+    pub(super) fn pump_all(&mut self) {
+        let waiting: Vec<String> = self
+            .models
+            .iter()
+            .filter(|(_, e)| !e.queue.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in waiting {
+            self.pump(&name);
+        }
+    }
+
+    /// Tells waiting clients where they stand, when that changed.
+    fn tell_positions(&mut self, name: &str) {
+        let Some(entry) = self.models.get_mut(name) else {
+            return;
+        };
+        let waiting_for = match entry.life {
+            Life::WaitingForVram { .. } => return, // the GPU sampler tells them
+            Life::Unloaded { .. } => "its turn to load (group switch or max_loaded)",
+            Life::Loading { .. } => "the model to load",
+            Life::Ready { .. } => "a free slot",
+            Life::Unloading { .. } => "the previous worker to exit",
+        };
+        tell_waiting(&mut entry.queue, name, waiting_for, false);
+    }
+
+    fn advance(&mut self, name: &str) {
+        let config = self.config();
+        let Some(model) = config.models.get(name) else {
+            return;
+        };
+        let Some(entry) = self.models.get_mut(name) else {
+            return;
+        };
+        match entry.life {
+            Life::Ready { .. } => return self.dispatch(name, model.concurrency),
+            Life::Unloaded { .. } if !entry.queue.is_empty() => {}
+            _ => return,
+        }
+        let error = policy::retry_later(
+            name,
+            entry.history.last_error.as_deref(),
+            entry.retry_at(),
+            Instant::now(),
+        );
+        if let Some(error) = error {
+            return entry.fail_waiters(&error);
+        }
+        // A file that is not there fails now, before anything is evicted for
+        // it; what is there is what the need estimate counts on.
+        let path = config.model_path(model);
+        if let Err(error) = std::fs::metadata(&path) {
+            let error = Error::new(
+                ErrorCode::NotFound,
+                format!("model {name}: cannot read {}: {error}", path.display()),
+            );
+            return self.record_load_failure(name, error);
+        }
+        entry.history.seen_file = FileIdentity::of(&path);
+        match policy::admit(
+            &self.views(&config),
+            name,
+            config.policy.max_loaded as usize,
+        ) {
+            Admission::Load { evict } => {
+                for (victim, reason) in evict {
+                    self.unload(&victim, reason, false);
+                }
+                if self.arbitrated(model) {
+                    // The GPU sampler admits it once it fits.
+                    if let Some(entry) = self.models.get_mut(name) {
+                        entry.life = Life::WaitingForVram {
+                            since: Instant::now(),
+                            told: None,
+                        };
+                    }
+                    self.request_sample();
+                } else {
+                    self.start_load(name, model, &config, None);
+                }
+            }
+            Admission::Wait { because } => tracing::debug!(model = name, because, "load waits"),
+        }
+    }
+
+    /// Starts a worker for `name`; `placement`: the GPU arbitration put it on.
+    pub(super) fn start_load(
+        &mut self,
+        name: &str,
+        model: &ModelConfig,
+        config: &Config,
+        placement: Option<u32>,
+    ) {
+        let device = self.worker_device(model, placement);
+        let Some(entry) = self.models.get_mut(name) else {
+            return;
+        };
+        let path = config.model_path(model);
+        entry.load += 1;
+        entry.history.loaded_file = FileIdentity::of(&path);
+        entry.history.seen_file = entry.history.loaded_file;
+        let kill = CancellationToken::new();
+        entry.life = Life::Loading {
+            since: Instant::now(),
+            placement,
+            kill: kill.clone(),
+            then: None,
+        };
+        let load = entry.load;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let spec = LoadModel {
+            name: name.to_owned(),
+            path: path.display().to_string(),
+            kind: model.kind.into(),
+            device,
+            threads: policy::worker_threads(
+                model.threads,
+                cores,
+                config.policy.max_loaded,
+                config.models.len(),
+            ),
+            rgb8: model.kind != Kind::Tensor,
+            fp16: model.precision == crate::config::Precision::Fp16,
+        };
+        tracing::info!(model = name, path = %spec.path, device = %spec.device, "loading");
+        let program = self.worker_program.clone();
+        let limits = worker::Limits {
+            max_output: config.daemon.max_output.0 as usize,
+            cancel_grace: config.policy.cancel_grace.0,
+        };
+        let events = self.events.clone();
+        let model_name = name.to_owned();
+        tokio::spawn(async move {
+            let on_exit = {
+                let (events, model) = (events.clone(), model_name.clone());
+                move |exit| {
+                    let _ = events.send(Event::Exited { model, load, exit });
+                }
+            };
+            let result = worker::start(&program, spec, limits, kill, on_exit).await;
+            let _ = events.send(Event::Loaded {
+                model: model_name,
+                load,
+                result,
+            });
+        });
+    }
+
+    pub(super) fn on_loaded(&mut self, name: &str, load: u64, result: Result<WorkerHandle, Error>) {
+        let Some(entry) = self.models.get_mut(name).filter(|e| e.load == load) else {
+            return;
+        };
+        let Life::Loading {
+            since,
+            placement,
+            then,
+            ..
+        } = std::mem::replace(&mut entry.life, Life::Unloaded { retry_at: None })
+        else {
+            return;
+        };
+        match result {
+            Ok(worker) => {
+                let took = ms(since.elapsed());
+                tracing::info!(model = name, pid = worker.pid, device = %worker.loaded.device, load_ms = took, parameter_bytes = worker.loaded.parameter_bytes, precision = %worker.loaded.precision, "loaded");
+                let notice = NoticeKind::Loaded {
+                    model: name.to_owned(),
+                    device: worker.loaded.device.clone(),
+                    pid: worker.pid,
+                    load_ms: took,
+                };
+                entry.history.loads += 1;
+                entry.history.last_load_ms = Some(took);
+                entry.history.last_error = None;
+                let now = Instant::now();
+                entry.life = Life::Ready {
+                    worker,
+                    placement,
+                    held: 0,
+                    in_flight: 0,
+                    loaded_at: now,
+                    last_used: now,
+                    yield_after_work: None,
+                };
+                self.notice(notice);
+                match then {
+                    Some(PendingUnload { reason, waiters }) => {
+                        self.unload(name, reason, false);
+                        if let Some(Life::Unloading { waiters: all, .. }) =
+                            self.models.get_mut(name).map(|e| &mut e.life)
+                        {
+                            all.extend(waiters);
+                        }
+                    }
+                    None => self.pump(name),
+                }
+                if placement.is_some() {
+                    // Measure what it really holds.
+                    self.request_sample();
+                }
+            }
+            // Stopped by `unload --force`: not the model's failure.
+            Err(error) if error.code == ErrorCode::Cancelled => {
+                self.record_stopped_load(name, error, then)
+            }
+            Err(error) => {
+                if let Some(then) = then {
+                    then.notify();
+                }
+                self.record_load_failure(name, error)
+            }
+        }
+    }
+
+    /// A load stopped by `unload --force`: its waiters are cancelled, and
+    /// the next request loads again without a backoff.
+    fn record_stopped_load(&mut self, name: &str, error: Error, then: Option<PendingUnload>) {
+        let Some(entry) = self.models.get_mut(name) else {
+            return;
+        };
+        tracing::info!(model = name, "load stopped");
+        entry.life = Life::Unloaded { retry_at: None };
+        let reason = match then {
+            Some(then) => {
+                let reason = then.reason.clone();
+                then.notify();
+                reason
+            }
+            None => UnloadReason::Explicit,
+        };
+        entry.history.last_unload = Some(reason);
+        fail_all(&mut entry.queue, &error);
+        self.pump_all();
+        self.request_sample();
+    }
+
+    /// A load failed: its waiters get the error, and no new attempt is made
+    /// before the backoff has passed.
+    pub(super) fn record_load_failure(&mut self, name: &str, error: Error) {
+        // Whatever the cause (file, contract, worker binary), a client
+        // sees one code for it.
+        let error = Error::new(ErrorCode::LoadFailed, error.message);
+        let retry_base = self.config().policy.load_retry.0;
+        let Some(entry) = self.models.get_mut(name) else {
+            return;
+        };
+        entry.history.failures += 1;
+        let backoff =
+            policy::retry_backoff(retry_base, entry.history.failures, policy::Failure::Load)
+                .unwrap_or_default();
+        tracing::error!(model = name, error = %error.message, retry_in_ms = ms(backoff), "load failed");
+        entry.life = Life::Unloaded {
+            retry_at: Some(Instant::now() + backoff),
+        };
+        entry.history.last_error = Some(error.message.clone());
+        fail_all(&mut entry.queue, &error);
+        self.notice(NoticeKind::LoadFailed {
+            model: name.to_owned(),
+            error: error.message.clone(),
+        });
+        self.pump_all();
+        self.request_sample();
+    }
+}
