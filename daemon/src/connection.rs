@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use gpuctl_protocol::stream::take_streamed;
 use gpuctl_protocol::{
-    CancelRequest, CancelResponse, ClientMessage, DaemonMessage, Error, ErrorCode, FrameCodec,
-    FrameError, Hello, ProtocolVersion, Request, RequestId, Response, Welcome, WireTensor,
-    PROTOCOL_VERSION,
+    ClientMessage, DaemonMessage, Error, ErrorCode, FrameCodec, FrameError, Hello, ProtocolVersion,
+    RequestId, Response, Welcome, WireTensor, PROTOCOL_VERSION,
 };
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -191,8 +190,8 @@ async fn serve_requests(
     );
     drop(config);
     let mut running: JoinSet<Finished> = JoinSet::new();
-    let mut ids: HashMap<tokio::task::Id, RequestId> = HashMap::new();
-    let mut aborts: HashMap<RequestId, tokio::task::AbortHandle> = HashMap::new();
+    // The one record of this connection's requests, by id, until answered.
+    let mut requests: HashMap<RequestId, InFlight> = HashMap::new();
     let mut draining = false;
     let mut last_active = Instant::now();
     let (events, mut event_inbox) = mpsc::unbounded_channel();
@@ -219,7 +218,7 @@ async fn serve_requests(
                     Outgoing::Event(event) => out.send(connection, DaemonMessage::Event { id, event }).await,
                     // A request already answered (timed out, cancelled)
                     // sends its client nothing more.
-                    Outgoing::Output(frame) if !aborts.contains_key(&id) => {
+                    Outgoing::Output(frame) if !requests.get(&id).is_some_and(InFlight::answers) => {
                         shared.written(chunk_bytes(&frame));
                         continue;
                     }
@@ -230,11 +229,23 @@ async fn serve_requests(
                         sent
                     }
                     Outgoing::Overflow => {
-                        let Some(abort) = aborts.remove(&id) else { continue };
-                        abort.abort();
-                        ids.retain(|_, request| *request != id);
+                        if !requests.get(&id).is_some_and(InFlight::answers) {
+                            continue;
+                        }
+                        if let Some(request) = requests.remove(&id) {
+                            request.task.abort();
+                        }
                         tracing::info!(request = id, unread = shared.unread(), "output refused: the client has not read earlier answers");
                         out.send(connection, DaemonMessage::Error { id, error: unread_error(&shared) }).await
+                    }
+                    Outgoing::Cancel { target, found } => {
+                        let stopped = requests.get_mut(&target).filter(|r| r.answers()).map(|r| {
+                            tracing::info!(request = target, "cancelled by its client");
+                            r.cancelled = true;
+                            r.task.abort();
+                        });
+                        let _ = found.send(stopped.is_some());
+                        continue;
                     }
                 };
                 if sent.is_err() {
@@ -242,7 +253,7 @@ async fn serve_requests(
                 }
             }
             _ = stops.hard_stop.cancelled(), if draining => {
-                let unfinished: Vec<String> = ids.values().map(|id| id.to_string()).collect();
+                let unfinished: Vec<String> = requests.keys().map(|id| id.to_string()).collect();
                 tracing::warn!(requests = %unfinished.join(","), "grace period over; closing with requests unfinished");
                 say_goodbye(connection, Error::new(
                     ErrorCode::ShuttingDown,
@@ -264,17 +275,6 @@ async fn serve_requests(
             frame = connection.next(), if !draining => {
                 last_active = Instant::now();
                 match frame {
-                    Some(Ok(ClientMessage::Request { id, request: Request::Cancel(CancelRequest { id: target }) })) => {
-                        let found = aborts.remove(&target);
-                        if let Some(abort) = &found {
-                            tracing::info!(request = target, "cancelled by its client");
-                            abort.abort();
-                        }
-                        let response = Response::Cancel(CancelResponse { cancelled: found.is_some() });
-                        if !send_answer(connection, out, DaemonMessage::Response { id, response }).await {
-                            return;
-                        }
-                    }
                     Some(Ok(ClientMessage::TensorBegin { id, dtype, shape })) => uploads.begin(id, dtype, shape),
                     Some(Ok(ClientMessage::TensorChunk { id, data })) => uploads.chunk(id, &data),
                     Some(Ok(ClientMessage::TensorEnd { id })) => uploads.end(id),
@@ -289,7 +289,7 @@ async fn serve_requests(
                                 continue;
                             }
                         };
-                        if ids.values().any(|running_id| *running_id == id) {
+                        if requests.contains_key(&id) {
                             let error = Error::new(ErrorCode::InvalidRequest, format!("request id {id} is already in flight on this connection"));
                             if out.send(connection, DaemonMessage::Error { id, error }).await.is_err() {
                                 return;
@@ -315,8 +315,7 @@ async fn serve_requests(
                             let (result, unread) = count_unread(result, &shared);
                             (id, result, unread)
                         }.instrument(span));
-                        ids.insert(task.id(), id);
-                        aborts.insert(id, task);
+                        requests.insert(id, InFlight { task, cancelled: false });
                     }
                     Some(Ok(ClientMessage::Hello(_))) => {
                         say_goodbye(connection, Error::new(ErrorCode::InvalidRequest, "Hello may only be sent once, as the first frame")).await;
@@ -336,12 +335,13 @@ async fn serve_requests(
                 last_active = Instant::now();
                 let message = match joined {
                     Ok((task, (id, result, unread))) => {
-                        if ids.remove(&task).is_none() {
-                            // Answered already (its output overflowed).
+                        // Not there: answered already (its output overflowed),
+                        // and its id may be in use again.
+                        if requests.get(&id).is_none_or(|r| r.task.id() != task) {
                             shared.written(unread);
                             continue;
                         }
-                        aborts.remove(&id);
+                        requests.remove(&id);
                         let message = match result {
                             Ok(response) => DaemonMessage::Response { id, response },
                             Err(error) => DaemonMessage::Error { id, error },
@@ -354,14 +354,13 @@ async fn serve_requests(
                         continue;
                     }
                     Err(failure) if failure.is_cancelled() => {
-                        let Some(id) = ids.remove(&failure.id()) else { continue };
+                        let Some(id) = take_task(&mut requests, failure.id()) else { continue };
                         let error = Error::new(ErrorCode::Cancelled, format!("request {id} was cancelled by its client"));
                         DaemonMessage::Error { id, error }
                     }
                     Err(failure) => {
                         tracing::error!(error = %failure, "request handler failed");
-                        let Some(id) = ids.remove(&failure.id()) else { continue };
-                        aborts.remove(&id);
+                        let Some(id) = take_task(&mut requests, failure.id()) else { continue };
                         let error = Error::new(ErrorCode::Internal, "gpuctld failed while handling this request; its log says why");
                         DaemonMessage::Error { id, error }
                     }
@@ -372,6 +371,34 @@ async fn serve_requests(
             }
         }
     }
+}
+
+/// A request in flight on a connection.
+struct InFlight {
+    task: tokio::task::AbortHandle,
+    /// Its client cancelled it: it is answered `Cancelled` once its task
+    /// has ended, and sends nothing before.
+    cancelled: bool,
+}
+
+impl InFlight {
+    /// Whether what it sends still reaches its client.
+    fn answers(&self) -> bool {
+        !self.cancelled
+    }
+}
+
+/// Forgets the request whose task is `task`; its id.
+fn take_task(
+    requests: &mut HashMap<RequestId, InFlight>,
+    task: tokio::task::Id,
+) -> Option<RequestId> {
+    let id = requests
+        .iter()
+        .find(|(_, r)| r.task.id() == task)
+        .map(|(id, _)| *id)?;
+    requests.remove(&id);
+    Some(id)
 }
 
 /// The data bytes a streamed frame carries.

@@ -20,6 +20,12 @@ pub enum Outgoing {
     /// Its output did not fit in what the client may leave unread
     /// (`daemon.max_unread`): the request fails, and its frames stop.
     Overflow,
+    /// `Cancel`: stop request `target` of the same connection, which owns
+    /// its requests; `found` is told whether it was in flight.
+    Cancel {
+        target: gpuctl_protocol::RequestId,
+        found: tokio::sync::oneshot::Sender<bool>,
+    },
 }
 
 /// What one connection shares with its requests and the registry: the
@@ -124,6 +130,19 @@ impl EventSink {
     /// Sends an event; a client that has gone simply misses it.
     pub fn send(&self, event: gpuctl_protocol::Event) {
         let _ = self.events.send((self.id, Outgoing::Event(event)));
+    }
+
+    /// Stops request `target` of this connection; whether it was in flight.
+    pub async fn cancel(&self, target: gpuctl_protocol::RequestId) -> bool {
+        let (found, answer) = tokio::sync::oneshot::channel();
+        if self
+            .events
+            .send((self.id, Outgoing::Cancel { target, found }))
+            .is_err()
+        {
+            return false;
+        }
+        answer.await.unwrap_or(false)
     }
 
     /// Passes on a frame of a streamed output, if the client's unread

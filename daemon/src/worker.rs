@@ -276,7 +276,7 @@ struct Supervised {
 async fn send_job(channel: &mut Channel, id: u64, mut job: Job) -> Result<(), FrameError> {
     for tensor in take_streamed(job.tensors_mut()) {
         for frame in frames(tensor) {
-            channel.feed(DaemonToWorker::tensor_frame(frame)).await?;
+            channel.feed(DaemonToWorker::Tensor(frame)).await?;
         }
     }
     channel.send(DaemonToWorker::Run { id, job }).await
@@ -347,6 +347,21 @@ fn stream_error(model: &str, limit: usize, error: StreamError) -> Error {
     }
 }
 
+/// Where a supervised worker is going.
+enum Course {
+    /// Taking jobs.
+    Serving,
+    /// Every handle is gone: it finishes its jobs, then is told to exit
+    /// (`exit_by`: set then) and killed if it has not within EXIT_GRACE.
+    Draining {
+        exit_by: Option<tokio::time::Instant>,
+    },
+    /// Killed by us: `unload --force`, no exit within EXIT_GRACE, or a
+    /// cancelled job that went on (`stuck`: why, for its log and status,
+    /// and what the jobs running on it are told).
+    Killed { stuck: Option<(String, Error)> },
+}
+
 /// Feeds jobs to the worker, matches answers to them, stops cancelled
 /// jobs (killing the worker when one does not stop within the grace), and
 /// reports its exit.
@@ -367,16 +382,24 @@ async fn supervise(
     let pid = child.id().unwrap_or(0);
     let mut pending: HashMap<u64, Running> = HashMap::new();
     let mut next_id = 0u64;
-    let mut unloading = false;
-    // Killed by us: with --force, or because a cancelled job went on.
-    let mut killed = false;
-    // Why the worker was killed for a job that went on, for its log and
-    // status, and what the jobs running on it are told.
-    let mut stuck: Option<(String, Error)> = None;
-    // Told to exit: it gets EXIT_GRACE, then it is killed.
-    let mut exit_by: Option<tokio::time::Instant> = None;
+    let mut course = Course::Serving;
     let (cancels, mut cancelled) = mpsc::unbounded_channel::<u64>();
     let ending: Result<ExitStatus, String> = loop {
+        // The one place a draining worker is told to exit: once nothing is pending.
+        if let Course::Draining {
+            exit_by: exit_by @ None,
+        } = &mut course
+        {
+            if pending.is_empty() {
+                *exit_by = Some(tokio::time::Instant::now() + EXIT_GRACE);
+                let _ = unless_killed(&kill, channel.send(DaemonToWorker::Unload)).await;
+            }
+        }
+        let killed = matches!(course, Course::Killed { .. });
+        let exit_by = match course {
+            Course::Draining { exit_by } => exit_by,
+            _ => None,
+        };
         let overdue = pending
             .iter()
             .filter_map(|(id, r)| r.stop_by.map(|at| (at, *id)))
@@ -385,8 +408,7 @@ async fn supervise(
             // A kill must win over the closed job queue that comes with it.
             biased;
             _ = kill.cancelled(), if !killed => {
-                killed = true;
-                unloading = true;
+                course = Course::Killed { stuck: None };
                 let _ = child.start_kill();
                 fail_pending(&mut pending, &Error::new(ErrorCode::Cancelled, format!("model {model} was unloaded with --force")));
             }
@@ -394,25 +416,25 @@ async fn supervise(
                 let job = overdue.map_or(0, |(_, id)| id);
                 let grace = gpuctl_protocol::units::format_duration_ms(limits.cancel_grace.as_millis() as u64);
                 tracing::warn!(model, pid, job, grace = %grace, "a cancelled job did not stop within policy.cancel_grace; killing its worker");
-                killed = true;
-                unloading = true;
                 let _ = child.start_kill();
                 // Its jobs are answered once it is gone (below), after the
                 // registry has heard of its exit.
-                stuck = Some((
-                    format!("job {job} went on {grace} after it was cancelled"),
-                    Error::new(
-                        ErrorCode::Internal,
-                        format!("model {model}: its worker (pid {pid}) was killed because a cancelled job on it did not stop within {grace} (policy.cancel_grace); the next request loads the model again"),
-                    ),
-                ));
+                course = Course::Killed {
+                    stuck: Some((
+                        format!("job {job} went on {grace} after it was cancelled"),
+                        Error::new(
+                            ErrorCode::Internal,
+                            format!("model {model}: its worker (pid {pid}) was killed because a cancelled job on it did not stop within {grace} (policy.cancel_grace); the next request loads the model again"),
+                        ),
+                    )),
+                };
             }
             _ = sleep_until(exit_by), if exit_by.is_some() => {
                 tracing::warn!(model, pid, grace_ms = EXIT_GRACE.as_millis() as u64, "worker did not exit after Unload; killing it");
                 let _ = child.start_kill();
-                exit_by = None;
+                course = Course::Killed { stuck: None };
             }
-            job = queue.recv(), if !unloading => match job {
+            job = queue.recv(), if matches!(course, Course::Serving) => match job {
                 Some(WorkerJob { job, reply, progress, cancel }) => {
                     next_id += 1;
                     let (id, cancels) = (next_id, cancels.clone());
@@ -430,11 +452,8 @@ async fn supervise(
                         }
                     }
                 }
-                None => {
-                    // Every handle is gone: finish what is running, then exit.
-                    unloading = true;
-                    exit_when_done(&mut channel, &kill, &pending, unloading, &mut exit_by).await;
-                }
+                // Every handle is gone: finish what is running, then exit.
+                None => course = Course::Draining { exit_by: None },
             },
             Some(id) = cancelled.recv() => {
                 if let Some(running) = pending.get_mut(&id).filter(|r| r.stop_by.is_none()) {
@@ -453,21 +472,17 @@ async fn supervise(
                         running.progress(done, total);
                     }
                 }
-                Some(Ok(WorkerToDaemon::TensorBegin { id, dtype, shape })) => {
-                    let current = incoming.get_or_insert_with(|| Incoming::new(id, pending.get(&id)));
-                    if current.job != id {
-                        *current = Incoming::new(id, pending.get(&id));
+                Some(Ok(WorkerToDaemon::Tensor { id, frame })) => {
+                    if let TensorFrame::Begin { .. } = frame {
+                        if incoming.as_ref().is_none_or(|current| current.job != id) {
+                            incoming = Some(Incoming::new(id, pending.get(&id)));
+                        }
                     }
-                    current.frame(TensorFrame::Begin { dtype, shape }, max_output);
+                    match &mut incoming {
+                        Some(current) if current.job == id => current.frame(frame, max_output),
+                        _ => tracing::warn!(model, job = id, "worker streamed a tensor frame without TensorBegin"),
+                    }
                 }
-                Some(Ok(WorkerToDaemon::TensorChunk { data })) => match &mut incoming {
-                    Some(current) => current.frame(TensorFrame::Chunk(data), max_output),
-                    None => tracing::warn!(model, "worker streamed a chunk without TensorBegin"),
-                },
-                Some(Ok(WorkerToDaemon::TensorEnd)) => match &mut incoming {
-                    Some(current) => current.frame(TensorFrame::End, max_output),
-                    None => tracing::warn!(model, "worker streamed TensorEnd without TensorBegin"),
-                },
                 Some(Ok(WorkerToDaemon::Done { id, mut outputs, run_ms, notes })) => {
                     let streamed = incoming.take_if(|i| i.job == id).unwrap_or_else(|| Incoming::new(id, None));
                     let filled = streamed.finish(&model, max_output, &mut outputs);
@@ -475,14 +490,12 @@ async fn supervise(
                         let answer = filled.map(|()| JobOutput { outputs, run_ms, notes });
                         let _ = running.reply.send(answer);
                     }
-                    exit_when_done(&mut channel, &kill, &pending, unloading, &mut exit_by).await;
                 }
                 Some(Ok(WorkerToDaemon::Failed { id: Some(id), error })) => {
                     incoming = None;
                     if let Some(running) = pending.remove(&id) {
                         let _ = running.reply.send(Err(error));
                     }
-                    exit_when_done(&mut channel, &kill, &pending, unloading, &mut exit_by).await;
                 }
                 Some(Ok(other)) => tracing::warn!(model, ?other, "unexpected message from worker"),
                 Some(Err(error)) => {
@@ -504,10 +517,12 @@ async fn supervise(
         Ok(status) => describe(*status),
         Err(error) => format!("cannot be waited for: {error}"),
     };
-    let expected = (unloading && pending.is_empty()) || stuck.is_some();
-    let (stuck, failed) = match stuck {
-        Some((why, error)) => (Some(why), error),
-        None => (
+    let (expected, stuck, failed) = match course {
+        Course::Killed {
+            stuck: Some((why, error)),
+        } => (true, Some(why), error),
+        other => (
+            !matches!(other, Course::Serving) && pending.is_empty(),
             None,
             Error::new(
                 ErrorCode::Internal,
@@ -536,21 +551,6 @@ async fn supervise(
 fn fail_pending(pending: &mut HashMap<u64, Running>, error: &Error) {
     for (_, running) in pending.drain() {
         let _ = running.reply.send(Err(error.clone()));
-    }
-}
-
-/// Once a worker told to unload has nothing left to run, it is asked to
-/// exit and given EXIT_GRACE to do so.
-async fn exit_when_done(
-    channel: &mut Channel,
-    kill: &CancellationToken,
-    pending: &HashMap<u64, Running>,
-    unloading: bool,
-    exit_by: &mut Option<tokio::time::Instant>,
-) {
-    if unloading && pending.is_empty() && exit_by.is_none() {
-        *exit_by = Some(tokio::time::Instant::now() + EXIT_GRACE);
-        let _ = unless_killed(kill, channel.send(DaemonToWorker::Unload)).await;
     }
 }
 

@@ -275,8 +275,10 @@ fn broken(problem: &str) -> StreamError {
     StreamError::Broken(problem.to_owned())
 }
 
-/// One frame of a streamed tensor, whatever message carries it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One frame of a streamed tensor, whatever message carries it: the
+/// client protocol spells its three frames out (its bytes are frozen), the
+/// worker protocol carries this enum as it is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TensorFrame {
     /// `TensorBegin`.
     Begin {
@@ -286,7 +288,7 @@ pub enum TensorFrame {
         shape: Vec<u64>,
     },
     /// `TensorChunk`: at most [`CHUNK_BYTES`].
-    Chunk(Vec<u8>),
+    Chunk(#[serde(with = "serde_bytes")] Vec<u8>),
     /// `TensorEnd`.
     End,
 }

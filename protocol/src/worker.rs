@@ -12,8 +12,8 @@
 //!   | -- Unload ------------------------->  |  the worker exits, freeing all
 //! ```
 //!
-//! Tensors over [`crate::stream::STREAM_ABOVE`] bytes travel as
-//! `TensorBegin`, `TensorChunk`s, `TensorEnd` just before the `Run` or
+//! Tensors over [`crate::stream::STREAM_ABOVE`] bytes travel as `Tensor`
+//! frames (a [`TensorFrame`]: begin, chunks, end) just before the `Run` or
 //! `Done` that holds them as placeholders (see [`crate::stream`]).
 //!
 //! EOF on the socket also makes the worker exit, and the worker dies with
@@ -21,7 +21,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{DType, Error, ModelKind, TensorFrame, WireTensor};
+use crate::{Error, ModelKind, TensorFrame, WireTensor};
 
 /// A frame from the daemon to a worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,21 +43,8 @@ pub enum DaemonToWorker {
         /// The job.
         id: u64,
     },
-    /// The start of a tensor of the next `Run`, streamed ahead of it.
-    TensorBegin {
-        /// Its element type.
-        dtype: DType,
-        /// Its dimensions.
-        shape: Vec<u64>,
-    },
-    /// The next bytes of the tensor begun last.
-    TensorChunk {
-        /// At most [`crate::CHUNK_BYTES`].
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
-    },
-    /// The tensor begun last is complete.
-    TensorEnd,
+    /// A frame of a tensor of the next `Run`, streamed ahead of it.
+    Tensor(TensorFrame),
 }
 
 /// Which model to load, where, and how.
@@ -101,28 +88,6 @@ pub enum Job {
         /// The forward's arguments, in order.
         inputs: Vec<WireTensor>,
     },
-}
-
-impl DaemonToWorker {
-    /// A frame of a tensor streamed ahead of the next `Run`.
-    pub fn tensor_frame(frame: TensorFrame) -> DaemonToWorker {
-        match frame {
-            TensorFrame::Begin { dtype, shape } => DaemonToWorker::TensorBegin { dtype, shape },
-            TensorFrame::Chunk(data) => DaemonToWorker::TensorChunk { data },
-            TensorFrame::End => DaemonToWorker::TensorEnd,
-        }
-    }
-}
-
-impl WorkerToDaemon {
-    /// A frame of an output of job `id`, streamed ahead of its `Done`.
-    pub fn tensor_frame(id: u64, frame: TensorFrame) -> WorkerToDaemon {
-        match frame {
-            TensorFrame::Begin { dtype, shape } => WorkerToDaemon::TensorBegin { id, dtype, shape },
-            TensorFrame::Chunk(data) => WorkerToDaemon::TensorChunk { data },
-            TensorFrame::End => WorkerToDaemon::TensorEnd,
-        }
-    }
 }
 
 impl Job {
@@ -200,24 +165,14 @@ pub enum WorkerToDaemon {
         /// Units in all.
         total: u32,
     },
-    /// The start of an output of job `id`, streamed ahead of its `Done`
-    /// (a tiled image's rows as they are finished, while the job runs).
-    TensorBegin {
+    /// A frame of an output of job `id`, streamed ahead of its `Done` (a
+    /// tiled image's rows as they are finished, while the job runs).
+    Tensor {
         /// The job.
         id: u64,
-        /// Its element type.
-        dtype: DType,
-        /// Its dimensions.
-        shape: Vec<u64>,
+        /// Begin, a chunk, or end.
+        frame: TensorFrame,
     },
-    /// The next bytes of the tensor begun last.
-    TensorChunk {
-        /// At most [`crate::CHUNK_BYTES`].
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
-    },
-    /// The tensor begun last is complete.
-    TensorEnd,
 }
 
 /// What loading cost.

@@ -554,12 +554,12 @@ fn worker_messages() {
     for message in [
         DaemonToWorker::Unload,
         DaemonToWorker::Cancel { id: 3 },
-        DaemonToWorker::TensorBegin {
+        DaemonToWorker::Tensor(TensorFrame::Begin {
             dtype: DType::U8,
             shape: vec![1, 2],
-        },
-        DaemonToWorker::TensorChunk { data: vec![1, 2] },
-        DaemonToWorker::TensorEnd,
+        }),
+        DaemonToWorker::Tensor(TensorFrame::Chunk(vec![1, 2])),
+        DaemonToWorker::Tensor(TensorFrame::End),
     ] {
         roundtrip(&message);
     }
@@ -575,13 +575,21 @@ fn worker_messages() {
             done: 1,
             total: 2,
         },
-        WorkerToDaemon::TensorBegin {
+        WorkerToDaemon::Tensor {
             id: 3,
-            dtype: DType::U8,
-            shape: vec![2],
+            frame: TensorFrame::Begin {
+                dtype: DType::U8,
+                shape: vec![2],
+            },
         },
-        WorkerToDaemon::TensorChunk { data: vec![1, 2] },
-        WorkerToDaemon::TensorEnd,
+        WorkerToDaemon::Tensor {
+            id: 3,
+            frame: TensorFrame::Chunk(vec![1, 2]),
+        },
+        WorkerToDaemon::Tensor {
+            id: 3,
+            frame: TensorFrame::End,
+        },
     ] {
         roundtrip(&message);
     }

@@ -39,6 +39,7 @@ fn the_schema_file_describes_every_message() {
     tracer.trace_simple_type::<ModelState>().unwrap();
     tracer.trace_simple_type::<KeepAlive>().unwrap();
     tracer.trace_simple_type::<ReloadTrigger>().unwrap();
+    tracer.trace_simple_type::<TensorFrame>().unwrap();
     let registry = tracer.registry().unwrap();
     let text = serde_json::to_string_pretty(&registry).unwrap() + "\n";
     pinned::check_or_bless("tests/schema.json", &text, "schema");

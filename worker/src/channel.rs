@@ -47,7 +47,7 @@ impl Channel {
     /// a placeholder.
     pub fn send_tensor(&self, id: u64, tensor: WireTensor) -> Result<(), FrameError> {
         for frame in gpuctl_protocol::stream::frames(tensor) {
-            self.send(&WorkerToDaemon::tensor_frame(id, frame))?;
+            self.send(&WorkerToDaemon::Tensor { id, frame })?;
         }
         Ok(())
     }

@@ -158,7 +158,7 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
                 };
                 let mut output = |frame| {
                     channel
-                        .send(&WorkerToDaemon::tensor_frame(id, frame))
+                        .send(&WorkerToDaemon::Tensor { id, frame })
                         .map_err(|e| format!("cannot send the output: {e}"))
                 };
                 let mut notes = Vec::new();
@@ -209,12 +209,7 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
                 return Err("a worker loads one model; Load came twice".to_owned())
             }
             // The reader thread keeps these for itself.
-            Some(
-                DaemonToWorker::Cancel { .. }
-                | DaemonToWorker::TensorBegin { .. }
-                | DaemonToWorker::TensorChunk { .. }
-                | DaemonToWorker::TensorEnd,
-            ) => {}
+            Some(DaemonToWorker::Cancel { .. } | DaemonToWorker::Tensor(_)) => {}
         }
     }
 }
@@ -240,16 +235,8 @@ fn read_messages(
                 continue;
             }
             // Checked when the Run they precede comes.
-            Ok(Some(DaemonToWorker::TensorBegin { dtype, shape })) => {
-                streamed.begin(dtype, shape, usize::MAX);
-                continue;
-            }
-            Ok(Some(DaemonToWorker::TensorChunk { data })) => {
-                streamed.chunk(&data);
-                continue;
-            }
-            Ok(Some(DaemonToWorker::TensorEnd)) => {
-                streamed.end();
+            Ok(Some(DaemonToWorker::Tensor(frame))) => {
+                streamed.frame(&frame, usize::MAX);
                 continue;
             }
             Ok(Some(DaemonToWorker::Run { id, mut job })) => std::mem::take(&mut streamed)

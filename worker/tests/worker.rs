@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use gpuctl_protocol::worker::*;
 use gpuctl_protocol::{
-    decode_payload, encode_payload, DType, Error, ErrorCode, ImageLayout, ModelKind, WireTensor,
+    decode_payload, encode_payload, DType, Error, ErrorCode, ImageLayout, ModelKind, TensorFrame,
+    WireTensor,
 };
 
 fn models() -> PathBuf {
@@ -118,7 +119,7 @@ impl Worker {
     ) -> Result<(Vec<WireTensor>, Vec<String>), Error> {
         for tensor in gpuctl_protocol::stream::take_streamed(job.tensors_mut()) {
             for frame in gpuctl_protocol::stream::frames(tensor) {
-                self.send(&DaemonToWorker::tensor_frame(frame));
+                self.send(&DaemonToWorker::Tensor(frame));
             }
         }
         self.send(&DaemonToWorker::Run { id, job });
@@ -133,16 +134,10 @@ impl Worker {
                     assert_eq!(of, id);
                     assert!(0 < done && done <= total, "{done}/{total}");
                 }
-                WorkerToDaemon::TensorBegin {
-                    id: of,
-                    dtype,
-                    shape,
-                } => {
+                WorkerToDaemon::Tensor { id: of, frame } => {
                     assert_eq!(of, id);
-                    streamed.begin(dtype, shape, usize::MAX)
+                    streamed.frame(&frame, usize::MAX)
                 }
-                WorkerToDaemon::TensorChunk { data } => streamed.chunk(&data),
-                WorkerToDaemon::TensorEnd => streamed.end(),
                 other => break other,
             }
         };
@@ -808,7 +803,10 @@ fn a_tiled_rgb8_image_streams_its_rows_while_later_tiles_run() {
     let outputs = loop {
         match pixels_worker.receive() {
             WorkerToDaemon::Progress { done, total, .. } => seen.push(format!("{done}/{total}")),
-            WorkerToDaemon::TensorBegin { id, dtype, shape } => {
+            WorkerToDaemon::Tensor {
+                id,
+                frame: TensorFrame::Begin { dtype, shape },
+            } => {
                 assert_eq!(
                     (id, dtype, &shape[..]),
                     (7, DType::U8, &[1, 800, 1200, 3][..])
@@ -816,11 +814,17 @@ fn a_tiled_rgb8_image_streams_its_rows_while_later_tiles_run() {
                 seen.push("begin".into());
                 streamed.begin(dtype, shape, usize::MAX);
             }
-            WorkerToDaemon::TensorChunk { data } => {
+            WorkerToDaemon::Tensor {
+                id: 7,
+                frame: TensorFrame::Chunk(data),
+            } => {
                 seen.push("chunk".into());
                 streamed.chunk(&data);
             }
-            WorkerToDaemon::TensorEnd => {
+            WorkerToDaemon::Tensor {
+                id: 7,
+                frame: TensorFrame::End,
+            } => {
                 seen.push("end".into());
                 streamed.end();
             }

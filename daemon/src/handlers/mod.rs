@@ -1,5 +1,6 @@
 //! One file per request; [`handle`] dispatches with one exhaustive match.
 
+mod cancel;
 mod generate;
 mod load;
 mod models;
@@ -52,10 +53,6 @@ pub async fn handle(
         Request::Watch(request) => watch::handle(request, ctx, events)
             .await
             .map(Response::Watch),
-        // The connection serves Cancel itself: it owns the requests.
-        Request::Cancel(request) => Err(gpuctl_protocol::Error::new(
-            gpuctl_protocol::ErrorCode::Internal,
-            format!("request {} cannot be cancelled from here", request.id),
-        )),
+        Request::Cancel(request) => Ok(Response::Cancel(cancel::handle(request, events).await)),
     }
 }

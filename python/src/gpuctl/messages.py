@@ -567,9 +567,7 @@ class DaemonToWorker(Variant):
     Run: ClassVar[Type["DaemonToWorkerRun"]]
     Unload: ClassVar[Type["DaemonToWorkerUnload"]]
     Cancel: ClassVar[Type["DaemonToWorkerCancel"]]
-    TensorBegin: ClassVar[Type["DaemonToWorkerTensorBegin"]]
-    TensorChunk: ClassVar[Type["DaemonToWorkerTensorChunk"]]
-    TensorEnd: ClassVar[Type["DaemonToWorkerTensorEnd"]]
+    Tensor: ClassVar[Type["DaemonToWorkerTensor"]]
 
 
 @dataclass
@@ -601,33 +599,17 @@ class DaemonToWorkerCancel(DaemonToWorker):
 
 
 @dataclass
-class DaemonToWorkerTensorBegin(DaemonToWorker):
+class DaemonToWorkerTensor(DaemonToWorker):
     INDEX: ClassVar[int] = 4
-    NAME: ClassVar[str] = "TensorBegin"
-    dtype: DType
-    shape: List[int] = field(default_factory=list)
-
-
-@dataclass
-class DaemonToWorkerTensorChunk(DaemonToWorker):
-    INDEX: ClassVar[int] = 5
-    NAME: ClassVar[str] = "TensorChunk"
-    data: bytes = b""
-
-
-@dataclass
-class DaemonToWorkerTensorEnd(DaemonToWorker):
-    INDEX: ClassVar[int] = 6
-    NAME: ClassVar[str] = "TensorEnd"
+    NAME: ClassVar[str] = "Tensor"
+    value: TensorFrame
 
 
 DaemonToWorker.Load = DaemonToWorkerLoad
 DaemonToWorker.Run = DaemonToWorkerRun
 DaemonToWorker.Unload = DaemonToWorkerUnload
 DaemonToWorker.Cancel = DaemonToWorkerCancel
-DaemonToWorker.TensorBegin = DaemonToWorkerTensorBegin
-DaemonToWorker.TensorChunk = DaemonToWorkerTensorChunk
-DaemonToWorker.TensorEnd = DaemonToWorkerTensorEnd
+DaemonToWorker.Tensor = DaemonToWorkerTensor
 
 
 class Event(Variant):
@@ -1116,6 +1098,40 @@ Response.Watch = ResponseWatch
 Response.Cancel = ResponseCancel
 
 
+class TensorFrame(Variant):
+    """One of the variants of `TensorFrame`."""
+
+    Begin: ClassVar[Type["TensorFrameBegin"]]
+    Chunk: ClassVar[Type["TensorFrameChunk"]]
+    End: ClassVar[Type["TensorFrameEnd"]]
+
+
+@dataclass
+class TensorFrameBegin(TensorFrame):
+    INDEX: ClassVar[int] = 0
+    NAME: ClassVar[str] = "Begin"
+    dtype: DType
+    shape: List[int] = field(default_factory=list)
+
+
+@dataclass
+class TensorFrameChunk(TensorFrame):
+    INDEX: ClassVar[int] = 1
+    NAME: ClassVar[str] = "Chunk"
+    value: bytes = b""
+
+
+@dataclass
+class TensorFrameEnd(TensorFrame):
+    INDEX: ClassVar[int] = 2
+    NAME: ClassVar[str] = "End"
+
+
+TensorFrame.Begin = TensorFrameBegin
+TensorFrame.Chunk = TensorFrameChunk
+TensorFrame.End = TensorFrameEnd
+
+
 class UnloadReason(Variant):
     """One of the variants of `UnloadReason`."""
 
@@ -1205,9 +1221,7 @@ class WorkerToDaemon(Variant):
     Done: ClassVar[Type["WorkerToDaemonDone"]]
     Failed: ClassVar[Type["WorkerToDaemonFailed"]]
     Progress: ClassVar[Type["WorkerToDaemonProgress"]]
-    TensorBegin: ClassVar[Type["WorkerToDaemonTensorBegin"]]
-    TensorChunk: ClassVar[Type["WorkerToDaemonTensorChunk"]]
-    TensorEnd: ClassVar[Type["WorkerToDaemonTensorEnd"]]
+    Tensor: ClassVar[Type["WorkerToDaemonTensor"]]
 
 
 @dataclass
@@ -1245,34 +1259,18 @@ class WorkerToDaemonProgress(WorkerToDaemon):
 
 
 @dataclass
-class WorkerToDaemonTensorBegin(WorkerToDaemon):
+class WorkerToDaemonTensor(WorkerToDaemon):
     INDEX: ClassVar[int] = 4
-    NAME: ClassVar[str] = "TensorBegin"
+    NAME: ClassVar[str] = "Tensor"
     id: int
-    dtype: DType
-    shape: List[int] = field(default_factory=list)
-
-
-@dataclass
-class WorkerToDaemonTensorChunk(WorkerToDaemon):
-    INDEX: ClassVar[int] = 5
-    NAME: ClassVar[str] = "TensorChunk"
-    data: bytes = b""
-
-
-@dataclass
-class WorkerToDaemonTensorEnd(WorkerToDaemon):
-    INDEX: ClassVar[int] = 6
-    NAME: ClassVar[str] = "TensorEnd"
+    frame: TensorFrame
 
 
 WorkerToDaemon.Loaded = WorkerToDaemonLoaded
 WorkerToDaemon.Done = WorkerToDaemonDone
 WorkerToDaemon.Failed = WorkerToDaemonFailed
 WorkerToDaemon.Progress = WorkerToDaemonProgress
-WorkerToDaemon.TensorBegin = WorkerToDaemonTensorBegin
-WorkerToDaemon.TensorChunk = WorkerToDaemonTensorChunk
-WorkerToDaemon.TensorEnd = WorkerToDaemonTensorEnd
+WorkerToDaemon.Tensor = WorkerToDaemonTensor
 
 
 # The schema itself, for the codec.
@@ -1315,10 +1313,7 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                                                       {'job': {'TYPENAME': 'Job'}}]}},
                              '2': {'Unload': 'UNIT'},
                              '3': {'Cancel': {'STRUCT': [{'id': 'U64'}]}},
-                             '4': {'TensorBegin': {'STRUCT': [{'dtype': {'TYPENAME': 'DType'}},
-                                                              {'shape': {'SEQ': 'U64'}}]}},
-                             '5': {'TensorChunk': {'STRUCT': [{'data': 'BYTES'}]}},
-                             '6': {'TensorEnd': 'UNIT'}}},
+                             '4': {'Tensor': {'NEWTYPE': {'TYPENAME': 'TensorFrame'}}}}},
  'Error': {'STRUCT': [{'code': {'TYPENAME': 'ErrorCode'}}, {'message': 'STR'}]},
  'ErrorCode': {'ENUM': {'0': {'Internal': 'UNIT'},
                         '1': {'InvalidRequest': 'UNIT'},
@@ -1536,6 +1531,10 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                                {'config': {'TYPENAME': 'ConfigStatus'}},
                                {'connections': 'U32'},
                                {'models': {'SEQ': {'TYPENAME': 'ModelStatus'}}}]},
+ 'TensorFrame': {'ENUM': {'0': {'Begin': {'STRUCT': [{'dtype': {'TYPENAME': 'DType'}},
+                                                     {'shape': {'SEQ': 'U64'}}]}},
+                          '1': {'Chunk': {'NEWTYPE': 'BYTES'}},
+                          '2': {'End': 'UNIT'}}},
  'Tiling': {'STRUCT': [{'tile': 'U32'}, {'overlap': 'U32'}, {'batch': 'U32'}, {'retries': 'U32'}]},
  'UnloadReason': {'ENUM': {'0': {'IdleTimeout': 'UNIT'},
                            '1': {'Lru': 'UNIT'},
@@ -1573,8 +1572,5 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                              '3': {'Progress': {'STRUCT': [{'id': 'U64'},
                                                            {'done': 'U32'},
                                                            {'total': 'U32'}]}},
-                             '4': {'TensorBegin': {'STRUCT': [{'id': 'U64'},
-                                                              {'dtype': {'TYPENAME': 'DType'}},
-                                                              {'shape': {'SEQ': 'U64'}}]}},
-                             '5': {'TensorChunk': {'STRUCT': [{'data': 'BYTES'}]}},
-                             '6': {'TensorEnd': 'UNIT'}}}}
+                             '4': {'Tensor': {'STRUCT': [{'id': 'U64'},
+                                                         {'frame': {'TYPENAME': 'TensorFrame'}}]}}}}}
