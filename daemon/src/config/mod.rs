@@ -4,15 +4,21 @@
 //! default; a unit test keeps it equal to `Config::default()`.
 
 mod error;
+mod gpu;
+mod model;
+mod source;
 mod values;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use gpuctl_protocol::{GenerateDefaults, KeepAlive, ModelInfo, ModelKind};
+use gpuctl_protocol::{GenerateDefaults, KeepAlive, ModelInfo};
 use serde::Deserialize;
 
 pub use error::ConfigError;
+pub use gpu::{Backend, GpuConfig, SimConfig, SimDevice};
+pub use model::{check_tiling, Kind, ModelConfig, ModelDefaults, Precision};
+pub use source::ConfigSource;
 pub use values::{Bytes, Device, Duration, KeepAliveSetting, LogLevel, Mode, Size};
 
 /// The smallest `daemon.max_frame`: a frame must hold a streamed tensor's
@@ -124,223 +130,6 @@ pub struct PolicyConfig {
     pub max_steps: u32,
 }
 
-/// `[gpu]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GpuConfig {
-    /// `auto`, `nvml`, `sim` or `none`.
-    pub backend: Backend,
-    /// How often the GPUs are sampled while gpuctld has something on them
-    /// (models, waiting loads, reservations).
-    pub poll_interval: Duration,
-    /// Memory gpuctld leaves free for other programs: loads must fit with
-    /// it to spare, and idle models are unloaded when free memory falls below.
-    pub min_free_vram: Bytes,
-    /// How long a load waits for memory before failing with `InsufficientVram`.
-    pub load_wait: Duration,
-    /// Under sustained pressure, unload busy models once their work ends.
-    pub yield_busy: bool,
-    /// Members of this group may reserve GPU memory without limits, as
-    /// administrators may.
-    pub reserve_group: String,
-    /// The largest reservation others may make; "0": none at all.
-    pub reserve_max: Bytes,
-    /// The longest others' reservations live (without a ttl they get this one).
-    pub reserve_max_ttl: Duration,
-    /// The simulated device, for `backend = "sim"`.
-    pub sim: SimConfig,
-}
-
-/// The precision a model runs in on CUDA.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// float32.
-    #[default]
-    Fp32,
-    /// float16: half the memory and, on tensor cores, several times the
-    /// speed; inputs and outputs stay float32 outside the forward.
-    Fp16,
-}
-
-/// How GPUs are read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// NVML if it loads and reports a device, else none.
-    #[default]
-    Auto,
-    /// The NVIDIA driver's management library.
-    Nvml,
-    /// A simulated device (tests, demos).
-    Sim,
-    /// No GPU.
-    None,
-}
-
-/// `[gpu.sim]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SimConfig {
-    /// JSON list of `{ pid, name, device, bytes }`, read at every sample;
-    /// a missing file means no foreign usage.
-    pub foreign_usage_file: String,
-    /// The simulated devices.
-    pub devices: Vec<SimDevice>,
-}
-
-/// `[[gpu.sim.devices]]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SimDevice {
-    /// Shown as the device's name.
-    pub name: String,
-    /// Its memory.
-    pub total: Bytes,
-}
-
-impl Default for GpuConfig {
-    fn default() -> Self {
-        GpuConfig {
-            backend: Backend::Auto,
-            poll_interval: Duration(std::time::Duration::from_millis(500)),
-            min_free_vram: Bytes(512 << 20),
-            load_wait: Duration(std::time::Duration::from_secs(60)),
-            yield_busy: true,
-            reserve_group: String::new(),
-            reserve_max: Bytes(0),
-            reserve_max_ttl: Duration(std::time::Duration::from_secs(3600)),
-            sim: SimConfig::default(),
-        }
-    }
-}
-
-impl Default for SimConfig {
-    fn default() -> Self {
-        SimConfig {
-            foreign_usage_file: "/run/gpuctl/sim-foreign.json".to_owned(),
-            devices: vec![SimDevice {
-                name: "Sim 24G".to_owned(),
-                total: Bytes(24 << 30),
-            }],
-        }
-    }
-}
-
-/// `[models.NAME]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// The TorchScript file, absolute or relative to `model_root`.
-    pub path: PathBuf,
-    /// `image`, `generate` or `tensor`.
-    pub kind: Kind,
-    /// `auto`, `cpu`, `cuda` or `cuda:N`.
-    #[serde(default)]
-    pub device: Device,
-    /// Overrides `policy.keep_alive`.
-    #[serde(default)]
-    pub keep_alive: Option<KeepAliveSetting>,
-    /// Load at start-up instead of on first use.
-    #[serde(default)]
-    pub preload: bool,
-    /// Never evicted by the LRU cap or the idle timer.
-    #[serde(default)]
-    pub pin: bool,
-    /// At most one model of a group is resident at a time.
-    #[serde(default)]
-    pub group: Option<String>,
-    /// Output size / input size (`image`).
-    #[serde(default)]
-    pub scale: Option<u32>,
-    /// Tile edge in pixels (`image`).
-    #[serde(default)]
-    pub tile: Option<u32>,
-    /// Tile overlap in pixels (`image`).
-    #[serde(default)]
-    pub overlap: Option<u32>,
-    /// Tiles per forward (`image` with `tile`).
-    #[serde(default = "four")]
-    pub batch: u32,
-    /// Times a failing batch of tiles is retried before the request fails.
-    #[serde(default = "two")]
-    pub tile_retries: u32,
-    /// The floating-point precision of the forward on CUDA (`image` and
-    /// `generate`); the CPU always runs float32.
-    #[serde(default)]
-    pub precision: Precision,
-    /// Requests run at once on this model.
-    #[serde(default = "one")]
-    pub concurrency: u32,
-    /// Request defaults (`generate`).
-    #[serde(default)]
-    pub defaults: ModelDefaults,
-    /// Channels of the noise a `generate` model takes.
-    #[serde(default = "four")]
-    pub noise_channels: u32,
-    /// Output size / noise size of a `generate` model.
-    #[serde(default = "eight")]
-    pub latent_scale: u32,
-    /// CPU threads for its worker; 0 shares the cores among the models
-    /// that can be resident at once.
-    #[serde(default)]
-    pub threads: u32,
-    /// The GPU memory it needs; unset: measured at its last load, else its
-    /// file size × 1.2.
-    #[serde(default)]
-    pub vram: Option<Bytes>,
-}
-
-fn two() -> u32 {
-    2
-}
-
-fn four() -> u32 {
-    4
-}
-
-fn eight() -> u32 {
-    8
-}
-
-fn one() -> u32 {
-    1
-}
-
-/// A model's kind, as written in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// See [`ModelKind::Image`].
-    Image,
-    /// See [`ModelKind::Generate`].
-    Generate,
-    /// See [`ModelKind::Tensor`].
-    Tensor,
-}
-
-impl From<Kind> for ModelKind {
-    fn from(kind: Kind) -> Self {
-        match kind {
-            Kind::Image => ModelKind::Image,
-            Kind::Generate => ModelKind::Generate,
-            Kind::Tensor => ModelKind::Tensor,
-        }
-    }
-}
-
-/// `defaults = { size = "896x1152", steps = 40, guidance = 8.0 }`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelDefaults {
-    /// Output size, `WIDTHxHEIGHT`.
-    pub size: Option<Size>,
-    /// Sampling steps.
-    pub steps: Option<u32>,
-    /// Guidance scale.
-    pub guidance: Option<f32>,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -391,58 +180,6 @@ impl Default for PolicyConfig {
             request_timeout: Duration(std::time::Duration::from_secs(3600)),
             cancel_grace: Duration(std::time::Duration::from_secs(10)),
             max_steps: 1000,
-        }
-    }
-}
-
-/// Where a configuration came from, for error messages and `Status`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConfigSource {
-    /// A file on disk, re-read on reload.
-    File(PathBuf),
-    /// [`DEFAULT_CONFIG`].
-    Embedded,
-}
-
-impl ConfigSource {
-    /// `--config`, else `$GPUCTL_CONFIG`, else [`SYSTEM_CONFIG`] if it exists,
-    /// else the embedded default.
-    pub fn choose(flag: Option<PathBuf>) -> ConfigSource {
-        let from_env = std::env::var_os(CONFIG_ENV)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from);
-        match flag.or(from_env) {
-            Some(path) => ConfigSource::File(path),
-            None if Path::new(SYSTEM_CONFIG).exists() => ConfigSource::File(SYSTEM_CONFIG.into()),
-            None => ConfigSource::Embedded,
-        }
-    }
-
-    /// The file's path, if there is one.
-    pub fn path(&self) -> Option<&Path> {
-        match self {
-            ConfigSource::File(path) => Some(path),
-            ConfigSource::Embedded => None,
-        }
-    }
-
-    /// How error messages name this source.
-    pub fn describe(&self) -> String {
-        match self {
-            ConfigSource::File(path) => path.display().to_string(),
-            ConfigSource::Embedded => "<embedded default config>".to_owned(),
-        }
-    }
-
-    /// Reads and validates the configuration.
-    pub fn load(&self) -> Result<Config, ConfigError> {
-        match self {
-            ConfigSource::File(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError::unreadable(self.describe(), e))?;
-                Config::parse(&text, &self.describe())
-            }
-            ConfigSource::Embedded => Config::parse(DEFAULT_CONFIG, &self.describe()),
         }
     }
 }
@@ -595,87 +332,6 @@ impl Config {
             })
             .collect()
     }
-}
-
-impl ModelConfig {
-    /// Checks one model; the error names the key below `models.NAME`.
-    fn validate(&self, _name: &str) -> Result<(), (&'static str, String)> {
-        if self.path.as_os_str().is_empty() {
-            return Err(("path", "must name a TorchScript file".into()));
-        }
-        if self.concurrency == 0 {
-            return Err(("concurrency", "must be at least 1".into()));
-        }
-        if matches!(&self.group, Some(group) if group.trim().is_empty()) {
-            return Err((
-                "group",
-                "must not be empty; leave it out for no group".into(),
-            ));
-        }
-        if self.kind != Kind::Image {
-            for (key, set) in [
-                ("scale", self.scale.is_some()),
-                ("tile", self.tile.is_some()),
-                ("overlap", self.overlap.is_some()),
-            ] {
-                if set {
-                    return Err((key, "applies only to models of kind \"image\"".into()));
-                }
-            }
-        }
-        if self.kind == Kind::Tensor && self.precision != Precision::Fp32 {
-            return Err((
-                "precision",
-                "applies only to models of kind \"image\" and \"generate\" (a tensor model takes its inputs in the dtypes they are sent in)".into(),
-            ));
-        }
-        if self.kind != Kind::Generate && self.defaults != ModelDefaults::default() {
-            return Err((
-                "defaults",
-                "applies only to models of kind \"generate\"".into(),
-            ));
-        }
-        if self.batch == 0 {
-            return Err(("batch", "must be at least 1".into()));
-        }
-        if self.scale == Some(0) {
-            return Err(("scale", "must be at least 1".into()));
-        }
-        if let Some(tile) = self.tile {
-            check_tiling(tile, self.overlap.unwrap_or(0))?;
-        }
-        if self.kind == Kind::Generate && self.noise_channels == 0 {
-            return Err(("noise_channels", "must be at least 1".into()));
-        }
-        if self.kind == Kind::Generate && self.latent_scale == 0 {
-            return Err(("latent_scale", "must be at least 1".into()));
-        }
-        if self.defaults.steps == Some(0) {
-            return Err(("defaults.steps", "must be at least 1".into()));
-        }
-        if matches!(self.defaults.guidance, Some(g) if !g.is_finite() || g < 0.0) {
-            return Err(("defaults.guidance", "must be a finite number ≥ 0".into()));
-        }
-        Ok(())
-    }
-}
-
-/// Whether tiles of `tile` pixels overlapping by `overlap` can be cut; the
-/// key at fault and why not. Configured tilings and requested ones alike.
-pub fn check_tiling(tile: u32, overlap: u32) -> Result<(), (&'static str, String)> {
-    if tile < 16 {
-        return Err((
-            "tile",
-            format!("tile {tile} is too small: at least 16 pixels"),
-        ));
-    }
-    if overlap.saturating_mul(2) >= tile {
-        return Err((
-            "overlap",
-            format!("overlap {overlap} is too large for tile {tile}: twice the overlap must be less than the tile"),
-        ));
-    }
-    Ok(())
 }
 
 fn valid_model_name(name: &str) -> bool {

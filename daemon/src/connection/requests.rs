@@ -1,20 +1,17 @@
-//! One client connection: handshake, then requests served concurrently,
-//! each answered under its id. A bad frame closes this connection only.
+//! The requests of one connection: read, spawned, tracked in one map by
+//! id until answered, cancelled on request; its events and streamed
+//! outputs written ahead of the answers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use futures_util::{SinkExt, StreamExt};
-use gpuctl_protocol::stream::take_streamed;
+use futures_util::StreamExt;
 use gpuctl_protocol::{
-    ClientMessage, DaemonMessage, Error, ErrorCode, FrameCodec, FrameError, Hello, ProtocolVersion,
-    RequestId, Response, Welcome, WireTensor, PROTOCOL_VERSION,
+    ClientMessage, DaemonMessage, Error, ErrorCode, ProtocolVersion, RequestId, Response,
 };
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -24,152 +21,22 @@ use crate::handlers;
 use crate::outbox::{EventSink, Outgoing, Shared};
 use crate::uploads::Uploads;
 
-type Connection = Framed<UnixStream, FrameCodec<ClientMessage, DaemonMessage>>;
-
-/// Requests a connection may have streamed tensors for without sending
-/// them yet; past it the client is misbehaving and is disconnected.
-const MAX_STREAMS: usize = 1024;
-
-fn too_many_streams() -> Error {
-    Error::new(
-        ErrorCode::InvalidRequest,
-        format!("tensors streamed for more than {MAX_STREAMS} requests that were never sent; closing the connection"),
-    )
-}
-
-/// How long a goodbye frame may take to write before we just hang up.
-const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// The peer's credentials; a socket that reports none is treated as a
-/// stranger with no privileges.
-pub fn peer_of(stream: &UnixStream) -> Peer {
-    match stream.peer_cred() {
-        Ok(cred) => Peer {
-            uid: cred.uid(),
-            gid: cred.gid(),
-            pid: cred.pid(),
-        },
-        Err(error) => {
-            tracing::warn!(%error, "cannot read peer credentials");
-            Peer {
-                uid: u32::MAX,
-                gid: u32::MAX,
-                pid: None,
-            }
-        }
-    }
-}
-
-/// Serves one connection until the client leaves, misbehaves, or the
-/// daemon shuts down (then requests in flight finish first, until
-/// `hard_stop` says the grace is over).
-pub async fn serve(
-    stream: UnixStream,
-    ctx: Arc<Context>,
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
-) {
-    let peer = peer_of(&stream);
-    let span = tracing::info_span!("connection", uid = peer.uid, pid = peer.pid.unwrap_or(0));
-    async move {
-        let _counted = ctx.connections.open();
-        let config = ctx.registry.config();
-        let max_frame = config.daemon.max_frame.0 as usize;
-        let mut connection = Framed::new(stream, FrameCodec::new(max_frame));
-        let hello = tokio::select! {
-            _ = shutdown.cancelled() => Err(shutting_down()),
-            hello = handshake(&mut connection, config.daemon.handshake_timeout.0) => hello,
-        };
-        match hello {
-            Ok(Some(hello)) => {
-                tracing::debug!(client = %hello.client, version = %hello.protocol, "client connected");
-                let stops = Stops {
-                    shutdown: &shutdown,
-                    hard_stop: &hard_stop,
-                };
-                serve_requests(&mut connection, peer, &ctx, stops, hello.protocol).await;
-            }
-            Ok(None) => {}
-            Err(reason) => say_goodbye(&mut connection, reason).await,
-        }
-        tracing::debug!("connection closed");
-    }
-    .instrument(span)
-    .await
-}
-
-/// Turns away a connection over the limit, telling it why.
-pub async fn refuse(stream: UnixStream, max_frame: usize, reason: Error) {
-    let mut connection: Connection = Framed::new(stream, FrameCodec::new(max_frame));
-    // Read the Hello that is usually already on its way: closing a Unix
-    // socket with unread input makes the peer's reads fail with ECONNRESET,
-    // and the client would never see why it was turned away.
-    let _ = tokio::time::timeout(GOODBYE_TIMEOUT / 4, connection.next()).await;
-    say_goodbye(&mut connection, reason).await;
-}
-
-/// Waits for Hello and answers it. `Ok(None)`: the client left quietly.
-async fn handshake(connection: &mut Connection, limit: Duration) -> Result<Option<Hello>, Error> {
-    let first = tokio::time::timeout(limit, connection.next())
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorCode::Timeout,
-                format!("no Hello within {limit:?}; closing the connection"),
-            )
-        })?;
-    let hello = match first {
-        None => return Ok(None),
-        Some(Err(error)) => return Err(frame_error(&error).unwrap_or_else(|| closed_error(&error))),
-        Some(Ok(ClientMessage::Hello(hello))) => hello,
-        Some(Ok(_)) => {
-            return Err(Error::new(
-                ErrorCode::InvalidRequest,
-                "the first frame must be Hello",
-            ));
-        }
-    };
-    if !PROTOCOL_VERSION.is_compatible_with(hello.protocol) {
-        tracing::info!(client = %hello.client, version = %hello.protocol, "incompatible client");
-        return Err(Error::new(
-            ErrorCode::Incompatible,
-            format!(
-                "client {:?} speaks protocol {}, gpuctld {} speaks {}; use a gpuctl of the same major version",
-                hello.client,
-                hello.protocol,
-                env!("CARGO_PKG_VERSION"),
-                PROTOCOL_VERSION
-            ),
-        ));
-    }
-    let welcome = Welcome {
-        protocol: PROTOCOL_VERSION,
-        daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
-        capabilities: handlers::CAPABILITIES
-            .iter()
-            .map(|c| (*c).to_owned())
-            .collect(),
-    };
-    connection
-        .send(DaemonMessage::Welcome(welcome))
-        .await
-        .map_err(|e| closed_error(&e))?;
-    Ok(Some(hello))
-}
+use super::out::{send_answer, Out};
+use super::{frame_error, say_goodbye, shutting_down, too_many_streams, Connection, MAX_STREAMS};
 
 /// The daemon's two ways of ending a connection: stop taking requests
 /// (shutdown), and stop waiting for those in flight (the grace is over).
 #[derive(Clone, Copy)]
-struct Stops<'a> {
-    shutdown: &'a CancellationToken,
-    hard_stop: &'a CancellationToken,
+pub(super) struct Stops<'a> {
+    pub(super) shutdown: &'a CancellationToken,
+    pub(super) hard_stop: &'a CancellationToken,
 }
 
 /// A request's task's result: its id, its answer, and the bytes of that
 /// answer counted as unread until it is written.
 type Finished = (RequestId, Result<Response, Error>, usize);
 
-async fn serve_requests(
+pub(super) async fn serve_requests(
     connection: &mut Connection,
     peer: Peer,
     ctx: &Arc<Context>,
@@ -441,147 +308,9 @@ fn unread_error(shared: &Shared) -> Error {
     )
 }
 
-/// How everything is written to one client: as its protocol version can
-/// decode it, each frame within `daemon.send_timeout` (a client that reads
-/// nothing must not hold its connection's task, nor the memory waiting for
-/// it, for ever).
-#[derive(Clone, Copy)]
-struct Out {
-    protocol: ProtocolVersion,
-    limit: Duration,
-}
-
-impl Out {
-    async fn feed(
-        &self,
-        connection: &mut Connection,
-        message: DaemonMessage,
-    ) -> Result<(), FrameError> {
-        let message = message.for_peer(self.protocol);
-        self.within(connection.feed(message)).await
-    }
-
-    async fn send(
-        &self,
-        connection: &mut Connection,
-        message: DaemonMessage,
-    ) -> Result<(), FrameError> {
-        let message = message.for_peer(self.protocol);
-        self.within(connection.send(message)).await
-    }
-
-    async fn flush(&self, connection: &mut Connection) -> Result<(), FrameError> {
-        self.within(connection.flush()).await
-    }
-
-    async fn within(
-        &self,
-        write: impl std::future::Future<Output = Result<(), FrameError>>,
-    ) -> Result<(), FrameError> {
-        match tokio::time::timeout(self.limit, write).await {
-            Ok(written) => written,
-            Err(_) => {
-                tracing::info!(
-                    limit_ms = self.limit.as_millis() as u64,
-                    "the client reads nothing of what it is sent; disconnecting it (daemon.send_timeout)"
-                );
-                Err(FrameError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the client did not read within daemon.send_timeout",
-                )))
-            }
-        }
-    }
-}
-
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
         None => std::future::pending().await,
     }
-}
-
-/// Sends a final answer, its large output tensors streamed ahead of it
-/// when the client takes streams; an answer still too large for a frame
-/// becomes an error for that request alone. `false`: the connection is gone.
-async fn send_answer(connection: &mut Connection, out: Out, mut message: DaemonMessage) -> bool {
-    let id = match &message {
-        DaemonMessage::Response { id, .. } | DaemonMessage::Error { id, .. } => Some(*id),
-        _ => None,
-    };
-    let (of, streamed) = match &mut message {
-        DaemonMessage::Response {
-            id,
-            response: Response::Generate(generate),
-        } if out.protocol.streams_tensors() => (*id, take_streamed(&mut generate.outputs)),
-        _ => (0, Vec::new()),
-    };
-    for tensor in streamed {
-        if send_stream(connection, out, of, tensor).await.is_err() {
-            return false;
-        }
-    }
-    match out.send(connection, message).await {
-        Ok(()) => true,
-        Err(FrameError::TooLarge { max }) => {
-            let Some(id) = id else { return true };
-            let error = Error::new(
-                ErrorCode::Internal,
-                format!("the answer exceeds the frame limit of {max} bytes"),
-            );
-            out.send(connection, DaemonMessage::Error { id, error })
-                .await
-                .is_ok()
-        }
-        Err(error) => {
-            tracing::debug!(%error, "cannot write to client");
-            false
-        }
-    }
-}
-
-/// Streams one output tensor: begin, chunks, end.
-async fn send_stream(
-    connection: &mut Connection,
-    out: Out,
-    id: RequestId,
-    tensor: WireTensor,
-) -> Result<(), FrameError> {
-    for frame in gpuctl_protocol::stream::frames(tensor) {
-        out.feed(connection, DaemonMessage::tensor_frame(id, frame))
-            .await?;
-    }
-    out.flush(connection).await
-}
-
-/// Sends `Closing(reason)` if the client still listens, then returns so the
-/// caller drops the socket.
-async fn say_goodbye(connection: &mut Connection, reason: Error) {
-    tracing::debug!(code = %reason.code, reason = %reason.message, "closing connection");
-    let _ = tokio::time::timeout(
-        GOODBYE_TIMEOUT,
-        connection.send(DaemonMessage::Closing(reason)),
-    )
-    .await;
-}
-
-/// The error to send for a bad incoming frame; `None` when the socket itself failed.
-fn frame_error(error: &FrameError) -> Option<Error> {
-    match error {
-        FrameError::TooLarge { .. } => {
-            Some(Error::new(ErrorCode::FrameTooLarge, error.to_string()))
-        }
-        FrameError::Malformed(_) | FrameError::Truncated { .. } => {
-            Some(Error::new(ErrorCode::MalformedFrame, error.to_string()))
-        }
-        FrameError::Io(_) | FrameError::Encode(_) => None,
-    }
-}
-
-fn closed_error(error: &FrameError) -> Error {
-    Error::new(ErrorCode::Internal, error.to_string())
-}
-
-fn shutting_down() -> Error {
-    Error::new(ErrorCode::ShuttingDown, "gpuctld is shutting down")
 }

@@ -1,0 +1,215 @@
+//! `[models.NAME]`: one model's settings and their checks.
+
+use std::path::PathBuf;
+
+use gpuctl_protocol::ModelKind;
+use serde::Deserialize;
+
+use super::*;
+
+/// `[models.NAME]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The TorchScript file, absolute or relative to `model_root`.
+    pub path: PathBuf,
+    /// `image`, `generate` or `tensor`.
+    pub kind: Kind,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[serde(default)]
+    pub device: Device,
+    /// Overrides `policy.keep_alive`.
+    #[serde(default)]
+    pub keep_alive: Option<KeepAliveSetting>,
+    /// Load at start-up instead of on first use.
+    #[serde(default)]
+    pub preload: bool,
+    /// Never evicted by the LRU cap or the idle timer.
+    #[serde(default)]
+    pub pin: bool,
+    /// At most one model of a group is resident at a time.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Output size / input size (`image`).
+    #[serde(default)]
+    pub scale: Option<u32>,
+    /// Tile edge in pixels (`image`).
+    #[serde(default)]
+    pub tile: Option<u32>,
+    /// Tile overlap in pixels (`image`).
+    #[serde(default)]
+    pub overlap: Option<u32>,
+    /// Tiles per forward (`image` with `tile`).
+    #[serde(default = "four")]
+    pub batch: u32,
+    /// Times a failing batch of tiles is retried before the request fails.
+    #[serde(default = "two")]
+    pub tile_retries: u32,
+    /// The floating-point precision of the forward on CUDA (`image` and
+    /// `generate`); the CPU always runs float32.
+    #[serde(default)]
+    pub precision: Precision,
+    /// Requests run at once on this model.
+    #[serde(default = "one")]
+    pub concurrency: u32,
+    /// Request defaults (`generate`).
+    #[serde(default)]
+    pub defaults: ModelDefaults,
+    /// Channels of the noise a `generate` model takes.
+    #[serde(default = "four")]
+    pub noise_channels: u32,
+    /// Output size / noise size of a `generate` model.
+    #[serde(default = "eight")]
+    pub latent_scale: u32,
+    /// CPU threads for its worker; 0 shares the cores among the models
+    /// that can be resident at once.
+    #[serde(default)]
+    pub threads: u32,
+    /// The GPU memory it needs; unset: measured at its last load, else its
+    /// file size × 1.2.
+    #[serde(default)]
+    pub vram: Option<Bytes>,
+}
+
+fn two() -> u32 {
+    2
+}
+
+fn four() -> u32 {
+    4
+}
+
+fn eight() -> u32 {
+    8
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A model's kind, as written in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// See [`ModelKind::Image`].
+    Image,
+    /// See [`ModelKind::Generate`].
+    Generate,
+    /// See [`ModelKind::Tensor`].
+    Tensor,
+}
+
+impl From<Kind> for ModelKind {
+    fn from(kind: Kind) -> Self {
+        match kind {
+            Kind::Image => ModelKind::Image,
+            Kind::Generate => ModelKind::Generate,
+            Kind::Tensor => ModelKind::Tensor,
+        }
+    }
+}
+
+/// `defaults = { size = "896x1152", steps = 40, guidance = 8.0 }`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDefaults {
+    /// Output size, `WIDTHxHEIGHT`.
+    pub size: Option<Size>,
+    /// Sampling steps.
+    pub steps: Option<u32>,
+    /// Guidance scale.
+    pub guidance: Option<f32>,
+}
+
+impl ModelConfig {
+    /// Checks one model; the error names the key below `models.NAME`.
+    pub(super) fn validate(&self, _name: &str) -> Result<(), (&'static str, String)> {
+        if self.path.as_os_str().is_empty() {
+            return Err(("path", "must name a TorchScript file".into()));
+        }
+        if self.concurrency == 0 {
+            return Err(("concurrency", "must be at least 1".into()));
+        }
+        if matches!(&self.group, Some(group) if group.trim().is_empty()) {
+            return Err((
+                "group",
+                "must not be empty; leave it out for no group".into(),
+            ));
+        }
+        if self.kind != Kind::Image {
+            for (key, set) in [
+                ("scale", self.scale.is_some()),
+                ("tile", self.tile.is_some()),
+                ("overlap", self.overlap.is_some()),
+            ] {
+                if set {
+                    return Err((key, "applies only to models of kind \"image\"".into()));
+                }
+            }
+        }
+        if self.kind == Kind::Tensor && self.precision != Precision::Fp32 {
+            return Err((
+                "precision",
+                "applies only to models of kind \"image\" and \"generate\" (a tensor model takes its inputs in the dtypes they are sent in)".into(),
+            ));
+        }
+        if self.kind != Kind::Generate && self.defaults != ModelDefaults::default() {
+            return Err((
+                "defaults",
+                "applies only to models of kind \"generate\"".into(),
+            ));
+        }
+        if self.batch == 0 {
+            return Err(("batch", "must be at least 1".into()));
+        }
+        if self.scale == Some(0) {
+            return Err(("scale", "must be at least 1".into()));
+        }
+        if let Some(tile) = self.tile {
+            check_tiling(tile, self.overlap.unwrap_or(0))?;
+        }
+        if self.kind == Kind::Generate && self.noise_channels == 0 {
+            return Err(("noise_channels", "must be at least 1".into()));
+        }
+        if self.kind == Kind::Generate && self.latent_scale == 0 {
+            return Err(("latent_scale", "must be at least 1".into()));
+        }
+        if self.defaults.steps == Some(0) {
+            return Err(("defaults.steps", "must be at least 1".into()));
+        }
+        if matches!(self.defaults.guidance, Some(g) if !g.is_finite() || g < 0.0) {
+            return Err(("defaults.guidance", "must be a finite number ≥ 0".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Whether tiles of `tile` pixels overlapping by `overlap` can be cut; the
+/// key at fault and why not. Configured tilings and requested ones alike.
+pub fn check_tiling(tile: u32, overlap: u32) -> Result<(), (&'static str, String)> {
+    if tile < 16 {
+        return Err((
+            "tile",
+            format!("tile {tile} is too small: at least 16 pixels"),
+        ));
+    }
+    if overlap.saturating_mul(2) >= tile {
+        return Err((
+            "overlap",
+            format!("overlap {overlap} is too large for tile {tile}: twice the overlap must be less than the tile"),
+        ));
+    }
+    Ok(())
+}
+
+/// The precision a model runs in on CUDA.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// float32.
+    #[default]
+    Fp32,
+    /// float16: half the memory and, on tensor cores, several times the
+    /// speed; inputs and outputs stay float32 outside the forward.
+    Fp16,
+}

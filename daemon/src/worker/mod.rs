@@ -1,0 +1,231 @@
+//! gpuctl-worker processes, seen from the daemon: start one per loaded
+//! model, hand it jobs, notice when it exits. The worker dies with the
+//! daemon (PR_SET_PDEATHSIG, armed against the thread that spawns it, so
+//! workers are spawned from the runtime's long-lived threads, never from
+//! `spawn_blocking`).
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use gpuctl_protocol::worker::{DaemonToWorker, Job, LoadModel, Loaded, WorkerToDaemon, WORKER_FD};
+use gpuctl_protocol::{Error, ErrorCode, FrameCodec, WireTensor, MAX_FRAME_CEILING};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+mod supervisor;
+
+use supervisor::{supervise, Supervised};
+
+type Channel = Framed<UnixStream, FrameCodec<WorkerToDaemon, DaemonToWorker>>;
+
+/// How long a worker gets to exit after `Unload` before it is killed.
+pub const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// What one job returns.
+pub struct JobOutput {
+    pub outputs: Vec<WireTensor>,
+    pub run_ms: u64,
+    pub notes: Vec<String>,
+}
+
+/// A job on its way to a worker, with where its answer goes.
+pub struct WorkerJob {
+    pub job: Job,
+    pub reply: oneshot::Sender<Result<JobOutput, Error>>,
+    /// Where its progress goes (its client), if anywhere.
+    pub progress: Option<crate::outbox::EventSink>,
+    /// Fires when its client has gone: the worker stops it at the next
+    /// batch boundary. Dropped unfired when the job ends normally.
+    pub cancel: oneshot::Receiver<()>,
+}
+
+/// The daemon's handle on a running worker. Dropping `jobs` (or calling
+/// [`WorkerHandle::unload`]) makes it finish what it has and exit.
+pub struct WorkerHandle {
+    pub pid: u32,
+    pub loaded: Loaded,
+    jobs: mpsc::UnboundedSender<WorkerJob>,
+    kill: CancellationToken,
+}
+
+impl WorkerHandle {
+    /// Queues a job; `false` if the worker is already gone.
+    pub fn run(&self, job: WorkerJob) -> Result<(), Box<WorkerJob>> {
+        self.jobs.send(job).map_err(|e| Box::new(e.0))
+    }
+
+    /// Lets queued jobs finish, then asks the worker to exit; the returned
+    /// switch still kills it at once (`unload --force` while it drains).
+    pub fn unload(self) -> CancellationToken {
+        self.kill
+    }
+}
+
+/// What a worker's supervisor needs to know of the daemon's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The most output bytes one job may stream back (`daemon.max_output`).
+    pub max_output: usize,
+    /// How long a cancelled job may go on before its worker is killed
+    /// (`policy.cancel_grace`).
+    pub cancel_grace: Duration,
+}
+
+/// How a worker ended, for logs and errors.
+#[derive(Debug, Clone)]
+pub struct Exit {
+    pub pid: u32,
+    pub description: String,
+    /// It exited because it was told to (or killed by us).
+    pub expected: bool,
+    /// It was killed because a cancelled job did not stop in time: which
+    /// job, and for how long it went on.
+    pub stuck: Option<String>,
+}
+
+/// The worker binary: configured, else `gpuctl-worker` beside gpuctld.
+pub fn worker_program(configured: &str) -> PathBuf {
+    if !configured.is_empty() {
+        return PathBuf::from(configured);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("gpuctl-worker")))
+        .unwrap_or_else(|| PathBuf::from("gpuctl-worker"))
+}
+
+/// Starts a worker and waits until its model is loaded. `exited` receives
+/// one message when the worker ends, whenever that is. Cancelling `kill`
+/// kills the worker, while it loads or afterwards.
+pub async fn start(
+    program: &Path,
+    spec: LoadModel,
+    limits: Limits,
+    kill: CancellationToken,
+    exited: impl FnOnce(Exit) + Send + 'static,
+) -> Result<WorkerHandle, Error> {
+    let name = spec.name.clone();
+    let fail =
+        |problem: String| Error::new(ErrorCode::Internal, format!("model {name}: {problem}"));
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
+    let mut command = Command::new(program);
+    command
+        .args([
+            "--fd",
+            &WORKER_FD.to_string(),
+            "--parent",
+            &std::process::id().to_string(),
+        ])
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let fd = theirs.as_raw_fd();
+    // SAFETY: dup2 and fcntl are async-signal-safe; nothing else runs
+    // between fork and exec.
+    unsafe {
+        command.pre_exec(move || gpuctl_protocol::worker::install_worker_fd(fd));
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {}: {e}", program.display())))?;
+    drop(theirs);
+    let pid = child.id().unwrap_or(0);
+    ours.set_nonblocking(true)
+        .map_err(|e| fail(e.to_string()))?;
+    let stream = UnixStream::from_std(ours).map_err(|e| fail(e.to_string()))?;
+    let mut channel: Channel = Framed::new(stream, FrameCodec::new(MAX_FRAME_CEILING));
+
+    let loading = async {
+        channel
+            .send(DaemonToWorker::Load(spec))
+            .await
+            .map_err(|e| fail(format!("cannot talk to its worker: {e}")))?;
+        match channel.next().await {
+            Some(Ok(WorkerToDaemon::Loaded(loaded))) => Ok(loaded),
+            Some(Ok(WorkerToDaemon::Failed { error, .. })) => Err(error),
+            Some(Ok(other)) => Err(fail(format!(
+                "unexpected first message from its worker: {other:?}"
+            ))),
+            Some(Err(e)) => Err(fail(format!("worker protocol error: {e}"))),
+            None => Err(fail("its worker exited while loading".to_owned())),
+        }
+    };
+    let loaded = tokio::select! {
+        loaded = loading => loaded,
+        _ = kill.cancelled() => {
+            let _ = child.start_kill();
+            Err(Error::new(ErrorCode::Cancelled, format!("model {name}: its load was stopped (unload --force)")))
+        }
+    };
+    let loaded = match loaded {
+        Ok(loaded) => loaded,
+        Err(mut error) => {
+            let status = wait_briefly(&mut child).await;
+            if let Some(status) = status.filter(|s| s.signal().is_some()) {
+                error.message = format!("{} ({})", error.message, describe(status));
+            }
+            exited(Exit {
+                pid,
+                description: status.map_or("killed".into(), describe),
+                expected: true,
+                stuck: None,
+            });
+            return Err(error);
+        }
+    };
+    let (jobs, queue) = mpsc::unbounded_channel();
+    let worker = Supervised {
+        model: name,
+        channel,
+        child,
+        limits,
+    };
+    tokio::spawn(supervise(worker, queue, kill.clone(), exited));
+    Ok(WorkerHandle {
+        pid,
+        loaded,
+        jobs,
+        kill,
+    })
+}
+
+async fn wait_briefly(child: &mut Child) -> Option<ExitStatus> {
+    match tokio::time::timeout(EXIT_GRACE, child.wait()).await {
+        Ok(Ok(status)) => Some(status),
+        _ => {
+            let _ = child.kill().await;
+            None
+        }
+    }
+}
+
+/// Describes an exit status: "exit status 1", "signal 9 (SIGKILL)".
+pub fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => {
+            let name = match signal {
+                libc::SIGKILL => " (SIGKILL, e.g. the OOM killer)",
+                libc::SIGSEGV => " (SIGSEGV)",
+                libc::SIGABRT => " (SIGABRT)",
+                libc::SIGBUS => " (SIGBUS)",
+                libc::SIGTERM => " (SIGTERM)",
+                _ => "",
+            };
+            format!("signal {signal}{name}")
+        }
+        _ => "unknown exit".to_owned(),
+    }
+}
