@@ -140,6 +140,57 @@ pub fn place(
     Placement::Wait { device, short }
 }
 
+/// A load waiting for GPU memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitingLoad {
+    pub name: String,
+    pub need: u64,
+    /// The device its model is configured for, if any.
+    pub preferred: Option<u32>,
+}
+
+/// Where each of `waiting` (oldest first) goes, decided in one pass over
+/// one snapshot: each as [`place`] would decide it on the devices as the
+/// earlier decisions leave them. A load that fits counts as loading on its
+/// device from then on; models evicted for one leave the residents and
+/// count as releasing, so a later load neither evicts them again nor
+/// overlooks the memory they will free.
+pub fn place_waiting(
+    devices: &[DeviceView],
+    residents: &[Resident],
+    waiting: &[WaitingLoad],
+    keep: u64,
+) -> Vec<Placement> {
+    let mut devices = devices.to_vec();
+    let mut residents = residents.to_vec();
+    waiting
+        .iter()
+        .map(|load| {
+            let placement = place(&devices, &residents, load.need, keep, load.preferred);
+            match &placement {
+                Placement::Fits { device } => {
+                    if let Some(view) = devices.iter_mut().find(|d| d.index == *device) {
+                        view.loading = view.loading.saturating_add(load.need);
+                    }
+                }
+                Placement::Evict { device, victims } => {
+                    let freed: u64 = residents
+                        .iter()
+                        .filter(|r| victims.contains(&r.name))
+                        .map(|r| r.bytes)
+                        .sum();
+                    residents.retain(|r| !victims.contains(&r.name));
+                    if let Some(view) = devices.iter_mut().find(|d| d.index == *device) {
+                        view.releasing = view.releasing.saturating_add(freed);
+                    }
+                }
+                _ => {}
+            }
+            placement
+        })
+        .collect()
+}
+
 /// What to unload on a device where free memory fell below `min_free`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Yield {
@@ -353,5 +404,58 @@ mod tests {
             Yield::default(),
             "memory already on its way back is not asked for twice"
         );
+    }
+
+    fn waiting(name: &str, mib: u64) -> WaitingLoad {
+        WaitingLoad {
+            name: name.into(),
+            need: mib * MIB,
+            preferred: None,
+        }
+    }
+
+    #[test]
+    fn waiting_loads_are_placed_in_one_pass_as_the_earlier_ones_leave_the_devices() {
+        let devices = [device(0, 1000)];
+        // Both fit alone; together only the first does, and the second is
+        // not placed on memory the first is about to take.
+        let placements = place_waiting(&devices, &[], &[waiting("a", 600), waiting("b", 600)], 0);
+        assert_eq!(
+            placements,
+            [
+                Placement::Fits { device: 0 },
+                Placement::Wait {
+                    device: 0,
+                    short: 200 * MIB
+                }
+            ]
+        );
+        // The first evicts the idle model; the second does not evict it
+        // again, and waits for the memory it frees.
+        let residents = [resident("idle", 0, 800, true, 1)];
+        let placements = place_waiting(
+            &[device(0, 500)],
+            &residents,
+            &[waiting("a", 700), waiting("b", 600)],
+            0,
+        );
+        assert_eq!(
+            placements,
+            [
+                Placement::Evict {
+                    device: 0,
+                    victims: vec!["idle".into()]
+                },
+                Placement::AwaitRelease { device: 0 }
+            ]
+        );
+        // One load alone: what place() says.
+        for need in [100, 500, 900, 1400] {
+            assert_eq!(
+                place_waiting(&[device(0, 500)], &residents, &[waiting("x", need)], 0),
+                [place(&[device(0, 500)], &residents, need * MIB, 0, None)]
+            );
+        }
+        assert!(place_waiting(&devices, &residents, &[], 0).is_empty());
     }
 }

@@ -11,7 +11,7 @@ use super::entry::Life;
 use super::memory::preferred_device;
 use super::queue::tell_waiting;
 use super::Registry;
-use crate::arbitration::{self, Placement};
+use crate::arbitration::{self, Placement, WaitingLoad};
 use crate::policy::{self, Need};
 
 impl Registry {
@@ -31,6 +31,8 @@ impl Registry {
             })
             .collect();
         waiting.sort();
+        // Those whose clients are still there, with what they need.
+        let mut loads = Vec::new();
         for (since, name) in waiting {
             let Some(model) = config.models.get(&name) else {
                 continue;
@@ -40,25 +42,38 @@ impl Registry {
                 entry.life = Life::Unloaded { retry_at: None };
                 continue;
             }
+            let need = self.need(&name, model, &config);
+            loads.push((
+                since,
+                model,
+                need,
+                WaitingLoad {
+                    name,
+                    need: need.bytes,
+                    preferred: preferred_device(model),
+                },
+            ));
+        }
+        // One snapshot for the whole pass.
+        let placements = if self.gpu.error.is_some() {
+            loads
+                .iter()
+                .map(|(_, _, need, _)| Placement::Wait {
+                    device: 0,
+                    short: need.bytes,
+                })
+                .collect()
+        } else {
+            let waiting: Vec<WaitingLoad> = loads.iter().map(|(.., load)| load.clone()).collect();
+            arbitration::place_waiting(&self.device_views(), &self.residents(), &waiting, min_free)
+        };
+        for ((since, model, need, load), placement) in loads.into_iter().zip(placements) {
+            let name = load.name;
             let Need {
                 bytes: need,
                 source,
-            } = self.need(&name, model, &config);
+            } = need;
             let source = source.describe();
-            let placement = if self.gpu.error.is_some() {
-                Placement::Wait {
-                    device: 0,
-                    short: need,
-                }
-            } else {
-                arbitration::place(
-                    &self.device_views(),
-                    &self.residents(),
-                    need,
-                    min_free,
-                    preferred_device(model),
-                )
-            };
             let waiting_for = match placement {
                 Placement::Fits { device } => {
                     tracing::info!(model = %name, device, need = %format_bytes(need), source, "memory found");
