@@ -12,7 +12,7 @@ use gpuctl_protocol::{
 use tokio::sync::oneshot;
 
 use super::{Command, Registry};
-use crate::arbitration::{self, Placement};
+use crate::arbitration::{self, Placement, WaitingLoad};
 use crate::outbox::EventSink;
 
 pub struct Reservation {
@@ -140,6 +140,7 @@ impl Registry {
             .filter(|r| r.device.is_none())
             .map(|r| r.id)
             .collect();
+        let mut asked = Vec::new();
         for id in waiting {
             let Some(reservation) = self.reservations.get(&id) else {
                 continue;
@@ -152,14 +153,23 @@ impl Registry {
                 self.reservations.remove(&id);
                 continue;
             }
-            let (bytes, preferred, since, timeout) = (
-                reservation.bytes,
-                reservation.preferred,
+            asked.push((
+                id,
                 reservation.since,
                 reservation.timeout,
-            );
-            let placement =
-                arbitration::place(&self.device_views(), &self.residents(), bytes, 0, preferred);
+                WaitingLoad {
+                    name: format!("reservation {id}"),
+                    need: reservation.bytes,
+                    preferred: reservation.preferred,
+                },
+            ));
+        }
+        // One snapshot for the whole pass, as for loads waiting for memory.
+        let requests: Vec<WaitingLoad> = asked.iter().map(|(.., r)| r.clone()).collect();
+        let placements =
+            arbitration::place_waiting(&self.device_views(), &self.residents(), &requests, 0);
+        for ((id, since, timeout, request), placement) in asked.into_iter().zip(placements) {
+            let bytes = request.need;
             let device = match placement {
                 Placement::Fits { device } => {
                     self.grant(id, device);
