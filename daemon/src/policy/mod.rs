@@ -10,6 +10,7 @@
 //! | which idle models expire, when, and the keep-alive in force | [`expiry`] |
 //! | how long a failing model backs off; the retry window | [`backoff`] |
 //! | queue full; the load-wait deadline | [`gates`] |
+//! | which models with waiters take work, refuse it, or load | [`pump`] |
 //! | what a reload means for each model | [`reload`] |
 //! | a worker's threads; a model's expected memory need | [`resources`] |
 //! | who caused memory pressure | [`pressure`] |
@@ -20,6 +21,7 @@ mod backoff;
 mod expiry;
 mod gates;
 mod pressure;
+mod pump;
 mod reload;
 mod resources;
 
@@ -33,6 +35,7 @@ pub use expiry::{expired, idle_deadline, keep_alive, next_expiry, unload_in};
 pub use gates::{load_wait_over, queue_full};
 pub use gpuctl_protocol::UnloadReason;
 pub use pressure::pressure_holder;
+pub use pump::{plan_pump, Candidate, Refusal, Step, Waiting};
 pub use reload::{reload_changes, ModelChange};
 pub use resources::{need, worker_threads, Need, NeedSource};
 

@@ -114,18 +114,17 @@ impl Registry {
         if let Some(reason) = leave {
             self.unload(name, reason, false);
         }
+        // Its own waiters first; its becoming idle may also unblock a group
+        // switch or the LRU cap for others.
         self.pump(name);
-        // Its becoming idle may unblock a group switch or the LRU cap.
-        self.pump_all();
     }
 
     /// Hands waiting requests to the ready worker of `name`, up to its
-    /// `concurrency`.
-    pub(super) fn dispatch(&mut self, name: &str, concurrency: u32) {
+    /// `concurrency`, none that arrived after `barrier`: requests that
+    /// arrived after one waiting for another member of the group wait for
+    /// the switch and back (FIFO across the group).
+    pub(super) fn dispatch(&mut self, name: &str, concurrency: u32, barrier: Option<Instant>) {
         let events = self.events.clone();
-        // Requests that arrived after one waiting for another member of the
-        // group wait for the switch and back: FIFO across the group.
-        let barrier = policy::group_barrier(&self.views(&self.config()), name);
         let Some(entry) = self.models.get_mut(name) else {
             return;
         };

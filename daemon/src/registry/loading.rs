@@ -13,7 +13,7 @@ use super::entry::{FileIdentity, Life, PendingUnload};
 use super::queue::{fail_all, tell_waiting, Waiter};
 use super::{ms, Event, Registry};
 use crate::config::{Config, Kind, ModelConfig};
-use crate::policy::{self, Admission, UnloadReason};
+use crate::policy::{self, Candidate, Refusal, Step, UnloadReason, Waiting};
 use crate::worker::{self, WorkerHandle};
 
 impl Registry {
@@ -44,24 +44,138 @@ impl Registry {
         self.pump(name);
     }
 
-    /// Serves what can be served: dispatches jobs to a ready worker, or
-    /// starts a load (evicting what policy says) for a model with waiters.
+    /// Moves `name` along, first among the models with waiters: an unload
+    /// or a finished job may have made room for any of them.
     pub(super) fn pump(&mut self, name: &str) {
-        self.advance(name);
-        self.tell_positions(name);
+        let mut names = vec![name.to_owned()];
+        names.extend(self.models_with_waiters().filter(|n| n != name));
+        self.pump_models(names);
     }
 
-    /// Pumps every model with waiters: an unload may have made room.
+    /// Moves every model with waiters along.
     pub(super) fn pump_all(&mut self) {
-        let waiting: Vec<String> = self
-            .models
+        let names = self.models_with_waiters().collect();
+        self.pump_models(names);
+    }
+
+    fn models_with_waiters(&self) -> impl Iterator<Item = String> + '_ {
+        self.models
             .iter()
             .filter(|(_, e)| !e.queue.is_empty())
             .map(|(n, _)| n.clone())
+    }
+
+    /// Serves what can be served, from one snapshot: dispatches jobs to
+    /// ready workers, refuses requests for models that may not load, and
+    /// starts loads (evicting what policy says), as `policy::plan_pump`
+    /// decides; then tells waiting clients where they stand.
+    fn pump_models(&mut self, names: Vec<String>) {
+        let config = self.config();
+        let candidates: Vec<Candidate> = names
+            .iter()
+            .filter_map(|name| self.candidate(name, &config))
             .collect();
-        for name in waiting {
-            self.pump(&name);
+        let steps = policy::plan_pump(
+            &self.views(&config),
+            &candidates,
+            config.policy.max_loaded as usize,
+        );
+        let mut failed_loads = false;
+        for step in steps {
+            match step {
+                Step::Dispatch { model, barrier } => {
+                    let concurrency = config.models.get(&model).map_or(1, |m| m.concurrency);
+                    self.dispatch(&model, concurrency, barrier);
+                }
+                Step::Refuse {
+                    model,
+                    why: Refusal::RetryLater(error),
+                } => {
+                    if let Some(entry) = self.models.get_mut(&model) {
+                        entry.fail_waiters(&error);
+                    }
+                }
+                Step::Refuse {
+                    model,
+                    why: Refusal::Unreadable(error),
+                } => {
+                    self.fail_load(&model, error);
+                    failed_loads = true;
+                }
+                Step::Load { model, evict } => {
+                    for (victim, reason) in evict {
+                        self.unload(&victim, reason, false);
+                    }
+                    self.begin_load(&model, &config);
+                }
+                Step::Wait { model, because } => {
+                    tracing::debug!(model, because, "load waits")
+                }
+            }
         }
+        for name in &names {
+            self.tell_positions(name);
+        }
+        if failed_loads {
+            // Their requests have left: those that waited behind them may go.
+            self.pump_all();
+            self.request_sample();
+        }
+    }
+
+    /// What the pump needs to know of `name` beyond its view: its waiting
+    /// requests, its concurrency, and whether it may load at all (inside
+    /// its retry window, or its file unreadable, it may not).
+    fn candidate(&mut self, name: &str, config: &Config) -> Option<Candidate> {
+        let model = config.models.get(name)?;
+        let entry = self.models.get_mut(name)?;
+        let waiting = entry
+            .queue
+            .iter()
+            .map(|w| Waiting {
+                since: w.since(),
+                job: matches!(w, Waiter::Job { .. }),
+            })
+            .collect();
+        let yielding = matches!(
+            entry.life,
+            Life::Ready {
+                yield_after_work: Some(_),
+                ..
+            }
+        );
+        let mut refused = None;
+        if matches!(entry.life, Life::Unloaded { .. }) && !entry.queue.is_empty() {
+            let backing_off = policy::retry_later(
+                name,
+                entry.history.last_error.as_deref(),
+                entry.retry_at(),
+                Instant::now(),
+            );
+            // A file that is not there fails now, before anything is evicted
+            // for it; what is there is what the need estimate counts on.
+            let path = config.model_path(model);
+            refused = match backing_off {
+                Some(error) => Some(Refusal::RetryLater(error)),
+                None => match std::fs::metadata(&path) {
+                    Err(error) => Some(Refusal::Unreadable(Error::new(
+                        ErrorCode::NotFound,
+                        format!("model {name}: cannot read {}: {error}", path.display()),
+                    ))),
+                    Ok(_) => {
+                        entry.history.seen_file = FileIdentity::of(&path);
+                        None
+                    }
+                },
+            };
+        }
+        Some(Candidate {
+            name: name.to_owned(),
+            waiting,
+            concurrency: model.concurrency,
+            yielding,
+            refused,
+        })
     }
 
     /// Tells waiting clients where they stand, when that changed.
@@ -79,62 +193,22 @@ impl Registry {
         tell_waiting(&mut entry.queue, name, waiting_for, false);
     }
 
-    fn advance(&mut self, name: &str) {
-        let config = self.config();
+    /// An admitted model: its worker starts now, or, when its GPU memory is
+    /// arbitrated, once the sampler finds room.
+    fn begin_load(&mut self, name: &str, config: &Config) {
         let Some(model) = config.models.get(name) else {
             return;
         };
-        let Some(entry) = self.models.get_mut(name) else {
-            return;
-        };
-        match entry.life {
-            Life::Ready { .. } => return self.dispatch(name, model.concurrency),
-            Life::Unloaded { .. } if !entry.queue.is_empty() => {}
-            _ => return,
-        }
-        let error = policy::retry_later(
-            name,
-            entry.history.last_error.as_deref(),
-            entry.retry_at(),
-            Instant::now(),
-        );
-        if let Some(error) = error {
-            return entry.fail_waiters(&error);
-        }
-        // A file that is not there fails now, before anything is evicted for
-        // it; what is there is what the need estimate counts on.
-        let path = config.model_path(model);
-        if let Err(error) = std::fs::metadata(&path) {
-            let error = Error::new(
-                ErrorCode::NotFound,
-                format!("model {name}: cannot read {}: {error}", path.display()),
-            );
-            return self.record_load_failure(name, error);
-        }
-        entry.history.seen_file = FileIdentity::of(&path);
-        match policy::admit(
-            &self.views(&config),
-            name,
-            config.policy.max_loaded as usize,
-        ) {
-            Admission::Load { evict } => {
-                for (victim, reason) in evict {
-                    self.unload(&victim, reason, false);
-                }
-                if self.arbitrated(model) {
-                    // The GPU sampler admits it once it fits.
-                    if let Some(entry) = self.models.get_mut(name) {
-                        entry.life = Life::WaitingForVram {
-                            since: Instant::now(),
-                            told: None,
-                        };
-                    }
-                    self.request_sample();
-                } else {
-                    self.start_load(name, model, &config, None);
-                }
+        if self.arbitrated(model) {
+            if let Some(entry) = self.models.get_mut(name) {
+                entry.life = Life::WaitingForVram {
+                    since: Instant::now(),
+                    told: None,
+                };
             }
-            Admission::Wait { because } => tracing::debug!(model = name, because, "load waits"),
+            self.request_sample();
+        } else {
+            self.start_load(name, model, config, None);
         }
     }
 
@@ -292,6 +366,14 @@ impl Registry {
     /// A load failed: its waiters get the error, and no new attempt is made
     /// before the backoff has passed.
     pub(super) fn record_load_failure(&mut self, name: &str, error: Error) {
+        self.fail_load(name, error);
+        self.pump_all();
+        self.request_sample();
+    }
+
+    /// Records a failed load and fails its waiters, without moving the
+    /// others along (the caller does).
+    fn fail_load(&mut self, name: &str, error: Error) {
         // Whatever the cause (file, contract, worker binary), a client
         // sees one code for it.
         let error = Error::new(ErrorCode::LoadFailed, error.message);
@@ -313,7 +395,5 @@ impl Registry {
             model: name.to_owned(),
             error: error.message.clone(),
         });
-        self.pump_all();
-        self.request_sample();
     }
 }

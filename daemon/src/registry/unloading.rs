@@ -230,6 +230,5 @@ impl Registry {
         }
         self.reclaim(reclaim);
         self.pump(name);
-        self.pump_all();
     }
 }
