@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! gpuctld                                  gpuctl-worker
-//!   | -- Load(LoadModel) ---------------->  |  first frame
+//!   | <------------ Hello { protocol, .. } |  the worker's first frame
+//!   | -- Load(LoadModel) ---------------->  |  the daemon's first frame
 //!   | <--------------------- Loaded(..)     |  or Failed { id: None }, then exit
 //!   | -- Run { id, job } ---------------->  |  one at a time per worker
 //!   | <------------ Progress { id, .. }     |  tiles done, any number
@@ -173,6 +174,24 @@ pub enum WorkerToDaemon {
         /// Begin, a chunk, or end.
         frame: TensorFrame,
     },
+    /// The first frame a worker sends, before anything else: which worker
+    /// protocol it speaks. Variant 5 in every version, so that any daemon
+    /// can read it and refuse a worker it cannot talk to, naming both.
+    Hello(WorkerHello),
+}
+
+/// The version of this protocol, which programs outside this repository
+/// speak too (the Python worker SDK, any `command` worker): peers with the
+/// same `major` talk; `minor` grows when messages are appended.
+pub const WORKER_PROTOCOL: crate::ProtocolVersion = crate::ProtocolVersion { major: 1, minor: 0 };
+
+/// A worker's first frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerHello {
+    /// The worker protocol it speaks.
+    pub protocol: crate::ProtocolVersion,
+    /// What it is, for logs and errors: e.g. `gpuctl-worker 0.1.0`.
+    pub program: String,
 }
 
 /// What loading cost.

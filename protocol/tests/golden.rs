@@ -563,7 +563,17 @@ fn worker_messages() {
     ] {
         roundtrip(&message);
     }
+    let hello = WorkerToDaemon::Hello(WorkerHello {
+        protocol: WORKER_PROTOCOL,
+        program: "w".into(),
+    });
+    // Variant 5 | major 1 | minor 0 | "w": any daemon can read a worker's version.
+    assert_eq!(
+        hex(&encode_payload(&hello).unwrap()),
+        "05000000 0100 0000 0100000000000000 77".replace(' ', "")
+    );
     for message in [
+        hello,
         WorkerToDaemon::Done {
             id: 3,
             outputs: vec![WireTensor::placeholder(DType::U8, vec![1, 2, 2, 3])],

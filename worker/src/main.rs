@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::sync::{mpsc, Arc, Mutex};
 
 use gpuctl_protocol::stream::take_streamed;
-use gpuctl_protocol::worker::{DaemonToWorker, WorkerToDaemon};
+use gpuctl_protocol::worker::{DaemonToWorker, WorkerHello, WorkerToDaemon, WORKER_PROTOCOL};
 use gpuctl_protocol::{Error, ErrorCode, TensorReceiver};
 
 use crate::channel::Channel;
@@ -106,6 +106,12 @@ fn main() -> ExitCode {
 
 /// Load, then run jobs until told to unload or the daemon hangs up.
 fn serve(channel: &mut Channel) -> Result<(), String> {
+    channel
+        .send(&WorkerToDaemon::Hello(WorkerHello {
+            protocol: WORKER_PROTOCOL,
+            program: format!("gpuctl-worker {}", env!("CARGO_PKG_VERSION")),
+        }))
+        .map_err(|e| e.to_string())?;
     let spec = match channel.receive().map_err(|e| e.to_string())? {
         Some(DaemonToWorker::Load(spec)) => spec,
         Some(other) => return Err(format!("the first message must be Load, got {other:?}")),

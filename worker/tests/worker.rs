@@ -70,9 +70,26 @@ impl Worker {
         drop(theirs);
         ours.set_read_timeout(Some(Duration::from_secs(60)))
             .unwrap();
-        Worker {
+        let mut worker = Worker {
             child,
             socket: ours,
+        };
+        worker.expect_hello();
+        worker
+    }
+
+    /// A worker's first frame says the worker protocol it speaks.
+    fn expect_hello(&mut self) {
+        match self.receive() {
+            WorkerToDaemon::Hello(hello) => {
+                assert_eq!(hello.protocol, WORKER_PROTOCOL);
+                assert!(
+                    hello.program.starts_with("gpuctl-worker "),
+                    "{}",
+                    hello.program
+                );
+            }
+            other => panic!("the first frame must be Hello, got {other:?}"),
         }
     }
 
@@ -565,6 +582,7 @@ fn the_worker_exits_on_eof_and_with_its_parent() {
         child: Command::new("true").spawn().unwrap(),
         socket: ours,
     };
+    orphan.expect_hello();
     assert!(matches!(
         orphan.load("t", &model("tiny-tensor.pt"), ModelKind::Tensor),
         WorkerToDaemon::Loaded(_)

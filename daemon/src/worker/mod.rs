@@ -11,7 +11,9 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use gpuctl_protocol::worker::{DaemonToWorker, Job, LoadModel, Loaded, WorkerToDaemon, WORKER_FD};
+use gpuctl_protocol::worker::{
+    DaemonToWorker, Job, LoadModel, Loaded, WorkerToDaemon, WORKER_FD, WORKER_PROTOCOL,
+};
 use gpuctl_protocol::{Error, ErrorCode, FrameCodec, WireTensor, MAX_FRAME_CEILING};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
@@ -24,6 +26,9 @@ mod supervisor;
 use supervisor::{supervise, Supervised};
 
 type Channel = Framed<UnixStream, FrameCodec<WorkerToDaemon, DaemonToWorker>>;
+
+/// How long a new worker has to say which protocol it speaks.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a worker gets to exit after `Unload` before it is killed.
 pub const EXIT_GRACE: Duration = Duration::from_secs(5);
@@ -147,6 +152,21 @@ pub async fn start(
     let stream = UnixStream::from_std(ours).map_err(|e| fail(e.to_string()))?;
     let mut channel: Channel = Framed::new(stream, FrameCodec::new(MAX_FRAME_CEILING));
 
+    let stopped = || {
+        Error::new(
+            ErrorCode::Cancelled,
+            format!("model {name}: its load was stopped (unload --force)"),
+        )
+    };
+    let greeted = tokio::select! {
+        greeted = greet(&mut channel, &name) => greeted,
+        _ = kill.cancelled() => Err(stopped()),
+    };
+    if let Err(error) = greeted {
+        // A worker it cannot talk to is not left running.
+        let _ = child.start_kill();
+        return Err(end_load(&mut child, pid, error, false, exited).await);
+    }
     let loading = async {
         channel
             .send(DaemonToWorker::Load(spec))
@@ -166,24 +186,12 @@ pub async fn start(
         loaded = loading => loaded,
         _ = kill.cancelled() => {
             let _ = child.start_kill();
-            Err(Error::new(ErrorCode::Cancelled, format!("model {name}: its load was stopped (unload --force)")))
+            Err(stopped())
         }
     };
     let loaded = match loaded {
         Ok(loaded) => loaded,
-        Err(mut error) => {
-            let status = wait_briefly(&mut child).await;
-            if let Some(status) = status.filter(|s| s.signal().is_some()) {
-                error.message = format!("{} ({})", error.message, describe(status));
-            }
-            exited(Exit {
-                pid,
-                description: status.map_or("killed".into(), describe),
-                expected: true,
-                stuck: None,
-            });
-            return Err(error);
-        }
+        Err(error) => return Err(end_load(&mut child, pid, error, true, exited).await),
     };
     let (jobs, queue) = mpsc::unbounded_channel();
     let worker = Supervised {
@@ -199,6 +207,62 @@ pub async fn start(
         jobs,
         kill,
     })
+}
+
+/// A load that failed: waits briefly for the worker to end (and kills it
+/// then), reports its exit, and returns the error, with the signal that
+/// ended the worker when `with_signal` and there was one.
+async fn end_load(
+    child: &mut Child,
+    pid: u32,
+    mut error: Error,
+    with_signal: bool,
+    exited: impl FnOnce(Exit),
+) -> Error {
+    let status = wait_briefly(child).await;
+    if let Some(status) = status.filter(|s| with_signal && s.signal().is_some()) {
+        error.message = format!("{} ({})", error.message, describe(status));
+    }
+    exited(Exit {
+        pid,
+        description: status.map_or("killed".into(), describe),
+        expected: true,
+        stuck: None,
+    });
+    error
+}
+
+/// Reads the worker's first frame, which says the worker protocol it
+/// speaks; a worker of another major version, or one that says nothing in
+/// time, is refused with both versions named.
+async fn greet(channel: &mut Channel, model: &str) -> Result<(), Error> {
+    let fail =
+        |problem: String| Error::new(ErrorCode::Internal, format!("model {model}: {problem}"));
+    let first = tokio::time::timeout(HELLO_TIMEOUT, channel.next())
+        .await
+        .map_err(|_| {
+            fail(format!(
+                "its worker did not say which protocol it speaks within {} s (a worker's first frame is Hello, worker protocol {WORKER_PROTOCOL})",
+                HELLO_TIMEOUT.as_secs()
+            ))
+        })?;
+    match first {
+        Some(Ok(WorkerToDaemon::Hello(hello))) if WORKER_PROTOCOL.is_compatible_with(hello.protocol) => {
+            tracing::debug!(model, program = %hello.program, protocol = %hello.protocol, "worker greeted");
+            Ok(())
+        }
+        Some(Ok(WorkerToDaemon::Hello(hello))) => Err(fail(format!(
+            "its worker ({}) speaks worker protocol {}, this gpuctld speaks {WORKER_PROTOCOL}: use a worker (or worker SDK) of major version {}",
+            hello.program, hello.protocol, WORKER_PROTOCOL.major
+        ))),
+        Some(Ok(other)) => Err(fail(format!(
+            "its worker's first message must be Hello (worker protocol {WORKER_PROTOCOL}), got {other:?}"
+        ))),
+        Some(Err(e)) => Err(fail(format!(
+            "its worker's first frame is not a Hello of worker protocol {WORKER_PROTOCOL}: {e}"
+        ))),
+        None => Err(fail("its worker exited before saying which protocol it speaks".to_owned())),
+    }
 }
 
 async fn wait_briefly(child: &mut Child) -> Option<ExitStatus> {

@@ -419,6 +419,12 @@ class WireTensor:
     data: bytes = b""
 
 
+@dataclass
+class WorkerHello:
+    protocol: ProtocolVersion
+    program: str = ""
+
+
 class ClientMessage(Variant):
     """One of the variants of `ClientMessage`."""
 
@@ -1222,6 +1228,7 @@ class WorkerToDaemon(Variant):
     Failed: ClassVar[Type["WorkerToDaemonFailed"]]
     Progress: ClassVar[Type["WorkerToDaemonProgress"]]
     Tensor: ClassVar[Type["WorkerToDaemonTensor"]]
+    Hello: ClassVar[Type["WorkerToDaemonHello"]]
 
 
 @dataclass
@@ -1266,11 +1273,19 @@ class WorkerToDaemonTensor(WorkerToDaemon):
     frame: TensorFrame
 
 
+@dataclass
+class WorkerToDaemonHello(WorkerToDaemon):
+    INDEX: ClassVar[int] = 5
+    NAME: ClassVar[str] = "Hello"
+    value: WorkerHello
+
+
 WorkerToDaemon.Loaded = WorkerToDaemonLoaded
 WorkerToDaemon.Done = WorkerToDaemonDone
 WorkerToDaemon.Failed = WorkerToDaemonFailed
 WorkerToDaemon.Progress = WorkerToDaemonProgress
 WorkerToDaemon.Tensor = WorkerToDaemonTensor
+WorkerToDaemon.Hello = WorkerToDaemonHello
 
 
 # The schema itself, for the codec.
@@ -1562,6 +1577,7 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
  'WireTensor': {'STRUCT': [{'dtype': {'TYPENAME': 'DType'}},
                            {'shape': {'SEQ': 'U64'}},
                            {'data': 'BYTES'}]},
+ 'WorkerHello': {'STRUCT': [{'protocol': {'TYPENAME': 'ProtocolVersion'}}, {'program': 'STR'}]},
  'WorkerToDaemon': {'ENUM': {'0': {'Loaded': {'NEWTYPE': {'TYPENAME': 'Loaded'}}},
                              '1': {'Done': {'STRUCT': [{'id': 'U64'},
                                                        {'outputs': {'SEQ': {'TYPENAME': 'WireTensor'}}},
@@ -1573,4 +1589,5 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                                                            {'done': 'U32'},
                                                            {'total': 'U32'}]}},
                              '4': {'Tensor': {'STRUCT': [{'id': 'U64'},
-                                                         {'frame': {'TYPENAME': 'TensorFrame'}}]}}}}}
+                                                         {'frame': {'TYPENAME': 'TensorFrame'}}]}},
+                             '5': {'Hello': {'NEWTYPE': {'TYPENAME': 'WorkerHello'}}}}}}

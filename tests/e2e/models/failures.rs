@@ -176,3 +176,50 @@ fn repeated_crashes_back_off() {
     );
     assert_eq!(model_status(&daemon, "ten")["loads"], 2);
 }
+
+/// A worker program that says it speaks worker protocol 9.0 (a `Hello`
+/// frame, written byte by byte), then waits for gpuctld to hang up.
+const OTHER_PROTOCOL_WORKER: &str = r"#!/bin/sh
+printf '\000\000\000\026\005\000\000\000\011\000\000\000\006\000\000\000\000\000\000\000fake 9' >&3
+cat <&3 >/dev/null
+";
+
+#[test]
+fn a_worker_of_another_protocol_or_one_that_says_nothing_is_refused_by_name() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other-protocol-worker");
+    std::fs::write(&other, OTHER_PROTOCOL_WORKER).unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (program, expected) in [
+        (
+            other.display().to_string(),
+            "model ten: its worker (fake 9) speaks worker protocol 9.0, this gpuctld speaks 1.0",
+        ),
+        (
+            "/bin/true".to_owned(),
+            "model ten: its worker exited before saying which protocol it speaks",
+        ),
+    ] {
+        let daemon = Daemon::start(&config("", &format!("[daemon]\nworker = \"{program}\"\n")));
+        runtime().block_on(async {
+            let client = Client::connect(&daemon.socket).await.unwrap();
+            let started = std::time::Instant::now();
+            let error = daemon_error(generate(&client, tensor_request()).await);
+            assert_eq!(error.code, ErrorCode::LoadFailed, "{}", error.message);
+            assert!(error.message.contains(expected), "{}", error.message);
+            assert!(
+                !error.message.contains("SIGKILL"),
+                "the daemon's own kill is not the worker's fault: {}",
+                error.message
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "refused at once, not after a timeout"
+            );
+        });
+        daemon.assert_serving();
+        let status = model_status(&daemon, "ten");
+        assert!(status["pid"].is_null(), "nothing left running: {status}");
+    }
+}
