@@ -130,6 +130,14 @@ pub struct GenerateJob {
     pub steps: u32,
     /// Guidance scale.
     pub guidance: f32,
+    /// The request's seed (gpuctld's pick when it gave none): a worker that
+    /// makes its own latents (16-channel ones, its own layout) seeds them
+    /// with it, so a seed reproduces an image; gpuctl-worker uses `noise`.
+    pub seed: u64,
+    /// The image's width in pixels.
+    pub width: u32,
+    /// The image's height in pixels.
+    pub height: u32,
 }
 
 /// A frame from a worker to the daemon.

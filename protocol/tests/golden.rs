@@ -548,6 +548,19 @@ fn worker_messages() {
         precision: "fp32".into(),
     });
     roundtrip(&load);
+    roundtrip(&DaemonToWorker::Run {
+        id: 2,
+        job: Job::Generate(GenerateJob {
+            noise: WireTensor::placeholder(DType::F32, vec![1, 4, 6, 8]),
+            prompt: "a cat".into(),
+            negative: String::new(),
+            steps: 20,
+            guidance: 7.5,
+            seed: 42,
+            width: 64,
+            height: 48,
+        }),
+    });
     roundtrip(&run);
     roundtrip(&failed);
     roundtrip(&loaded);

@@ -375,6 +375,9 @@ fn generate_is_deterministic_in_its_inputs() {
             negative: "blurry".into(),
             steps: 3,
             guidance: 7.5,
+            seed: seed as u64,
+            width: 48,
+            height: 64,
         })
     };
     let first = worker.run(1, job("a cat", 1)).unwrap();
@@ -518,6 +521,9 @@ fn a_forward_that_does_not_fit_the_kind_is_named() {
         negative: String::new(),
         steps: 1,
         guidance: 1.0,
+        seed: 0,
+        width: 16,
+        height: 16,
     });
     let error = worker.run(1, job).unwrap_err();
     assert!(

@@ -107,6 +107,9 @@ class GenerateJob:
     negative: str = ""
     steps: int = 0
     guidance: float = 0.0
+    seed: int = 0
+    width: int = 0
+    height: int = 0
 
 
 @dataclass
@@ -1358,7 +1361,10 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                             {'prompt': 'STR'},
                             {'negative': 'STR'},
                             {'steps': 'U32'},
-                            {'guidance': 'F32'}]},
+                            {'guidance': 'F32'},
+                            {'seed': 'U64'},
+                            {'width': 'U32'},
+                            {'height': 'U32'}]},
  'GenerateRequest': {'STRUCT': [{'model': 'STR'},
                                 {'input': {'OPTION': {'TYPENAME': 'WireTensor'}}},
                                 {'inputs': {'SEQ': {'TYPENAME': 'WireTensor'}}},

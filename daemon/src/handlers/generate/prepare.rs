@@ -253,6 +253,9 @@ pub(super) fn prepare(
                 negative: std::mem::take(&mut request.negative),
                 steps,
                 guidance,
+                seed: noise.seed,
+                width,
+                height,
             };
             Ok((Job::Generate(job), Some(noise)))
         }

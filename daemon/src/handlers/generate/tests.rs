@@ -77,6 +77,54 @@ fn every_size_a_client_chooses_is_bounded_before_anything_is_made() {
     assert_eq!(made.shape, vec![1, 4, 6, 8]);
 }
 
+#[test]
+fn a_generate_job_carries_its_seed_and_size_for_workers_that_make_their_own_latents() {
+    let config = Config::parse(
+        "[models.gen]\npath = \"g.pt\"\nkind = \"generate\"\nlatent_scale = 8\n",
+        "t.toml",
+    )
+    .unwrap();
+    let mut request = GenerateRequest {
+        prompt: "a cat".into(),
+        seed: Some(42),
+        size: Some((64, 48)),
+        ..GenerateRequest::new("gen")
+    };
+    let (job, noise) = prepare(
+        &mut request,
+        &config.models["gen"],
+        &BOUNDS,
+        PROTOCOL_VERSION,
+    )
+    .unwrap();
+    let Job::Generate(job) = job else {
+        panic!("{job:?}")
+    };
+    assert_eq!((job.seed, job.width, job.height), (42, 64, 48));
+    assert_eq!(
+        noise.map(|n| n.seed),
+        Some(42),
+        "the daemon's noise from the same seed"
+    );
+    let mut unseeded = GenerateRequest {
+        size: Some((64, 48)),
+        ..GenerateRequest::new("gen")
+    };
+    let (Job::Generate(job), Some(noise)) = prepare(
+        &mut unseeded,
+        &config.models["gen"],
+        &BOUNDS,
+        PROTOCOL_VERSION,
+    )
+    .unwrap() else {
+        panic!("no generate job")
+    };
+    assert_eq!(
+        job.seed, noise.seed,
+        "the seed gpuctld picked, told to the worker too"
+    );
+}
+
 fn image_request() -> GenerateRequest {
     GenerateRequest {
         input: Some(WireTensor::new(DType::U8, vec![1, 3, 2, 2], vec![0; 12]).unwrap()),
