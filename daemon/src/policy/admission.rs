@@ -111,31 +111,10 @@ pub fn admit(models: &[ModelView], wanted: &str, max_loaded: usize) -> Admission
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use gpuctl_protocol::KeepAlive;
 
     use super::*;
     use crate::policy::expired;
-
-    fn at(t0: Instant, secs: u64) -> Instant {
-        t0 + Duration::from_secs(secs)
-    }
-
-    fn model(name: &str, phase: Phase, last_used: Instant) -> ModelView {
-        ModelView {
-            name: name.into(),
-            phase,
-            queued: 0,
-            oldest_waiter: None,
-            last_used: Some(last_used),
-            keep_alive: KeepAlive::Millis(300_000),
-            pin: false,
-            group: None,
-        }
-    }
-
-    const IDLE: Phase = Phase::Ready { in_flight: 0 };
+    use crate::policy::testing::{at, model, IDLE};
 
     #[test]
     fn loads_at_once_under_the_cap() {

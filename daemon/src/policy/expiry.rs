@@ -61,30 +61,12 @@ pub fn unload_in(model: &ModelView, now: Instant) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::testing::{at, model, IDLE};
     use crate::policy::Phase;
-
-    fn at(t0: Instant, secs: u64) -> Instant {
-        t0 + Duration::from_secs(secs)
-    }
 
     fn at_years(t0: Instant, years: u64) -> Instant {
         t0 + Duration::from_secs(years * 365 * 86_400)
     }
-
-    fn model(name: &str, phase: Phase, last_used: Instant) -> ModelView {
-        ModelView {
-            name: name.into(),
-            phase,
-            queued: 0,
-            oldest_waiter: None,
-            last_used: Some(last_used),
-            keep_alive: KeepAlive::Millis(300_000),
-            pin: false,
-            group: None,
-        }
-    }
-
-    const IDLE: Phase = Phase::Ready { in_flight: 0 };
 
     #[test]
     fn a_keep_alive_past_the_end_of_time_is_forever() {

@@ -99,6 +99,36 @@ impl ModelView {
     }
 }
 
+/// What the policy modules' tests share: a clock reading, a model view.
+#[cfg(test)]
+mod testing {
+    use std::time::{Duration, Instant};
+
+    use gpuctl_protocol::KeepAlive;
+
+    use super::{ModelView, Phase};
+
+    pub const IDLE: Phase = Phase::Ready { in_flight: 0 };
+
+    pub fn at(t0: Instant, secs: u64) -> Instant {
+        t0 + Duration::from_secs(secs)
+    }
+
+    /// A model with a five-minute keep-alive, no waiters, no pin, no group.
+    pub fn model(name: &str, phase: Phase, last_used: Instant) -> ModelView {
+        ModelView {
+            name: name.into(),
+            phase,
+            queued: 0,
+            oldest_waiter: None,
+            last_used: Some(last_used),
+            keep_alive: KeepAlive::Millis(300_000),
+            pin: false,
+            group: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -137,15 +137,10 @@ pub fn plan_pump(models: &[ModelView], candidates: &[Candidate], max_loaded: usi
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use gpuctl_protocol::{ErrorCode, KeepAlive};
 
     use super::*;
-
-    fn at(t0: Instant, secs: u64) -> Instant {
-        t0 + Duration::from_secs(secs)
-    }
+    use crate::policy::testing::{at, IDLE};
 
     fn view(name: &str, phase: Phase, waiting: &[Instant], t0: Instant) -> ModelView {
         ModelView {
@@ -175,8 +170,6 @@ mod tests {
             refused: None,
         }
     }
-
-    const IDLE: Phase = Phase::Ready { in_flight: 0 };
 
     #[test]
     fn a_ready_model_takes_work_up_to_its_concurrency_and_a_yielding_one_none() {

@@ -40,46 +40,66 @@ impl Registry {
             ErrorCode::Cancelled,
             format!("model {name} was unloaded with --force"),
         );
-        match &mut entry.life {
+        entry.life = match std::mem::replace(&mut entry.life, Life::Unloaded { retry_at: None }) {
             // Not resident: nothing to end (a load waiting for memory keeps waiting).
-            Life::Unloaded { .. } | Life::WaitingForVram { .. } => {
+            life @ (Life::Unloaded { .. } | Life::WaitingForVram { .. }) => {
                 let _ = done.send(());
+                life
             }
-            Life::Loading { kill, then, .. } => {
+            Life::Loading {
+                since,
+                placement,
+                kill,
+                then,
+            } => {
                 if force {
                     tracing::info!(model = name, "stopping its load (--force)");
                     kill.cancel();
                     fail_all(&mut entry.queue, &cancelled);
                 }
-                let mut waiters = then.take().map(|t| t.waiters).unwrap_or_default();
+                let mut waiters = then.map(|t| t.waiters).unwrap_or_default();
                 waiters.push(done);
-                *then = Some(PendingUnload { reason, waiters });
+                Life::Loading {
+                    since,
+                    placement,
+                    kill,
+                    then: Some(PendingUnload { reason, waiters }),
+                }
             }
             Life::Unloading {
-                pid, kill, waiters, ..
+                pid,
+                kill,
+                placement,
+                held,
+                in_flight,
+                reason: unloading_for,
+                since,
+                mut waiters,
             } => {
                 if force && !kill.is_cancelled() {
-                    tracing::info!(
-                        model = name,
-                        pid = *pid,
-                        "killing its draining worker (--force)"
-                    );
+                    tracing::info!(model = name, pid, "killing its draining worker (--force)");
                     kill.cancel();
                     fail_all(&mut entry.queue, &cancelled);
                 }
                 waiters.push(done);
-            }
-            Life::Ready { .. } => {
-                let Life::Ready {
-                    worker,
+                Life::Unloading {
+                    pid,
+                    kill,
                     placement,
                     held,
                     in_flight,
-                    ..
-                } = std::mem::replace(&mut entry.life, Life::Unloaded { retry_at: None })
-                else {
-                    return None;
-                };
+                    reason: unloading_for,
+                    since,
+                    waiters,
+                }
+            }
+            Life::Ready {
+                worker,
+                placement,
+                held,
+                in_flight,
+                ..
+            } => {
                 tracing::info!(
                     model = name,
                     pid = worker.pid,
@@ -96,7 +116,7 @@ impl Registry {
                     kill.cancel();
                     fail_all(&mut entry.queue, &cancelled);
                 }
-                entry.life = Life::Unloading {
+                Life::Unloading {
                     pid,
                     kill,
                     placement,
@@ -105,9 +125,9 @@ impl Registry {
                     reason,
                     since: Instant::now(),
                     waiters: vec![done],
-                };
+                }
             }
-        }
+        };
         Some(gone)
     }
 
