@@ -53,8 +53,9 @@ pub enum DaemonToWorker {
 pub struct LoadModel {
     /// The model's configured name, for error messages.
     pub name: String,
-    /// The TorchScript file.
-    pub path: String,
+    /// The model's file or folder (`path`, resolved against `model_root`);
+    /// `None` when a `command` model names none.
+    pub path: Option<String>,
     /// The contract its forward follows.
     pub kind: ModelKind,
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA if available).
@@ -68,6 +69,9 @@ pub struct LoadModel {
     /// Run the forward in float16 when the device is CUDA (the CPU keeps
     /// float32).
     pub fp16: bool,
+    /// The model's `options` table as a JSON object (`{}` when it has
+    /// none): settings for a `command` worker's own code.
+    pub options: String,
 }
 
 /// One unit of work, shaped by the model's kind.

@@ -499,16 +499,17 @@ fn worker_messages() {
     use gpuctl_protocol::worker::*;
     let load = DaemonToWorker::Load(LoadModel {
         name: "m".into(),
-        path: "/m.pt".into(),
+        path: Some("/m.pt".into()),
         kind: ModelKind::Image,
         device: "cpu".into(),
         threads: 2,
         rgb8: true,
         fp16: false,
+        options: "{}".into(),
     });
     assert_eq!(
         hex(&encode_payload(&load).unwrap()),
-        "00000000 0100000000000000 6d 0500000000000000 2f6d2e7074 00000000 0300000000000000 637075 02000000 01 00"
+        "00000000 0100000000000000 6d 01 0500000000000000 2f6d2e7074 00000000 0300000000000000 637075 02000000 01 00 0200000000000000 7b7d"
             .replace(' ', "")
     );
     let run = DaemonToWorker::Run {

@@ -74,30 +74,30 @@ impl Host {
                 ));
             }
         }
-        match std::fs::metadata(&spec.path) {
+        let Some(path) = spec.path.clone() else {
+            return Err(fail(
+                ErrorCode::InvalidConfig,
+                "gpuctl-worker runs TorchScript files and this model names none (set its path, or a command for a program of your own)".to_owned(),
+            ));
+        };
+        match std::fs::metadata(&path) {
             Ok(meta) if meta.is_file() => {}
-            Ok(_) => {
-                return Err(fail(
-                    ErrorCode::NotFound,
-                    format!("{} is not a file", spec.path),
-                ))
-            }
+            Ok(_) => return Err(fail(ErrorCode::NotFound, format!("{path} is not a file"))),
             Err(error) => {
                 return Err(fail(
                     ErrorCode::NotFound,
-                    format!("cannot read {}: {error}", spec.path),
+                    format!("cannot read {path}: {error}"),
                 ))
             }
         }
         if spec.threads > 0 {
             tch::set_num_threads(spec.threads as i32);
         }
-        let mut module = CModule::load_on_device(&spec.path, device).map_err(|e| {
+        let mut module = CModule::load_on_device(&path, device).map_err(|e| {
             fail(
                 ErrorCode::InvalidRequest,
                 format!(
-                    "{} is not a loadable TorchScript file: {}",
-                    spec.path,
+                    "{path} is not a loadable TorchScript file: {}",
                     first_line(&e)
                 ),
             )

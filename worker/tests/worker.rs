@@ -32,12 +32,13 @@ fn models() -> PathBuf {
 fn spec(name: &str, path: &str, kind: ModelKind) -> LoadModel {
     LoadModel {
         name: name.into(),
-        path: path.into(),
+        path: Some(path.into()),
         kind,
         device: "cpu".into(),
         threads: 1,
         rgb8: false,
         fp16: false,
+        options: "{}".into(),
     }
 }
 

@@ -298,9 +298,29 @@ impl Config {
         Ok(())
     }
 
-    /// A model's file, resolved against `model_root`.
-    pub fn model_path(&self, model: &ModelConfig) -> PathBuf {
-        self.model_root.join(&model.path)
+    /// A model's file, resolved against `model_root`; `None` for a
+    /// `command` model that names none.
+    pub fn model_path(&self, model: &ModelConfig) -> Option<PathBuf> {
+        model.path.as_ref().map(|path| self.model_root.join(path))
+    }
+
+    /// What a model is loaded from, for people and for the measurements
+    /// kept per model: its resolved file, else its command line.
+    pub fn model_source(&self, model: &ModelConfig) -> String {
+        match (self.model_path(model), &model.command) {
+            (Some(path), _) => path.display().to_string(),
+            (None, Some(argv)) => argv.join(" "),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// Where a `command` model's program runs: its `cwd` resolved against
+    /// `model_root`, else `model_root`.
+    pub fn model_cwd(&self, model: &ModelConfig) -> PathBuf {
+        match &model.cwd {
+            Some(cwd) => self.model_root.join(cwd),
+            None => self.model_root.clone(),
+        }
     }
 
     /// The effective settings of every model, sorted by name.
@@ -310,7 +330,7 @@ impl Config {
             .map(|(name, model)| ModelInfo {
                 name: name.clone(),
                 kind: model.kind.into(),
-                path: self.model_path(model).display().to_string(),
+                path: self.model_source(model),
                 device: model.device.to_string(),
                 keep_alive: model
                     .keep_alive

@@ -1,5 +1,6 @@
 //! `[models.NAME]`: one model's settings and their checks.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use gpuctl_protocol::ModelKind;
@@ -11,8 +12,28 @@ use super::*;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// The TorchScript file, absolute or relative to `model_root`.
-    pub path: PathBuf,
+    /// The TorchScript file, absolute or relative to `model_root`; for a
+    /// `command` model, optional, and whatever the program makes of it.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// A program that hosts the model instead of gpuctl-worker (argv, no
+    /// shell), speaking the worker protocol, e.g. through `gpuctl.worker`.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Environment variables for the `command`, on top of gpuctld's own.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The `command`'s working directory, relative to `model_root`;
+    /// default: `model_root`.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// How long its worker may take from start to loaded before it is
+    /// killed and the load fails; default 10 minutes.
+    #[serde(default)]
+    pub load_timeout: Option<Duration>,
+    /// Settings for a `command` worker's code (`spec.options`), any table.
+    #[serde(default)]
+    pub options: toml::Table,
     /// `image`, `generate` or `tensor`.
     pub kind: Kind,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -121,11 +142,61 @@ pub struct ModelDefaults {
     pub guidance: Option<f32>,
 }
 
+/// How long a worker may take to load when the model does not say.
+pub const DEFAULT_LOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl ModelConfig {
+    /// Its `load_timeout`, or the default.
+    pub fn load_timeout(&self) -> std::time::Duration {
+        self.load_timeout.map_or(DEFAULT_LOAD_TIMEOUT, |t| t.0)
+    }
+
     /// Checks one model; the error names the key below `models.NAME`.
     pub(super) fn validate(&self, _name: &str) -> Result<(), (&'static str, String)> {
-        if self.path.as_os_str().is_empty() {
-            return Err(("path", "must name a TorchScript file".into()));
+        match (&self.command, &self.path) {
+            (None, None) => {
+                return Err((
+                    "path",
+                    "is missing: name a TorchScript file, or set command to a program that hosts the model".into(),
+                ))
+            }
+            (_, Some(path)) if path.as_os_str().is_empty() => {
+                return Err(("path", "must not be empty".into()));
+            }
+            (Some(argv), _) if argv.first().is_none_or(|program| program.is_empty()) => {
+                return Err((
+                    "command",
+                    "must name a program first, e.g. [\"python\", \"-m\", \"myapp.worker\"]".into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.command.is_none() {
+            for (key, set) in [
+                ("env", !self.env.is_empty()),
+                ("cwd", self.cwd.is_some()),
+                ("options", !self.options.is_empty()),
+            ] {
+                if set {
+                    return Err((key, "applies only to models with a command".into()));
+                }
+            }
+        }
+        if let Some(argv) = &self.command {
+            if argv.iter().any(|arg| arg.contains('\0')) {
+                return Err(("command", "must not contain NUL characters".into()));
+            }
+        }
+        if let Some((name, _)) = self.env.iter().find(|(name, value)| {
+            name.is_empty() || name.contains(['=', '\0']) || value.contains('\0')
+        }) {
+            return Err((
+                "env",
+                format!("{name:?} is not a valid environment variable: a name is not empty and has no '=', and neither name nor value has NUL"),
+            ));
+        }
+        if matches!(self.load_timeout, Some(Duration(t)) if t.is_zero()) {
+            return Err(("load_timeout", "must be longer than 0s".into()));
         }
         if self.concurrency == 0 {
             return Err(("concurrency", "must be at least 1".into()));

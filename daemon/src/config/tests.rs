@@ -41,6 +41,33 @@ fn the_commented_model_examples_parse() {
 }
 
 #[test]
+fn a_command_model_needs_no_path_and_keeps_its_settings() {
+    let config = parse(
+        "model_root = \"/srv/models\"\n\
+         [models.sd]\nkind = \"generate\"\ncommand = [\"python\", \"-m\", \"app.sd\"]\n\
+         env = { HF_HUB_OFFLINE = \"1\" }\ncwd = \"apps/sd\"\nload_timeout = \"20m\"\n\
+         options = { scheduler = \"euler\", loras = [{ path = \"a.safetensors\", strength = 0.8 }] }\n\
+         [models.up]\npath = \"up.pt\"\nkind = \"image\"\n",
+    )
+    .unwrap();
+    let sd = &config.models["sd"];
+    assert_eq!(config.model_path(sd), None);
+    assert_eq!(config.model_cwd(sd), PathBuf::from("/srv/models/apps/sd"));
+    assert_eq!(sd.load_timeout(), std::time::Duration::from_secs(1200));
+    assert_eq!(sd.env["HF_HUB_OFFLINE"], "1");
+    assert_eq!(sd.options["scheduler"].as_str(), Some("euler"));
+    assert_eq!(
+        config.model_source(sd),
+        "python -m app.sd",
+        "shown as its command"
+    );
+    let up = &config.models["up"];
+    assert_eq!(up.load_timeout(), model::DEFAULT_LOAD_TIMEOUT);
+    assert_eq!(config.model_cwd(up), PathBuf::from("/srv/models"));
+    assert_eq!(config.model_source(up), "/srv/models/up.pt");
+}
+
+#[test]
 fn unknown_keys_name_file_and_key() {
     let error = parse("[daemon]\nsocket_mode = \"0600\"\nbogus = 1\n").unwrap_err();
     assert_eq!(error.key.as_deref(), Some("daemon.bogus"), "{error}");
@@ -98,8 +125,43 @@ fn bad_values_name_key_and_problem() {
         ),
         (
             "[models.a]\nkind = \"image\"",
-            "models.a",
-            "missing field `path`",
+            "models.a.path",
+            "is missing: name a TorchScript file, or set command",
+        ),
+        (
+            "[models.a]\nkind = \"image\"\ncommand = []",
+            "models.a.command",
+            "must name a program first",
+        ),
+        (
+            "[models.a]\nkind = \"image\"\ncommand = [\"\", \"x\"]",
+            "models.a.command",
+            "must name a program first",
+        ),
+        (
+            "[models.a]\nkind = \"image\"\ncommand = \"python -m app\"",
+            "models.a.command",
+            "invalid type: string",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"image\"\nenv = { HF_HOME = \"/x\" }",
+            "models.a.env",
+            "applies only to models with a command",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"image\"\noptions = { steps = 4 }",
+            "models.a.options",
+            "applies only to models with a command",
+        ),
+        (
+            "[models.a]\nkind = \"image\"\ncommand = [\"w\"]\nenv = { \"A=B\" = \"1\" }",
+            "models.a.env",
+            "\"A=B\" is not a valid environment variable",
+        ),
+        (
+            "[models.a]\nkind = \"image\"\ncommand = [\"w\"]\nload_timeout = \"0s\"",
+            "models.a.load_timeout",
+            "longer than 0s",
         ),
         (
             "[models.a]\npath = \"a.pt\"\nkind = \"video\"",

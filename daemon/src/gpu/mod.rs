@@ -97,6 +97,49 @@ fn try_choose(config: &GpuConfig) -> Result<(Box<dyn Probe>, String), String> {
     }
 }
 
+/// A process's group, from `/proc/PID/stat` (the field after the state,
+/// the parent); `None` when it is gone or unreadable.
+pub fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name may hold spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Counts what processes in a worker's process group hold as the worker's:
+/// a program started through a wrapper (`uv run`, `sh -c`) holds GPU
+/// memory in a child, which the worker's unload ends with the group.
+pub fn fold_into_workers(
+    processes: Vec<ProcessUse>,
+    ours: &[OwnWorker],
+    group_of: impl Fn(u32) -> Option<u32>,
+) -> Vec<ProcessUse> {
+    let mut folded: Vec<ProcessUse> = Vec::with_capacity(processes.len());
+    for process in processes {
+        let leader = if ours.iter().any(|w| w.pid == process.pid) {
+            process.pid
+        } else {
+            match group_of(process.pid) {
+                Some(group) if ours.iter().any(|w| w.pid == group) => group,
+                _ => {
+                    folded.push(process);
+                    continue;
+                }
+            }
+        };
+        match folded.iter_mut().find(|p| p.pid == leader) {
+            Some(worker) => worker.bytes += process.bytes,
+            None => folded.push(ProcessUse {
+                pid: leader,
+                name: process_name(leader),
+                command: process_command(leader),
+                ..process
+            }),
+        }
+    }
+    folded
+}
+
 /// A process's name for people: its `comm`, e.g. "ollama".
 pub fn process_name(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -124,6 +167,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn memory_held_in_a_workers_group_counts_as_the_workers() {
+        let process = |pid, bytes| ProcessUse {
+            pid,
+            name: "python".into(),
+            bytes,
+            command: String::new(),
+        };
+        let ours = [OwnWorker {
+            pid: 100,
+            device: 0,
+            bytes: 0,
+        }];
+        // 101 is the python under the worker's `uv run`; 200 is Ollama.
+        let groups = |pid| match pid {
+            101 => Some(100),
+            200 => Some(200),
+            _ => None,
+        };
+        let folded = fold_into_workers(
+            vec![
+                process(101, 3 << 30),
+                process(200, 5 << 30),
+                process(100, 1 << 20),
+            ],
+            &ours,
+            groups,
+        );
+        let bytes: Vec<(u32, u64)> = folded.iter().map(|p| (p.pid, p.bytes)).collect();
+        assert_eq!(bytes, [(100, (3 << 30) + (1 << 20)), (200, 5 << 30)]);
+    }
+
+    #[test]
     fn names_a_process_from_proc() {
         let me = std::process::id();
         assert!(!process_name(me).is_empty());
@@ -133,6 +208,9 @@ mod tests {
             process_command(me)
         );
         assert_eq!(process_name(u32::MAX), "?");
+        // SAFETY: getpgrp cannot fail.
+        assert_eq!(process_group(me), Some(unsafe { libc::getpgrp() } as u32));
+        assert_eq!(process_group(u32::MAX), None);
         assert_eq!(process_command(u32::MAX), "");
     }
 }

@@ -4,7 +4,10 @@
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::Nvml;
 
-use super::{process_command, process_name, DeviceSample, OwnWorker, Probe, ProcessUse};
+use super::{
+    fold_into_workers, process_command, process_group, process_name, DeviceSample, OwnWorker,
+    Probe, ProcessUse,
+};
 
 pub struct NvmlProbe {
     nvml: Nvml,
@@ -26,7 +29,7 @@ impl Probe for NvmlProbe {
         "nvml"
     }
 
-    fn sample(&mut self, _ours: &[OwnWorker]) -> Result<Vec<DeviceSample>, String> {
+    fn sample(&mut self, ours: &[OwnWorker]) -> Result<Vec<DeviceSample>, String> {
         let count = self.nvml.device_count().map_err(|e| e.to_string())?;
         (0..count)
             .map(|index| {
@@ -48,6 +51,7 @@ impl Probe for NvmlProbe {
                         bytes: used_bytes(&p.used_gpu_memory),
                     })
                     .collect();
+                let processes = fold_into_workers(processes, ours, process_group);
                 Ok(DeviceSample {
                     index,
                     name: device.name().unwrap_or_else(|_| format!("GPU {index}")),

@@ -29,10 +29,11 @@ pub fn reload_changes(
         match new.models.get(name) {
             None => changes.push((name.clone(), ModelChange::Removed)),
             Some(after) => {
-                // keep_alive alone never needs a new worker.
+                // keep_alive, vram and load_timeout never need a new worker.
                 let comparable = |m: &ModelConfig| ModelConfig {
                     keep_alive: None,
                     vram: None,
+                    load_timeout: None,
                     ..m.clone()
                 };
                 if comparable(before) != comparable(after)
@@ -96,5 +97,31 @@ mod tests {
             &|_| false
         )
         .contains(&("same".into(), ModelChange::Changed)));
+    }
+
+    #[test]
+    fn a_changed_command_env_cwd_or_options_replaces_the_worker() {
+        let parse = |text: &str| Config::parse(text, "t.toml").unwrap();
+        let base = "[models.sd]\nkind = \"generate\"\ncommand = [\"python\", \"-m\", \"sd\"]\n";
+        let old = parse(base);
+        for changed in [
+            "[models.sd]\nkind = \"generate\"\ncommand = [\"python3\", \"-m\", \"sd\"]\n",
+            &format!("{base}env = {{ HF_HOME = \"/x\" }}\n"),
+            &format!("{base}cwd = \"apps\"\n"),
+            &format!("{base}options = {{ steps = 4 }}\n"),
+            &format!("{base}path = \"sd-folder\"\n"),
+        ] {
+            assert_eq!(
+                reload_changes(&old, &parse(changed), &|_| false),
+                vec![("sd".into(), ModelChange::Changed)],
+                "{changed}"
+            );
+        }
+        let slower = parse(&format!("{base}load_timeout = \"30m\"\n"));
+        assert_eq!(
+            reload_changes(&old, &slower, &|_| false),
+            vec![],
+            "applies to the next load"
+        );
     }
 }

@@ -154,10 +154,12 @@ impl Registry {
             );
             // A file that is not there fails now, before anything is evicted
             // for it; what is there is what the need estimate counts on.
+            // A command model without a path has nothing to check here.
             let path = config.model_path(model);
-            refused = match backing_off {
-                Some(error) => Some(Refusal::RetryLater(error)),
-                None => match std::fs::metadata(&path) {
+            refused = match (backing_off, path) {
+                (Some(error), _) => Some(Refusal::RetryLater(error)),
+                (None, None) => None,
+                (None, Some(path)) => match std::fs::metadata(&path) {
                     Err(error) => Some(Refusal::Unreadable(Error::new(
                         ErrorCode::NotFound,
                         format!("model {name}: cannot read {}: {error}", path.display()),
@@ -226,7 +228,7 @@ impl Registry {
         };
         let path = config.model_path(model);
         entry.load += 1;
-        entry.history.loaded_file = FileIdentity::of(&path);
+        entry.history.loaded_file = path.as_deref().and_then(FileIdentity::of);
         entry.history.seen_file = entry.history.loaded_file;
         let kill = CancellationToken::new();
         entry.life = Life::Loading {
@@ -239,7 +241,7 @@ impl Registry {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let spec = LoadModel {
             name: name.to_owned(),
-            path: path.display().to_string(),
+            path: path.map(|p| p.display().to_string()),
             kind: model.kind.into(),
             device,
             threads: policy::worker_threads(
@@ -250,9 +252,18 @@ impl Registry {
             ),
             rgb8: model.kind != Kind::Tensor,
             fp16: model.precision == crate::config::Precision::Fp16,
+            options: options_json(&model.options),
         };
-        tracing::info!(model = name, path = %spec.path, device = %spec.device, "loading");
-        let program = self.worker_program.clone();
+        tracing::info!(model = name, source = %config.model_source(model), device = %spec.device, "loading");
+        let launch = match &model.command {
+            Some(argv) => worker::Launch::command(
+                argv,
+                &model.env,
+                config.model_cwd(model),
+                model.load_timeout(),
+            ),
+            None => worker::Launch::builtin(self.worker_program.clone(), model.load_timeout()),
+        };
         let limits = worker::Limits {
             max_output: config.daemon.max_output.0 as usize,
             cancel_grace: config.policy.cancel_grace.0,
@@ -266,7 +277,7 @@ impl Registry {
                     let _ = events.send(Event::Exited { model, load, exit });
                 }
             };
-            let result = worker::start(&program, spec, limits, kill, on_exit).await;
+            let result = worker::start(&launch, spec, limits, kill, on_exit).await;
             let _ = events.send(Event::Loaded {
                 model: model_name,
                 load,
@@ -395,5 +406,43 @@ impl Registry {
             model: name.to_owned(),
             error: error.message.clone(),
         });
+    }
+}
+
+/// A model's `options` table as the JSON object its worker is handed.
+/// TOML dates become strings; everything else maps one to one.
+fn options_json(options: &toml::Table) -> String {
+    fn json(value: &toml::Value) -> serde_json::Value {
+        match value {
+            toml::Value::String(s) => serde_json::Value::String(s.clone()),
+            toml::Value::Integer(i) => serde_json::Value::from(*i),
+            // NaN and infinities have no JSON form: null, as JSON encoders write them.
+            toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+                .map_or(serde_json::Value::Null, serde_json::Value::Number),
+            toml::Value::Boolean(b) => serde_json::Value::Bool(*b),
+            toml::Value::Datetime(d) => serde_json::Value::String(d.to_string()),
+            toml::Value::Array(items) => serde_json::Value::Array(items.iter().map(json).collect()),
+            toml::Value::Table(table) => {
+                serde_json::Value::Object(table.iter().map(|(k, v)| (k.clone(), json(v))).collect())
+            }
+        }
+    }
+    json(&toml::Value::Table(options.clone())).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn options_reach_the_worker_as_json() {
+        let table: toml::Table = toml::from_str(
+            "steps = 20\nscale = 1.5\nname = \"sd\"\nfast = true\nwhen = 2026-12-01\nnan = nan\n[lora]\nfiles = [\"a\", \"b\"]\n",
+        )
+        .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&super::options_json(&table)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"steps": 20, "scale": 1.5, "name": "sd", "fast": true, "when": "2026-12-01", "nan": null, "lora": {"files": ["a", "b"]}})
+        );
+        assert_eq!(super::options_json(&toml::Table::new()), "{}");
     }
 }

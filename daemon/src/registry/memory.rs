@@ -65,7 +65,7 @@ impl Registry {
 
     /// What `name` is expected to need, and where the figure comes from.
     pub(super) fn need(&self, name: &str, model: &ModelConfig, config: &Config) -> Need {
-        let path = config.model_path(model).display().to_string();
+        let path = config.model_source(model);
         let file_bytes = self.models.get(name).map_or(0, |e| e.seen_file_bytes());
         policy::need(
             model.vram.map(|b| b.0),

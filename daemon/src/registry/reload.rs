@@ -163,6 +163,9 @@ pub(super) fn model_files(config: &Config) -> Vec<(String, Option<FileIdentity>)
     config
         .models
         .iter()
-        .map(|(name, model)| (name.clone(), FileIdentity::of(&config.model_path(model))))
+        .map(|(name, model)| {
+            let file = config.model_path(model);
+            (name.clone(), file.as_deref().and_then(FileIdentity::of))
+        })
         .collect()
 }

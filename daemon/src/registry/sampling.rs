@@ -209,7 +209,7 @@ impl Registry {
             tracing::debug!(model = %name, bytes = peak, "measured");
             // Keyed by the file as it was when loaded, which is what was measured.
             let measured = Measured {
-                path: config.model_path(model).display().to_string(),
+                path: config.model_source(model),
                 file_bytes: loaded_file_bytes,
                 vram_bytes: peak,
             };

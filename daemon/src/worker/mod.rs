@@ -6,29 +6,28 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use gpuctl_protocol::worker::{
-    DaemonToWorker, Job, LoadModel, Loaded, WorkerToDaemon, WORKER_FD, WORKER_PROTOCOL,
+    DaemonToWorker, Job, LoadModel, Loaded, WorkerToDaemon, WORKER_PROTOCOL,
 };
 use gpuctl_protocol::{Error, ErrorCode, FrameCodec, WireTensor, MAX_FRAME_CEILING};
 use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+mod launch;
 mod supervisor;
 
+pub use launch::{kill_group, Launch};
 use supervisor::{supervise, Supervised};
 
 type Channel = Framed<UnixStream, FrameCodec<WorkerToDaemon, DaemonToWorker>>;
-
-/// How long a new worker has to say which protocol it speaks.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a worker gets to exit after `Unload` before it is killed.
 pub const EXIT_GRACE: Duration = Duration::from_secs(5);
@@ -110,7 +109,7 @@ pub fn worker_program(configured: &str) -> PathBuf {
 /// one message when the worker ends, whenever that is. Cancelling `kill`
 /// kills the worker, while it loads or afterwards.
 pub async fn start(
-    program: &Path,
+    launch: &Launch,
     spec: LoadModel,
     limits: Limits,
     kill: CancellationToken,
@@ -121,30 +120,10 @@ pub async fn start(
         |problem: String| Error::new(ErrorCode::Internal, format!("model {name}: {problem}"));
     let (ours, theirs) =
         std::os::unix::net::UnixStream::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
-    let mut command = Command::new(program);
-    command
-        .args([
-            "--fd",
-            &WORKER_FD.to_string(),
-            "--parent",
-            &std::process::id().to_string(),
-        ])
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let fd = theirs.as_raw_fd();
-    // SAFETY: dup2 and fcntl are async-signal-safe; nothing else runs
-    // between fork and exec.
-    unsafe {
-        command.pre_exec(move || gpuctl_protocol::worker::install_worker_fd(fd));
-    }
-    let mut child = command
+    let mut child = launch
+        .prepare(&name, theirs.as_raw_fd())
         .spawn()
-        .map_err(|e| fail(format!("cannot start {}: {e}", program.display())))?;
+        .map_err(|e| cannot_start(&name, launch, &e))?;
     drop(theirs);
     let pid = child.id().unwrap_or(0);
     ours.set_nonblocking(true)
@@ -158,13 +137,23 @@ pub async fn start(
             format!("model {name}: its load was stopped (unload --force)"),
         )
     };
+    let deadline = tokio::time::Instant::now() + launch.load_timeout;
+    let too_slow = |what: &str| {
+        Error::new(
+            ErrorCode::Timeout,
+            format!(
+                "model {name}: its worker (pid {pid}) {what} within load_timeout ({}); it was killed",
+                gpuctl_protocol::units::format_duration_ms(launch.load_timeout.as_millis() as u64)
+            ),
+        )
+    };
     let greeted = tokio::select! {
-        greeted = greet(&mut channel, &name) => greeted,
+        greeted = tokio::time::timeout_at(deadline, greet(&mut channel, &name)) => greeted.unwrap_or_else(|_| Err(too_slow(&format!("did not say which protocol it speaks (a worker's first frame is Hello, worker protocol {WORKER_PROTOCOL})")))),
         _ = kill.cancelled() => Err(stopped()),
     };
     if let Err(error) = greeted {
         // A worker it cannot talk to is not left running.
-        let _ = child.start_kill();
+        stop(&mut child, pid);
         return Err(end_load(&mut child, pid, error, false, exited).await);
     }
     let loading = async {
@@ -183,9 +172,12 @@ pub async fn start(
         }
     };
     let loaded = tokio::select! {
-        loaded = loading => loaded,
+        loaded = tokio::time::timeout_at(deadline, loading) => loaded.unwrap_or_else(|_| {
+            stop(&mut child, pid);
+            Err(too_slow("did not say it loaded"))
+        }),
         _ = kill.cancelled() => {
-            let _ = child.start_kill();
+            stop(&mut child, pid);
             Err(stopped())
         }
     };
@@ -220,6 +212,7 @@ async fn end_load(
     exited: impl FnOnce(Exit),
 ) -> Error {
     let status = wait_briefly(child).await;
+    kill_group(pid);
     if let Some(status) = status.filter(|s| with_signal && s.signal().is_some()) {
         error.message = format!("{} ({})", error.message, describe(status));
     }
@@ -233,20 +226,12 @@ async fn end_load(
 }
 
 /// Reads the worker's first frame, which says the worker protocol it
-/// speaks; a worker of another major version, or one that says nothing in
-/// time, is refused with both versions named.
+/// speaks; a worker of another major version is refused with both
+/// versions named.
 async fn greet(channel: &mut Channel, model: &str) -> Result<(), Error> {
     let fail =
         |problem: String| Error::new(ErrorCode::Internal, format!("model {model}: {problem}"));
-    let first = tokio::time::timeout(HELLO_TIMEOUT, channel.next())
-        .await
-        .map_err(|_| {
-            fail(format!(
-                "its worker did not say which protocol it speaks within {} s (a worker's first frame is Hello, worker protocol {WORKER_PROTOCOL})",
-                HELLO_TIMEOUT.as_secs()
-            ))
-        })?;
-    match first {
+    match channel.next().await {
         Some(Ok(WorkerToDaemon::Hello(hello))) if WORKER_PROTOCOL.is_compatible_with(hello.protocol) => {
             tracing::debug!(model, program = %hello.program, protocol = %hello.protocol, "worker greeted");
             Ok(())
@@ -269,10 +254,43 @@ async fn wait_briefly(child: &mut Child) -> Option<ExitStatus> {
     match tokio::time::timeout(EXIT_GRACE, child.wait()).await {
         Ok(Ok(status)) => Some(status),
         _ => {
+            let pid = child.id().unwrap_or(0);
+            kill_group(pid);
             let _ = child.kill().await;
             None
         }
     }
+}
+
+/// Kills a worker and its process group, now.
+fn stop(child: &mut Child, pid: u32) {
+    kill_group(pid);
+    let _ = child.start_kill();
+}
+
+/// Why a worker could not be started, naming what was run.
+fn cannot_start(model: &str, launch: &Launch, error: &std::io::Error) -> Error {
+    let program = launch.program.display();
+    let hint = match error.kind() {
+        std::io::ErrorKind::NotFound if launch.cwd.as_ref().is_some_and(|cwd| !cwd.is_dir()) => {
+            format!(
+                " (its working directory {} does not exist)",
+                launch
+                    .cwd
+                    .as_ref()
+                    .map_or(String::new(), |c| c.display().to_string())
+            )
+        }
+        std::io::ErrorKind::NotFound => {
+            " (no such program; a bare name is looked up on gpuctld's PATH)".to_owned()
+        }
+        std::io::ErrorKind::PermissionDenied => " (not executable by gpuctld's user)".to_owned(),
+        _ => String::new(),
+    };
+    Error::new(
+        ErrorCode::LoadFailed,
+        format!("model {model}: cannot start {program}: {error}{hint}"),
+    )
 }
 
 /// Describes an exit status: "exit status 1", "signal 9 (SIGKILL)".

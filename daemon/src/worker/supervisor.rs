@@ -17,7 +17,7 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{describe, Channel, Exit, JobOutput, Limits, WorkerJob, EXIT_GRACE};
+use super::{describe, kill_group, stop, Channel, Exit, JobOutput, Limits, WorkerJob, EXIT_GRACE};
 
 /// A job the worker is running.
 struct Running {
@@ -27,6 +27,8 @@ struct Running {
     /// Set when it was cancelled: it must have ended by then, or the
     /// worker is killed (a forward inside TorchScript cannot be interrupted).
     stop_by: Option<tokio::time::Instant>,
+    /// What its progress counts: tiles, or a generation's steps.
+    unit: &'static str,
 }
 
 impl Running {
@@ -43,7 +45,7 @@ impl Running {
             gpuctl_protocol::ProgressEvent {
                 done: u64::from(done),
                 total: u64::from(total),
-                message: format!("tile {done}/{total}"),
+                message: format!("{} {done}/{total}", self.unit),
                 elapsed_ms,
                 eta_ms,
             },
@@ -196,14 +198,14 @@ pub(super) async fn supervise(
             biased;
             _ = kill.cancelled(), if !killed => {
                 course = Course::Killed { stuck: None };
-                let _ = child.start_kill();
+                stop(&mut child, pid);
                 fail_pending(&mut pending, &Error::new(ErrorCode::Cancelled, format!("model {model} was unloaded with --force")));
             }
             _ = sleep_until(overdue.map(|(at, _)| at)), if overdue.is_some() && !killed => {
                 let job = overdue.map_or(0, |(_, id)| id);
                 let grace = gpuctl_protocol::units::format_duration_ms(limits.cancel_grace.as_millis() as u64);
                 tracing::warn!(model, pid, job, grace = %grace, "a cancelled job did not stop within policy.cancel_grace; killing its worker");
-                let _ = child.start_kill();
+                stop(&mut child, pid);
                 // Its jobs are answered once it is gone (below), after the
                 // registry has heard of its exit.
                 course = Course::Killed {
@@ -218,7 +220,7 @@ pub(super) async fn supervise(
             }
             _ = sleep_until(exit_by), if exit_by.is_some() => {
                 tracing::warn!(model, pid, grace_ms = EXIT_GRACE.as_millis() as u64, "worker did not exit after Unload; killing it");
-                let _ = child.start_kill();
+                stop(&mut child, pid);
                 course = Course::Killed { stuck: None };
             }
             job = queue.recv(), if matches!(course, Course::Serving) => match job {
@@ -230,9 +232,13 @@ pub(super) async fn supervise(
                             let _ = cancels.send(id);
                         }
                     });
+                    let unit = match job {
+                        Job::Generate(_) => "step",
+                        Job::Image { .. } | Job::Tensor { .. } => "tile",
+                    };
                     match unless_killed(&kill, send_job(&mut channel, id, job)).await {
                         Ok(()) => {
-                            pending.insert(id, Running { reply, progress, started: std::time::Instant::now(), stop_by: None });
+                            pending.insert(id, Running { reply, progress, started: std::time::Instant::now(), stop_by: None, unit });
                         }
                         Err(error) => {
                             let _ = reply.send(Err(Error::new(ErrorCode::Internal, format!("model {model}: cannot send the job to its worker: {error}"))));
@@ -287,19 +293,21 @@ pub(super) async fn supervise(
                 Some(Ok(other)) => tracing::warn!(model, ?other, "unexpected message from worker"),
                 Some(Err(error)) => {
                     tracing::warn!(model, %error, "worker protocol error; stopping it");
-                    let _ = child.start_kill();
+                    stop(&mut child, pid);
                     break child.wait().await.map_err(|e| e.to_string());
                 }
                 None => break match tokio::time::timeout(EXIT_GRACE, child.wait()).await {
                     Ok(status) => status.map_err(|e| e.to_string()),
                     Err(_) => {
-                        let _ = child.start_kill();
+                        stop(&mut child, pid);
                         child.wait().await.map_err(|e| e.to_string())
                     }
                 },
             },
         }
     };
+    // What it started and left behind goes with it.
+    kill_group(pid);
     let description = match &ending {
         Ok(status) => describe(*status),
         Err(error) => format!("cannot be waited for: {error}"),

@@ -178,12 +178,13 @@ class Holder:
 @dataclass
 class LoadModel:
     name: str
-    path: str
+    path: Optional[str]
     kind: ModelKind
     device: str = ""
     threads: int = 0
     rgb8: bool = False
     fp16: bool = False
+    options: str = ""
 
 
 @dataclass
@@ -1409,12 +1410,13 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                   '2': {'Tensor': {'STRUCT': [{'inputs': {'SEQ': {'TYPENAME': 'WireTensor'}}}]}}}},
  'KeepAlive': {'ENUM': {'0': {'Millis': {'NEWTYPE': 'U64'}}, '1': {'Forever': 'UNIT'}}},
  'LoadModel': {'STRUCT': [{'name': 'STR'},
-                          {'path': 'STR'},
+                          {'path': {'OPTION': 'STR'}},
                           {'kind': {'TYPENAME': 'ModelKind'}},
                           {'device': 'STR'},
                           {'threads': 'U32'},
                           {'rgb8': 'BOOL'},
-                          {'fp16': 'BOOL'}]},
+                          {'fp16': 'BOOL'},
+                          {'options': 'STR'}]},
  'LoadRequest': {'STRUCT': [{'model': 'STR'},
                             {'keep_alive': {'OPTION': {'TYPENAME': 'KeepAlive'}}}]},
  'LoadResponse': {'STRUCT': [{'model': 'STR'}, {'device': 'STR'}, {'load_ms': {'OPTION': 'U64'}}]},

@@ -1,0 +1,279 @@
+"""The worker SDK (`gpuctl.worker`) against a stand-in for gpuctld: the
+test speaks the worker protocol to a real worker process over a socketpair,
+frame by frame, as gpuctld does."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pytest
+
+from gpuctl import codec, worker
+from gpuctl.messages import (
+    DaemonToWorker,
+    DType,
+    ErrorCode,
+    GenerateJob,
+    ImageLayout,
+    Job,
+    LoadModel,
+    ModelKind,
+    TensorFrame,
+    WireTensor,
+    WorkerToDaemon,
+)
+
+HERE = pathlib.Path(__file__).resolve().parent
+WORKER = HERE / "workers" / "numpy_worker.py"
+SRC = HERE.parent / "src"
+
+
+class FakeDaemon:
+    """gpuctld's end of one worker's socket."""
+
+    def __init__(self, tmp: pathlib.Path, script: pathlib.Path = WORKER) -> None:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ, GPUCTL_WORKER_FD=str(theirs.fileno()), PYTHONPATH=str(SRC), GPUCTL_TEST_DIR=str(tmp))
+        self.process = subprocess.Popen([sys.executable, str(script)], pass_fds=[theirs.fileno()], env=env, stderr=subprocess.PIPE)
+        theirs.close()
+        ours.settimeout(30)
+        self.sock = ours
+        self.codec = codec.Codec()
+
+    def send(self, message: Any) -> None:
+        payload = self.codec.encode("DaemonToWorker", message)
+        self.sock.sendall(codec.LENGTH.pack(len(payload)) + payload)
+
+    def receive(self) -> Any:
+        head = self._exactly(4)
+        (length,) = codec.LENGTH.unpack(head)
+        return self.codec.decode("WorkerToDaemon", self._exactly(length))
+
+    def _exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise EOFError("the worker closed its socket")
+            data += chunk
+        return data
+
+    def load(self, kind: ModelKind, options: Dict[str, Any], path: Optional[str] = None) -> Any:
+        hello = self.receive()
+        assert isinstance(hello, WorkerToDaemon.Hello), hello
+        self.send(DaemonToWorker.Load(LoadModel(name="m", path=path, kind=kind, device="cpu", threads=1, rgb8=True, fp16=False, options=json.dumps(options))))
+        return self.receive()
+
+    def run(self, id: int, job: Any) -> Any:
+        """Sends a job, its tensors over 1 MiB streamed ahead of it."""
+        tensors = [job.input] if isinstance(job, Job.Image) else [job.value.noise] if isinstance(job, Job.Generate) else job.inputs
+        for tensor in tensors:
+            if len(tensor.data) > 1 << 20:
+                self.send(DaemonToWorker.Tensor(TensorFrame.Begin(dtype=tensor.dtype, shape=tensor.shape)))
+                for at in range(0, len(tensor.data), 1 << 20):
+                    self.send(DaemonToWorker.Tensor(TensorFrame.Chunk(tensor.data[at:at + (1 << 20)])))
+                self.send(DaemonToWorker.Tensor(TensorFrame.End()))
+                tensor.data = b""
+        self.send(DaemonToWorker.Run(id=id, job=job))
+
+    def answer(self) -> Any:
+        """The next Done or Failed, with streamed outputs filled in; progress is kept."""
+        streamed: List[bytes] = []
+        self.progress: List[Any] = []
+        current = b""
+        while True:
+            message = self.receive()
+            if isinstance(message, WorkerToDaemon.Tensor):
+                frame = message.frame
+                if isinstance(frame, TensorFrame.Chunk):
+                    current += frame.value
+                elif isinstance(frame, TensorFrame.End):
+                    streamed.append(current)
+                    current = b""
+            elif isinstance(message, WorkerToDaemon.Progress):
+                self.progress.append((message.done, message.total))
+            else:
+                self.streamed = len(streamed)
+                if isinstance(message, WorkerToDaemon.Done):
+                    for output in message.outputs:
+                        if not output.data:
+                            output.data = streamed.pop(0)
+                return message
+
+    def exit_code(self, within: float = 10.0) -> int:
+        return self.process.wait(timeout=within)
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def daemon(tmp_path: pathlib.Path) -> Any:
+    fake = FakeDaemon(tmp_path)
+    yield fake
+    fake.close()
+
+
+def wire(array: np.ndarray) -> WireTensor:
+    dtype = {np.dtype("uint8"): DType.U8, np.dtype("float32"): DType.F32, np.dtype("int64"): DType.I64}[array.dtype]
+    return WireTensor(dtype=dtype, shape=list(array.shape), data=array.tobytes())
+
+
+def array(tensor: WireTensor) -> np.ndarray:
+    dtype = {DType.U8: np.uint8, DType.F32: np.float32, DType.I64: np.int64}[DType(tensor.dtype)]
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
+
+
+def test_says_hello_first_then_loads_and_reports_what_it_holds(daemon: FakeDaemon, tmp_path: pathlib.Path) -> None:
+    hello = daemon.receive()
+    assert isinstance(hello, WorkerToDaemon.Hello)
+    assert (hello.value.protocol.major, hello.value.protocol.minor) == (1, 0)
+    assert hello.value.program.startswith("gpuctl.worker ")
+    daemon.send(DaemonToWorker.Load(LoadModel(name="m", path="/models/m", kind=ModelKind.Tensor, device="cpu", threads=1, options='{"holds": 123456}')))
+    loaded = daemon.receive()
+    assert isinstance(loaded, WorkerToDaemon.Loaded), loaded
+    assert (loaded.value.device, loaded.value.device_bytes, loaded.value.precision) == ("cpu", 123456, "fp32")
+    assert [p.read_text() for p in tmp_path.glob("loaded-m-*")] == ["/models/m"], "spec.path reaches load"
+
+
+def test_tensors_over_a_mebibyte_stream_both_ways(daemon: FakeDaemon) -> None:
+    assert isinstance(daemon.load(ModelKind.Tensor, {}), WorkerToDaemon.Loaded)
+    big = np.arange(3 * 1024 * 1024 // 4 + 7, dtype=np.float32).reshape(1, -1)
+    small = np.array([[1.5, -2.0]], dtype=np.float32)
+    daemon.run(1, Job.Tensor(inputs=[wire(big), wire(small)]))
+    done = daemon.answer()
+    assert isinstance(done, WorkerToDaemon.Done), done
+    assert done.id == 1
+    outputs = [array(t) for t in done.outputs]
+    np.testing.assert_array_equal(outputs[0], big * 2)
+    np.testing.assert_array_equal(outputs[1], small * 2)
+    assert outputs[2].tolist() == [big.size + 2]
+    assert done.outputs[0].shape == list(big.shape)
+    assert daemon.streamed == 1, "the 3 MiB output streamed, the small ones rode in Done"
+
+
+def test_image_jobs_arrive_as_rgb8_rows_whatever_the_layout(daemon: FakeDaemon) -> None:
+    assert isinstance(daemon.load(ModelKind.Image, {"scale": 2}), WorkerToDaemon.Loaded)
+    rows = np.random.default_rng(0).integers(0, 256, (1, 5, 7, 3), dtype=np.uint8)
+    daemon.run(1, Job.Image(input=wire(rows), tiling=None, layout=ImageLayout.Rows))
+    done = daemon.answer()
+    expected = rows.repeat(2, axis=1).repeat(2, axis=2)
+    np.testing.assert_array_equal(array(done.outputs[0]), expected)
+    # Planar floats 0..1, as clients of old protocols send them.
+    planes = (rows.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    daemon.run(2, Job.Image(input=wire(planes), tiling=None, layout=ImageLayout.Planes))
+    np.testing.assert_array_equal(array(daemon.answer().outputs[0]), expected)
+    # Large enough to stream both ways: 1024x512 in, 2048x1024 out.
+    large = np.random.default_rng(1).integers(0, 256, (1, 512, 1024, 3), dtype=np.uint8)
+    daemon.run(3, Job.Image(input=wire(large), tiling=None, layout=ImageLayout.Rows))
+    np.testing.assert_array_equal(array(daemon.answer().outputs[0]), large.repeat(2, axis=1).repeat(2, axis=2))
+    assert daemon.streamed == 1
+
+
+def test_generate_jobs_carry_the_prompt_seed_and_size(daemon: FakeDaemon) -> None:
+    assert isinstance(daemon.load(ModelKind.Generate, {}), WorkerToDaemon.Loaded)
+    noise = np.zeros((1, 4, 6, 8), dtype=np.float32)
+    job = GenerateJob(noise=wire(noise), prompt="a cat", negative="", steps=3, guidance=7.0, seed=258, width=64, height=48)
+    daemon.run(1, Job.Generate(job))
+    out = array(daemon.answer().outputs[0])
+    assert out.shape == (1, 48, 64, 3)
+    assert out[0, 0, 0].tolist() == [2, 1, 5]
+
+
+def test_progress_is_told_and_a_cancelled_job_stops_at_its_next_step(daemon: FakeDaemon) -> None:
+    assert isinstance(daemon.load(ModelKind.Tensor, {"steps": 200, "step_s": 0.05}), WorkerToDaemon.Loaded)
+    daemon.run(1, Job.Tensor(inputs=[wire(np.ones((1, 2), np.float32))]))
+    first = daemon.receive()
+    assert isinstance(first, WorkerToDaemon.Progress) and (first.id, first.done, first.total) == (1, 1, 200)
+    daemon.send(DaemonToWorker.Cancel(id=1))
+    started = time.monotonic()
+    failed = daemon.answer()
+    assert isinstance(failed, WorkerToDaemon.Failed), failed
+    assert (failed.id, failed.error.code) == (1, ErrorCode.Cancelled)
+    assert "model m: the request was cancelled" in failed.error.message
+    assert time.monotonic() - started < 2, "stopped at the next step, not after all 200"
+    assert len(daemon.progress) < 50
+    # The worker goes on: a cancel is for one job.
+    daemon.send(DaemonToWorker.Cancel(id=99))
+    daemon.run(2, Job.Tensor(inputs=[wire(np.ones((1, 2), np.float32))]))
+
+
+def test_an_exception_in_load_names_the_model_and_its_last_line(daemon: FakeDaemon) -> None:
+    failed = daemon.load(ModelKind.Tensor, {"load_error": "conv1.weight: shape [64, 3] vs [32, 3]"})
+    assert isinstance(failed, WorkerToDaemon.Failed) and failed.id is None, failed
+    assert failed.error.code == ErrorCode.LoadFailed
+    assert failed.error.message == "model m: loading failed: ValueError: conv1.weight: shape [64, 3] vs [32, 3]"
+    assert daemon.exit_code() == 0, "a worker that failed to load exits"
+
+
+def test_out_of_memory_in_run_is_reported_as_such(daemon: FakeDaemon) -> None:
+    assert isinstance(daemon.load(ModelKind.Tensor, {"oom": True}), WorkerToDaemon.Loaded)
+    daemon.run(1, Job.Tensor(inputs=[wire(np.ones((1, 2), np.float32))]))
+    failed = daemon.answer()
+    assert failed.error.code == ErrorCode.InsufficientVram
+    assert failed.error.message.startswith("model m: out of memory while running: OutOfMemoryError: CUDA out of memory")
+
+
+def test_a_result_of_the_wrong_shape_is_a_clear_error_and_the_worker_goes_on(daemon: FakeDaemon) -> None:
+    assert isinstance(daemon.load(ModelKind.Image, {"bad_output": True}), WorkerToDaemon.Loaded)
+    rows = np.zeros((1, 2, 2, 3), dtype=np.uint8)
+    daemon.run(1, Job.Image(input=wire(rows), tiling=None, layout=ImageLayout.Rows))
+    failed = daemon.answer()
+    assert isinstance(failed, WorkerToDaemon.Failed)
+    assert failed.error.message == "model m: run's result: an image output must be [N,H,W,3] (or [H,W,3], [N,3,H,W]), got shape [2, 2]"
+    daemon.run(2, Job.Image(input=wire(rows), tiling=None, layout=ImageLayout.Rows))
+    assert isinstance(daemon.answer(), WorkerToDaemon.Failed), "answered, not wedged"
+
+
+def test_unload_and_a_closed_socket_end_the_process(tmp_path: pathlib.Path) -> None:
+    unloaded = FakeDaemon(tmp_path)
+    assert isinstance(unloaded.load(ModelKind.Tensor, {}), WorkerToDaemon.Loaded)
+    unloaded.send(DaemonToWorker.Unload())
+    assert unloaded.exit_code() == 0
+    unloaded.close()
+    # gpuctld gone mid-job: the worker does not finish it first.
+    orphaned = FakeDaemon(tmp_path)
+    assert isinstance(orphaned.load(ModelKind.Tensor, {"steps": 1000, "step_s": 0.05}), WorkerToDaemon.Loaded)
+    orphaned.run(1, Job.Tensor(inputs=[wire(np.ones((1, 2), np.float32))]))
+    orphaned.receive()
+    started = time.monotonic()
+    orphaned.sock.close()
+    assert orphaned.exit_code() == 0
+    assert time.monotonic() - started < 5
+
+
+def test_serve_outside_gpuctld_says_what_it_is(tmp_path: pathlib.Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GPUCTL_WORKER_FD"}
+    env["PYTHONPATH"] = str(SRC)
+    done = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "GPUCTL_WORKER_FD is not set: this program is started by gpuctld" in done.stderr
+
+
+def test_outputs_become_rgb8_rows() -> None:
+    pixels = worker._pixels
+    floats = np.array([[[[0.0, 0.5, 1.0]]]], dtype=np.float32)
+    assert pixels(floats, "out").tolist() == [[[[0, 128, 255]]]], "rounded half away from zero, as gpuctl-worker"
+    assert pixels(np.full((1, 1, 3), np.nan, np.float32), "out").tolist() == [[[[0, 0, 0]]]]
+    planes = np.arange(12, dtype=np.uint8).reshape(1, 3, 2, 2)
+    np.testing.assert_array_equal(pixels(planes, "out"), planes.transpose(0, 2, 3, 1))
+    assert pixels([np.zeros((2, 2, 3), np.uint8)] * 3, "out").shape == (3, 2, 2, 3)
+    with pytest.raises(TypeError, match=r"out: an image output must have 3 channels \(RGB\), got shape \[1, 2, 2, 4\]"):
+        pixels(np.zeros((1, 2, 2, 4), np.uint8), "out")
+    with pytest.raises(TypeError, match="an image output must be"):
+        pixels(np.zeros((5,), np.uint8), "out")
+    pil = pytest.importorskip("PIL.Image")
+    image = pil.new("RGB", (3, 2), (10, 20, 30))
+    assert pixels(image, "out")[0, 1, 2].tolist() == [10, 20, 30]
