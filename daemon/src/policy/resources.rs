@@ -29,6 +29,10 @@ pub enum NeedSource {
     Measured,
     /// Its file's size, plus slack.
     FileSize,
+    /// Nothing to go by: no `vram`, no measurement, no file (a `command`
+    /// model without a path, or a folder): it is admitted as needing
+    /// nothing until its first load on a GPU measures it.
+    Unknown,
 }
 
 impl NeedSource {
@@ -38,6 +42,7 @@ impl NeedSource {
             NeedSource::Configured => "configured",
             NeedSource::Measured => "measured",
             NeedSource::FileSize => "file size × 1.2",
+            NeedSource::Unknown => "unknown until measured",
         }
     }
 }
@@ -74,6 +79,10 @@ pub fn need(
         Some(m) => Need {
             bytes: m.vram_bytes,
             source: NeedSource::Measured,
+        },
+        None if file_bytes == 0 => Need {
+            bytes: 0,
+            source: NeedSource::Unknown,
         },
         None => Need {
             bytes: file_bytes.saturating_mul(FILE_ESTIMATE_PERCENT) / 100,
@@ -128,6 +137,23 @@ mod tests {
             need_of(None, "/m/a.pt", 1_000, None),
             need_of(None, "/m/a.pt", 1_000, gib),
             "no sample yet"
+        );
+        // A command model with no file: nothing to go by, then its measurement.
+        assert_eq!(
+            need(None, "python -m sd", 0, None, gib),
+            Need {
+                bytes: 0,
+                source: NeedSource::Unknown
+            }
+        );
+        let sd = Measured {
+            path: "python -m sd".into(),
+            file_bytes: 0,
+            vram_bytes: 9 << 30,
+        };
+        assert_eq!(
+            need(None, "python -m sd", 0, Some(&sd), Some(80 << 30)).source,
+            NeedSource::Measured
         );
         let estimate = Need {
             bytes: 1_200,

@@ -4,7 +4,7 @@ chosen by the model's `options`.
 - image: each pixel repeated `scale` times both ways (default 2).
 - tensor: each input times 2, and their element count as int64.
 - generate: a flat image of the seed's colour, `width`×`height`.
-- `steps` (default 1): the job takes this many steps of `step_s` seconds
+- `steps` (default 1; a generate job's own steps): the job takes this many steps of `step_s` seconds
   each, telling its progress and stopping when cancelled between steps.
 - `load_s`: sleep that long in load; `load_error`: raise it in load (a
   message of several lines); `oom`: raise a CUDA-like out-of-memory error
@@ -46,7 +46,7 @@ class NumpyModel(worker.Model):
         return int(self.options.get("holds", 0))
 
     def run(self, job: worker.Job, ctx: worker.Context) -> Any:
-        steps = int(self.options.get("steps", 1))
+        steps = job.steps if job.kind == "generate" else int(self.options.get("steps", 1))
         for step in range(steps):
             ctx.check()
             time.sleep(float(self.options.get("step_s", 0)))

@@ -179,7 +179,7 @@ fn repeated_crashes_back_off() {
 
 /// A worker program that says it speaks worker protocol 9.0 (a `Hello`
 /// frame, written byte by byte), then waits for gpuctld to hang up.
-const OTHER_PROTOCOL_WORKER: &str = r"#!/bin/sh
+pub(super) const OTHER_PROTOCOL_WORKER: &str = r"#!/bin/sh
 printf '\000\000\000\026\005\000\000\000\011\000\000\000\006\000\000\000\000\000\000\000fake 9' >&3
 cat <&3 >/dev/null
 ";

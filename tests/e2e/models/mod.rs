@@ -5,6 +5,7 @@
 mod contracts;
 mod devices;
 mod failures;
+mod python_workers;
 mod queueing;
 mod reloads;
 mod residency;
