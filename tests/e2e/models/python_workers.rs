@@ -456,3 +456,41 @@ fn pressure_on_the_simulated_gpu_unloads_an_idle_python_model() {
         model_status(&daemon, "np")
     );
 }
+
+#[test]
+fn a_python_worker_behind_a_wrapper_dies_with_gpuctld() {
+    let dir = open_tempdir();
+    let wrapped = format!(
+        r#"
+[models.wrapped]
+kind = "tensor"
+# The shell stays (no exec), so the Python process is gpuctld's grandchild.
+command = ["sh", "-c", "\"$0\" \"$1\"; true", "{python}", "{script}"]
+env = {{ PYTHONPATH = "{src}", GPUCTL_TEST_DIR = "{dir}" }}
+"#,
+        python = python(),
+        script = repo().join(NUMPY_WORKER).display(),
+        src = repo().join("python/src").display(),
+        dir = dir.path().display(),
+    );
+    let mut daemon = Daemon::start(&config("", &wrapped));
+    assert!(daemon.gpuctl(&["load", "wrapped"]).status.success());
+    let shell = model_status(&daemon, "wrapped")["pid"].as_u64().unwrap();
+    let python: u64 = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_prefix("loaded-wrapped-")?.parse().ok()
+        })
+        .next()
+        .expect("the worker wrote its pid");
+    assert_ne!(shell, python);
+    assert!(pid_alive(shell) && pid_alive(python));
+    daemon.signal(libc::SIGKILL);
+    daemon.wait_exit(Duration::from_secs(10));
+    wait_until(
+        "the shell and the Python worker to die with gpuctld",
+        Duration::from_secs(10),
+        || !pid_alive(shell) && !pid_alive(python),
+    );
+}
