@@ -25,8 +25,11 @@ fn the_commented_model_examples_parse() {
         .join("\n");
     let config = parse(&examples).unwrap();
     let models = config.model_infos();
-    assert_eq!(models.len(), 2);
+    assert_eq!(models.len(), 3);
     assert_eq!(models[0].name, "portrait");
+    let sdxl = &config.models["sdxl"];
+    assert_eq!(sdxl.command.as_ref().map(Vec::len), Some(2));
+    assert_eq!(sdxl.load_timeout(), std::time::Duration::from_secs(600));
     assert_eq!(models[0].defaults.size, Some((896, 1152)));
     assert_eq!(
         models[0].keep_alive,
