@@ -267,7 +267,13 @@ def _pixels(value: Any, what: str) -> Any:
         return np.ascontiguousarray(array)
     if array.dtype.kind != "f":
         raise TypeError(f"{what}: image outputs are uint8 0..255 or float 0..1, got {array.dtype}")
-    # As gpuctl-worker does: NaN as 0, clamped, rounded half away from zero.
+    return _rgb8(array)
+
+
+def _rgb8(array: Any) -> Any:
+    """float 0..1 → uint8, as gpuctl-worker does: NaN as 0, clamped,
+    rounded half away from zero."""
+    np = _numpy()
     array = np.nan_to_num(array.astype(np.float32), nan=0.0)
     return np.floor(np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
@@ -280,7 +286,7 @@ def _image_input(tensor: WireTensor, layout: ImageLayout) -> Any:
     if layout == ImageLayout.Planes:
         array = array.transpose(0, 2, 3, 1)
     if array.dtype != np.uint8:
-        array = np.floor(np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        array = _rgb8(array)
     return np.ascontiguousarray(array)
 
 

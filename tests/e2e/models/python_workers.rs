@@ -35,16 +35,35 @@ fn python() -> String {
 /// A `[models.NAME]` served by a worker-SDK script, with the gpuctl package
 /// on its path and `dir` for what the test worker writes.
 fn sdk_model(name: &str, kind: &str, script: &str, dir: &std::path::Path, more: &str) -> String {
+    let command = format!("\"{}\", \"{}\"", python(), repo().join(script).display());
+    model_running(name, kind, &command, dir, more)
+}
+
+/// The numpy worker started by `sh -c SHELL` (the worker as `$0 $1`).
+fn shell_wrapped(name: &str, shell: &str, dir: &std::path::Path) -> String {
+    let command = format!(
+        "\"sh\", \"-c\", {shell:?}, \"{}\", \"{}\"",
+        python(),
+        repo().join(NUMPY_WORKER).display()
+    );
+    model_running(name, "tensor", &command, dir, "")
+}
+
+fn model_running(
+    name: &str,
+    kind: &str,
+    command: &str,
+    dir: &std::path::Path,
+    more: &str,
+) -> String {
     format!(
         r#"
 [models.{name}]
 kind = "{kind}"
-command = ["{python}", "{script}"]
+command = [{command}]
 env = {{ PYTHONPATH = "{src}", GPUCTL_TEST_DIR = "{dir}" }}
 {more}
 "#,
-        python = python(),
-        script = repo().join(script).display(),
         src = repo().join("python/src").display(),
         dir = dir.display(),
     )
@@ -282,19 +301,8 @@ fn a_cancelled_python_job_stops_at_its_next_step_and_its_worker_stays() {
 #[test]
 fn a_python_worker_that_does_not_exit_on_unload_is_killed_with_its_group_after_the_grace() {
     let dir = open_tempdir();
-    let lingering = format!(
-        r#"
-[models.stubborn]
-kind = "tensor"
-# The worker exits on Unload, but the shell around it then sleeps on.
-command = ["sh", "-c", "\"$0\" \"$1\"; exec sleep 1000", "{python}", "{script}"]
-env = {{ PYTHONPATH = "{src}", GPUCTL_TEST_DIR = "{dir}" }}
-"#,
-        python = python(),
-        script = repo().join(NUMPY_WORKER).display(),
-        src = repo().join("python/src").display(),
-        dir = dir.path().display(),
-    );
+    // The worker exits on Unload, but the shell around it then sleeps on.
+    let lingering = shell_wrapped("stubborn", "\"$0\" \"$1\"; exec sleep 1000", dir.path());
     let daemon = Daemon::start(&config("", &lingering));
     assert!(daemon.gpuctl(&["load", "stubborn"]).status.success());
     let pid = model_status(&daemon, "stubborn")["pid"].as_u64().unwrap();
@@ -460,19 +468,8 @@ fn pressure_on_the_simulated_gpu_unloads_an_idle_python_model() {
 #[test]
 fn a_python_worker_behind_a_wrapper_dies_with_gpuctld() {
     let dir = open_tempdir();
-    let wrapped = format!(
-        r#"
-[models.wrapped]
-kind = "tensor"
-# The shell stays (no exec), so the Python process is gpuctld's grandchild.
-command = ["sh", "-c", "\"$0\" \"$1\"; true", "{python}", "{script}"]
-env = {{ PYTHONPATH = "{src}", GPUCTL_TEST_DIR = "{dir}" }}
-"#,
-        python = python(),
-        script = repo().join(NUMPY_WORKER).display(),
-        src = repo().join("python/src").display(),
-        dir = dir.path().display(),
-    );
+    // The shell stays (no exec), so the Python process is gpuctld's grandchild.
+    let wrapped = shell_wrapped("wrapped", "\"$0\" \"$1\"; true", dir.path());
     let mut daemon = Daemon::start(&config("", &wrapped));
     assert!(daemon.gpuctl(&["load", "wrapped"]).status.success());
     let shell = model_status(&daemon, "wrapped")["pid"].as_u64().unwrap();
