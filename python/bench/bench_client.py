@@ -62,9 +62,11 @@ kind = "image"
 """
 
 
-def start_daemon(bin_dir: pathlib.Path, models: pathlib.Path, where: pathlib.Path) -> subprocess.Popen:  # type: ignore[type-arg]
+def start_daemon(bin_dir: pathlib.Path, config_text: str, where: pathlib.Path) -> subprocess.Popen:  # type: ignore[type-arg]
+    """gpuctld (release build) on `config_text`, with its socket, state and
+    log in `where`, once it accepts connections."""
     config = where / "gpuctld.toml"
-    config.write_text(CONFIG.format(models=models))
+    config.write_text(config_text)
     sock = where / "gpuctld.sock"
     env = dict(os.environ, STATE_DIRECTORY=str(where / "state"), RUST_LOG="warn")
     env.pop("GPUCTL_SOCKET", None)
@@ -215,7 +217,7 @@ def main() -> int:
 
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="gpuctl-bench-") as where:
-        daemon = start_daemon(args.bin_dir, args.models, pathlib.Path(where))
+        daemon = start_daemon(args.bin_dir, CONFIG.format(models=args.models), pathlib.Path(where))
         sock = os.path.join(where, "gpuctld.sock")
         rounds: Dict[str, List[float]] = {k: [] for k in ("rust_ping", "py_ping", "aio_ping", "rust_image", "py_image", "rust_2048", "py_2048")}
         try:

@@ -16,9 +16,7 @@ Run by scripts/bench-workers, which builds what it needs.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +31,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import numpy as np  # noqa: E402
 
 import gpuctl  # noqa: E402
+from bench_client import start_daemon  # noqa: E402
 
 STEPS, SIZE = 4, 32
 FRESH = f"""
@@ -72,24 +71,6 @@ env = {{ PYTHONPATH = "{src}" }}
 """
 
 
-def start(bin_dir: pathlib.Path, models: pathlib.Path, where: pathlib.Path) -> "subprocess.Popen[bytes]":
-    (where / "gpuctld.toml").write_text(config(models))
-    sock = where / "gpuctld.sock"
-    env = dict(os.environ, STATE_DIRECTORY=str(where / "state"), RUST_LOG="warn")
-    process = subprocess.Popen(
-        [str(bin_dir / "gpuctld"), "--config", str(where / "gpuctld.toml"), "--socket", str(sock)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(where / "gpuctld.log", "wb"), env=env,
-    )
-    for _ in range(500):
-        try:
-            with socket.socket(socket.AF_UNIX) as probe:
-                probe.connect(str(sock))
-            return process
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"gpuctld did not start: {(where / 'gpuctld.log').read_text()}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bin-dir", type=pathlib.Path, default=ROOT / "target" / "release")
@@ -99,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gpuctl-bench-") as tmp:
         where = pathlib.Path(tmp)
-        daemon = start(args.bin_dir, args.models.resolve(), where)
+        daemon = start_daemon(args.bin_dir, config(args.models.resolve()), where)
         try:
             with gpuctl.Client(where / "gpuctld.sock") as client:
                 cold(client, args.rounds)

@@ -215,19 +215,24 @@ fn a_python_model_and_what_it_started_are_gone_when_its_keep_alive_ends() {
     );
 }
 
-#[test]
-fn a_python_worker_killed_mid_request_fails_it_by_name_and_the_next_request_loads_it_again() {
-    let dir = open_tempdir();
-    let daemon = Daemon::start(&config(
+/// gpuctld with `np`, a numpy `generate` model whose steps take 50 ms each.
+fn slow_numpy_generator(dir: &std::path::Path) -> Daemon {
+    Daemon::start(&config(
         "",
         &sdk_model(
             "np",
             "generate",
             NUMPY_WORKER,
-            dir.path(),
+            dir,
             "defaults = { size = \"8x8\", steps = 1 }\noptions = { step_s = 0.05 }",
         ),
-    ));
+    ))
+}
+
+#[test]
+fn a_python_worker_killed_mid_request_fails_it_by_name_and_the_next_request_loads_it_again() {
+    let dir = open_tempdir();
+    let daemon = slow_numpy_generator(dir.path());
     let np = |steps| GenerateRequest {
         steps: Some(steps),
         seed: Some(1),
@@ -262,16 +267,7 @@ fn a_python_worker_killed_mid_request_fails_it_by_name_and_the_next_request_load
 #[test]
 fn a_cancelled_python_job_stops_at_its_next_step_and_its_worker_stays() {
     let dir = open_tempdir();
-    let daemon = Daemon::start(&config(
-        "",
-        &sdk_model(
-            "np",
-            "generate",
-            NUMPY_WORKER,
-            dir.path(),
-            "defaults = { size = \"8x8\", steps = 1 }\noptions = { step_s = 0.05 }",
-        ),
-    ));
+    let daemon = slow_numpy_generator(dir.path());
     assert!(daemon.gpuctl(&["load", "np"]).status.success());
     runtime().block_on(async {
         let client = Client::connect(&daemon.socket).await.unwrap();
