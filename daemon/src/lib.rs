@@ -24,4 +24,5 @@ pub mod server;
 pub mod signals;
 mod slots;
 mod uploads;
+mod watch;
 mod worker;

@@ -62,8 +62,11 @@ pub async fn run(setup: Setup) {
     let stop_connections = CancellationToken::new();
     let hard_stop = CancellationToken::new();
     let budget = Budget::new(config.daemon.max_upload_total.0 as usize);
+    let config_path = source.path().map(std::path::Path::to_path_buf);
+    let registry = registry::spawn(source, config);
+    crate::watch::spawn(registry.clone(), config_path);
     let ctx = Arc::new(Context {
-        registry: registry::spawn(source, config),
+        registry,
         started: Instant::now(),
         socket: socket.clone(),
         connections: ConnectionCount::default(),

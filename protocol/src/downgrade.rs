@@ -3,15 +3,21 @@
 //! version become the nearest value it knows.
 
 use crate::UnloadReason;
-use crate::{DaemonMessage, Error, ErrorCode, Event, NoticeKind, ProtocolVersion, Response};
+use crate::{
+    DaemonMessage, Error, ErrorCode, Event, NoticeKind, ProtocolVersion, ReloadTrigger, Response,
+};
 
 impl DaemonMessage {
     /// This message as a peer speaking `peer` can decode it.
     pub fn for_peer(self, peer: ProtocolVersion) -> DaemonMessage {
-        if peer.knows_retry_later() {
+        if peer.knows_file_change() {
             return self;
         }
-        match self {
+        let message = self.before_file_change();
+        if peer.knows_retry_later() {
+            return message;
+        }
+        match message {
             DaemonMessage::Error { id, error } => DaemonMessage::Error {
                 id,
                 error: error.for_peer(peer),
@@ -36,6 +42,45 @@ impl DaemonMessage {
             } => {
                 for model in &mut status.models {
                     model.last_unload = model.last_unload.take().map(UnloadReason::before_stuck);
+                }
+                DaemonMessage::Response {
+                    id,
+                    response: Response::Status(status),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl DaemonMessage {
+    /// What 1.6 appended as older peers know it: `FileChange` as
+    /// `Signal` in the status's last reload, `ReloadedBy` as `Reloaded`.
+    fn before_file_change(self) -> DaemonMessage {
+        match self {
+            DaemonMessage::Event {
+                id,
+                event: Event::Notice(mut notice),
+            } => {
+                if let NoticeKind::ReloadedBy {
+                    generation, error, ..
+                } = notice.what
+                {
+                    notice.what = NoticeKind::Reloaded { generation, error };
+                }
+                DaemonMessage::Event {
+                    id,
+                    event: Event::Notice(notice),
+                }
+            }
+            DaemonMessage::Response {
+                id,
+                response: Response::Status(mut status),
+            } => {
+                if let Some(outcome) = &mut status.config.last_reload {
+                    if outcome.trigger == ReloadTrigger::FileChange {
+                        outcome.trigger = ReloadTrigger::Signal;
+                    }
                 }
                 DaemonMessage::Response {
                     id,
@@ -124,6 +169,61 @@ mod tests {
             },
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_reload_by_file_change_is_a_signal_before_1_6() {
+        let status = |trigger| DaemonMessage::Response {
+            id: 1,
+            response: Response::Status(crate::StatusResponse {
+                daemon_version: "0.1.0".into(),
+                pid: 1,
+                uptime_ms: 0,
+                socket: "s".into(),
+                config: crate::ConfigStatus {
+                    path: None,
+                    generation: 2,
+                    applied_at_unix_ms: 0,
+                    last_reload: Some(crate::ReloadOutcome {
+                        at_unix_ms: 0,
+                        trigger,
+                        error: None,
+                    }),
+                },
+                connections: 1,
+                models: vec![],
+            }),
+        };
+        let file_change = status(ReloadTrigger::FileChange);
+        assert_eq!(file_change.clone().for_peer(PROTOCOL_VERSION), file_change);
+        for older in [crate::RETRY_LATER, OLD] {
+            assert_eq!(
+                file_change.clone().for_peer(older),
+                status(ReloadTrigger::Signal)
+            );
+        }
+        let request = status(ReloadTrigger::Request);
+        assert_eq!(request.clone().for_peer(OLD), request);
+        let notice = |what| DaemonMessage::Event {
+            id: 0,
+            event: Event::Notice(Notice {
+                at_unix_ms: 5,
+                what,
+            }),
+        };
+        let by_file = notice(NoticeKind::ReloadedBy {
+            generation: 3,
+            trigger: ReloadTrigger::FileChange,
+            error: None,
+        });
+        assert_eq!(by_file.clone().for_peer(PROTOCOL_VERSION), by_file);
+        assert_eq!(
+            by_file.for_peer(crate::RETRY_LATER),
+            notice(NoticeKind::Reloaded {
+                generation: 3,
+                error: None
+            })
+        );
     }
 
     #[test]

@@ -57,7 +57,8 @@ pub use socket::{
 pub use stream::{StreamError, TensorFrame, TensorReceiver, CHUNK_BYTES};
 pub use tensor::{DType, WireTensor};
 pub use version::{
-    ProtocolVersion, LOAD_FAILED, PIXEL_ROWS, PIXEL_ROWS_IN, PROTOCOL_VERSION, RETRY_LATER,
+    ProtocolVersion, FILE_CHANGE, LOAD_FAILED, PIXEL_ROWS, PIXEL_ROWS_IN, PROTOCOL_VERSION,
+    RETRY_LATER,
 };
 
 impl fmt::Display for KeepAlive {

@@ -323,7 +323,8 @@ pub enum NoticeKind {
         /// Why it ended ("released", "connection closed", "ttl expired").
         why: String,
     },
-    /// A configuration reload was applied or failed.
+    /// A configuration reload was applied or failed. Peers of 1.6 get
+    /// [`NoticeKind::ReloadedBy`] instead, which says what asked for it.
     Reloaded {
         /// The generation in force afterwards.
         generation: u64,
@@ -336,6 +337,16 @@ pub enum NoticeKind {
         model: String,
         /// For people: "waiting for 6.1 GiB on GPU 0: ollama (pid 4121) holds 18.2 GiB".
         message: String,
+    },
+    /// A configuration reload was applied or failed, and what asked for
+    /// it (protocol 1.6; older peers get [`NoticeKind::Reloaded`]).
+    ReloadedBy {
+        /// The generation in force afterwards.
+        generation: u64,
+        /// SIGHUP, a `Reload` request, or the file being saved.
+        trigger: ReloadTrigger,
+        /// Why it failed, if it did.
+        error: Option<String>,
     },
 }
 
@@ -553,6 +564,19 @@ pub enum ReloadTrigger {
     Signal,
     /// A `Reload` request (`gpuctl reload`).
     Request,
+    /// The configuration file was saved (`daemon.watch_config`).
+    FileChange,
+}
+
+impl ReloadTrigger {
+    /// For people: "SIGHUP", "gpuctl reload", "file change".
+    pub fn describe(self) -> &'static str {
+        match self {
+            ReloadTrigger::Signal => "SIGHUP",
+            ReloadTrigger::Request => "gpuctl reload",
+            ReloadTrigger::FileChange => "file change",
+        }
+    }
 }
 
 /// `Models` takes no arguments.

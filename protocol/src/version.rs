@@ -15,7 +15,7 @@ pub struct ProtocolVersion {
 }
 
 /// The version this crate speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 5 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 6 };
 
 /// The first version whose peers stream large tensors (`TensorBegin`,
 /// `TensorChunk`, `TensorEnd`).
@@ -38,6 +38,10 @@ pub const PIXEL_ROWS_IN: ProtocolVersion = ProtocolVersion { major: 1, minor: 4 
 /// The first version that knows the error code `RetryLater`; older peers
 /// get `LoadFailed` (or, before 1.3, `InvalidRequest`).
 pub const RETRY_LATER: ProtocolVersion = ProtocolVersion { major: 1, minor: 5 };
+
+/// The first version that knows the reload trigger `FileChange`; older
+/// peers get `Signal`, the other trigger that nobody asked for over the socket.
+pub const FILE_CHANGE: ProtocolVersion = ProtocolVersion { major: 1, minor: 6 };
 
 impl ProtocolVersion {
     /// Whether a peer speaking `other` can talk to one speaking `self`.
@@ -72,6 +76,12 @@ impl ProtocolVersion {
     /// [`RETRY_LATER`]).
     pub fn knows_retry_later(self) -> bool {
         self.at_least(RETRY_LATER)
+    }
+
+    /// Whether a peer speaking this version knows what 1.6 appended (see
+    /// [`FILE_CHANGE`]).
+    pub fn knows_file_change(self) -> bool {
+        self.at_least(FILE_CHANGE)
     }
 
     fn at_least(self, version: ProtocolVersion) -> bool {

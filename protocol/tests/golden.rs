@@ -99,10 +99,10 @@ fn hello_and_welcome() {
         protocol: PROTOCOL_VERSION,
         client: "ab".into(),
     });
-    // len=16 | variant 0 (Hello) | major 1 | minor 5 | string len 2 | "ab"
+    // len=16 | variant 0 (Hello) | major 1 | minor 6 | string len 2 | "ab"
     assert_eq!(
         frame(&hello),
-        "00000012".to_owned() + "00000000" + "0100" + "0500" + "0200000000000000" + "6162"
+        "00000012".to_owned() + "00000000" + "0100" + "0600" + "0200000000000000" + "6162"
     );
     let welcome = DaemonMessage::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,
@@ -113,7 +113,7 @@ fn hello_and_welcome() {
         frame(&welcome),
         "00000029".to_owned()
             + "00000000" // Welcome
-            + "01000500" // 1.5
+            + "01000600" // 1.6
             + "0500000000000000"
             + "302e312e30" // "0.1.0"
             + "0100000000000000" // one capability

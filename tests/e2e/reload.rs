@@ -5,6 +5,12 @@ use crate::TWO_MODELS;
 
 const ONE_MODEL: &str = "[models.only]\npath = \"only.pt\"\nkind = \"tensor\"\n";
 
+/// `config` with reload on save off: these tests count the reloads that
+/// SIGHUP and `gpuctl reload` make.
+fn unwatched(config: &str) -> String {
+    format!("{config}\n[daemon]\nwatch_config = false\n")
+}
+
 fn generation(daemon: &Daemon) -> u64 {
     daemon.status()["config"]["generation"].as_u64().unwrap()
 }
@@ -20,10 +26,10 @@ fn model_names(daemon: &Daemon) -> Vec<String> {
 
 #[test]
 fn sighup_and_gpuctl_reload_apply_a_new_config() {
-    let daemon = Daemon::start(ONE_MODEL);
+    let daemon = Daemon::start(&unwatched(ONE_MODEL));
     assert_eq!(model_names(&daemon), vec!["only"]);
 
-    std::fs::write(&daemon.config, TWO_MODELS).unwrap();
+    std::fs::write(&daemon.config, unwatched(TWO_MODELS)).unwrap();
     daemon.signal(libc::SIGHUP);
     wait_until("generation 2 after SIGHUP", Duration::from_secs(10), || {
         generation(&daemon) == 2
@@ -33,7 +39,7 @@ fn sighup_and_gpuctl_reload_apply_a_new_config() {
     assert_eq!(status["config"]["last_reload"]["trigger"], "Signal");
     assert!(status["config"]["last_reload"]["error"].is_null());
 
-    std::fs::write(&daemon.config, ONE_MODEL).unwrap();
+    std::fs::write(&daemon.config, unwatched(ONE_MODEL)).unwrap();
     let output = daemon.gpuctl(&["reload"]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(
@@ -49,7 +55,7 @@ fn sighup_and_gpuctl_reload_apply_a_new_config() {
 
 #[test]
 fn an_invalid_file_keeps_the_running_config() {
-    let daemon = Daemon::start(TWO_MODELS);
+    let daemon = Daemon::start(&unwatched(TWO_MODELS));
     std::fs::write(&daemon.config, "[policy]\nkeep_alive = \"soon\"\n").unwrap();
 
     let output = daemon.gpuctl(&["reload"]);

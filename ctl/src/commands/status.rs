@@ -1,7 +1,7 @@
 use gpuctl_protocol::units::{format_bytes, format_duration_ms};
 use gpuctl_protocol::{
-    Client, ClientError, KeepAlive, ModelState, ModelStatus, ReloadTrigger, Request, Response,
-    StatusRequest, StatusResponse,
+    Client, ClientError, KeepAlive, ModelState, ModelStatus, Request, Response, StatusRequest,
+    StatusResponse,
 };
 
 use crate::table::Table;
@@ -52,10 +52,7 @@ fn render(status: &StatusResponse, now_ms: u64) -> String {
     let last_reload = match &config.last_reload {
         None => "none".to_owned(),
         Some(outcome) => {
-            let trigger = match outcome.trigger {
-                ReloadTrigger::Signal => "SIGHUP",
-                ReloadTrigger::Request => "gpuctl reload",
-            };
+            let trigger = outcome.trigger.describe();
             let when = ago(now_ms, outcome.at_unix_ms);
             match &outcome.error {
                 None => format!("ok, by {trigger}, {when}"),
@@ -143,7 +140,7 @@ fn render_models(models: &[ModelStatus]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use gpuctl_protocol::{ConfigStatus, ReloadOutcome};
+    use gpuctl_protocol::{ConfigStatus, ReloadOutcome, ReloadTrigger};
 
     use super::*;
 

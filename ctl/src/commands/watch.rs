@@ -110,6 +110,20 @@ pub fn describe(what: &NoticeKind) -> String {
             None => format!("reloaded  configuration generation {generation}"),
             Some(error) => format!("reload    FAILED, generation {generation} kept: {error}"),
         },
+        NoticeKind::ReloadedBy {
+            generation,
+            trigger,
+            error,
+        } => match error {
+            None => format!(
+                "reloaded  configuration generation {generation}, by {}",
+                trigger.describe()
+            ),
+            Some(error) => format!(
+                "reload    FAILED, by {}, generation {generation} kept: {error}",
+                trigger.describe()
+            ),
+        },
         NoticeKind::WaitingForVram { model, message } => format!("waiting   {model}: {message}"),
     }
 }

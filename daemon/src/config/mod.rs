@@ -103,6 +103,9 @@ pub struct DaemonConfig {
     /// `$STATE_DIRECTORY`, else /var/lib/gpuctl if writable, else
     /// `$XDG_STATE_HOME/gpuctl` or ~/.local/state/gpuctl.
     pub state_dir: String,
+    /// Reload when the configuration file is saved, and replace a loaded
+    /// model whose file was replaced.
+    pub watch_config: bool,
 }
 
 /// `[policy]`.
@@ -165,6 +168,7 @@ impl Default for DaemonConfig {
             shutdown_grace: Duration(std::time::Duration::from_secs(10)),
             worker: String::new(),
             state_dir: String::new(),
+            watch_config: true,
         }
     }
 }

@@ -46,13 +46,20 @@ impl ConfigSource {
 
     /// Reads and validates the configuration.
     pub fn load(&self) -> Result<Config, ConfigError> {
+        self.read().and_then(|text| self.parse(&text))
+    }
+
+    /// The configuration's text.
+    pub fn read(&self) -> Result<String, ConfigError> {
         match self {
-            ConfigSource::File(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError::unreadable(self.describe(), e))?;
-                Config::parse(&text, &self.describe())
-            }
-            ConfigSource::Embedded => Config::parse(DEFAULT_CONFIG, &self.describe()),
+            ConfigSource::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::unreadable(self.describe(), e)),
+            ConfigSource::Embedded => Ok(DEFAULT_CONFIG.to_owned()),
         }
+    }
+
+    /// Parses and validates `text`, naming this source in errors.
+    pub fn parse(&self, text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, &self.describe())
     }
 }

@@ -72,6 +72,11 @@ impl RegistryHandle {
         self.config.borrow().clone()
     }
 
+    /// Each configuration as it comes into force.
+    pub fn config_changes(&self) -> watch::Receiver<Arc<Config>> {
+        self.config.clone()
+    }
+
     /// Which configuration is in force and how the last reload went.
     pub async fn config_status(&self) -> Result<ConfigStatus, Error> {
         self.ask(|reply| Command::ConfigStatus { reply }).await

@@ -123,6 +123,9 @@ struct Registry {
     generation: u64,
     applied_at: SystemTime,
     last_reload: Option<ReloadOutcome>,
+    /// The digests of the file's text in force and of the last text that
+    /// failed, so that a save seen by the file watcher reloads once.
+    digests: reload::Digests,
     models: BTreeMap<String, ModelEntry>,
     worker_program: PathBuf,
     events: mpsc::UnboundedSender<Event>,
@@ -159,11 +162,12 @@ pub fn spawn(source: ConfigSource, config: Config) -> RegistryHandle {
     let (events, event_inbox) = mpsc::unbounded_channel();
     let (notices, _) = broadcast::channel(NOTICE_BACKLOG);
     let registry = Registry {
-        source,
+        source: source.clone(),
         published,
         generation: 1,
         applied_at: SystemTime::now(),
         last_reload: None,
+        digests: reload::Digests::at_start(&source),
         models,
         worker_program,
         events,

@@ -25,13 +25,37 @@ impl Registry {
         }
     }
 
-    /// Reads, validates and swaps; a bad file leaves the running config alone.
+    /// Reads, validates and swaps; a bad file leaves the running config
+    /// alone. A `FileChange` whose text is the one in force (a save of the
+    /// same bytes, another file in the folder, a SIGHUP that came first) or
+    /// the one that failed last only looks at the models' files.
     pub(super) async fn reload(&mut self, trigger: ReloadTrigger) -> Result<ReloadResponse, Error> {
+        if self.source == ConfigSource::Embedded {
+            return Err(Error::new(
+                ErrorCode::InvalidRequest,
+                "gpuctld runs on its embedded default configuration: there is no file to reload (start it with --config FILE)",
+            ));
+        }
+        let saved = trigger == ReloadTrigger::FileChange;
+        let read = read(self.source.clone(), saved).await;
+        if saved && !self.digests.is_news(read.digest) {
+            if let Ok((_, files)) = read.result {
+                let config = self.config();
+                self.apply_model_changes(&config, files);
+            }
+            return Ok(ReloadResponse {
+                generation: self.generation,
+                changed: false,
+                models: self.config().models.len() as u32,
+            });
+        }
         notify::reloading();
-        let result = self.read_and_apply().await;
+        let digest = read.digest;
+        let result = read.result.map(|(config, files)| self.apply(config, files));
         let at_unix_ms = unix_ms(SystemTime::now());
         match &result {
             Ok(applied) => {
+                self.digests.applied = digest;
                 tracing::info!(
                     ?trigger,
                     generation = applied.generation,
@@ -42,6 +66,7 @@ impl Registry {
                 notify::ready(&format!("config generation {} applied", applied.generation));
             }
             Err(error) => {
+                self.digests.failed = digest;
                 tracing::error!(?trigger, error = %error.message, generation = self.generation, "reload failed; keeping the running configuration");
                 notify::ready(&format!(
                     "reload failed, config generation {} kept: {}",
@@ -50,8 +75,9 @@ impl Registry {
             }
         }
         let error = result.as_ref().err().map(|e| e.message.clone());
-        self.notice(NoticeKind::Reloaded {
+        self.notice(NoticeKind::ReloadedBy {
             generation: self.generation,
+            trigger,
             error: error.clone(),
         });
         self.last_reload = Some(ReloadOutcome {
@@ -62,30 +88,8 @@ impl Registry {
         result
     }
 
-    async fn read_and_apply(&mut self) -> Result<ReloadResponse, Error> {
-        if self.source == ConfigSource::Embedded {
-            return Err(Error::new(
-                ErrorCode::InvalidRequest,
-                "gpuctld runs on its embedded default configuration: there is no file to reload (start it with --config FILE)",
-            ));
-        }
-        let source = self.source.clone();
-        // The files are read off the registry's task; so are the model files' identities.
-        let loaded = tokio::task::spawn_blocking(move || {
-            source.load().map(|config| {
-                let files = model_files(&config);
-                (config, files)
-            })
-        })
-        .await
-        .map_err(|e| {
-            Error::new(
-                ErrorCode::Internal,
-                format!("reading the configuration failed: {e}"),
-            )
-        })?;
-        let (config, files) =
-            loaded.map_err(|e| Error::new(ErrorCode::InvalidConfig, e.to_string()))?;
+    /// Swaps in a configuration that was read and validated.
+    fn apply(&mut self, config: Config, files: ModelFiles) -> ReloadResponse {
         let old = self.config();
         let changed = *old != config;
         let models = config.models.len() as u32;
@@ -93,17 +97,17 @@ impl Registry {
         self.generation += 1;
         self.applied_at = SystemTime::now();
         self.apply_model_changes(&old, files);
-        Ok(ReloadResponse {
+        ReloadResponse {
             generation: self.generation,
             changed,
             models,
-        })
+        }
     }
 
     /// After a reload: new models appear; removed, changed and replaced
     /// ones are unloaded once their work is done, and the next request
     /// loads the new version. `files`: each model's file as it is now.
-    fn apply_model_changes(&mut self, old: &Config, files: Vec<(String, Option<FileIdentity>)>) {
+    pub(super) fn apply_model_changes(&mut self, old: &Config, files: ModelFiles) {
         let new = self.config();
         let files: std::collections::HashMap<String, Option<FileIdentity>> =
             files.into_iter().collect();
@@ -158,8 +162,11 @@ impl Registry {
     }
 }
 
+/// Each configured model's file identity, by name.
+pub(super) type ModelFiles = Vec<(String, Option<FileIdentity>)>;
+
 /// Each configured model's file as it is on disk now.
-pub(super) fn model_files(config: &Config) -> Vec<(String, Option<FileIdentity>)> {
+pub(super) fn model_files(config: &Config) -> ModelFiles {
     config
         .models
         .iter()
@@ -168,4 +175,107 @@ pub(super) fn model_files(config: &Config) -> Vec<(String, Option<FileIdentity>)
             (name.clone(), file.as_deref().and_then(FileIdentity::of))
         })
         .collect()
+}
+
+/// A configuration file as read: its text's digest (`None` when it could
+/// not be read), and the configuration with its models' files, or why not.
+struct Read {
+    digest: Option<u64>,
+    result: Result<(Config, ModelFiles), Error>,
+}
+
+/// Reads the file, off the registry's task; so are the model files'
+/// identities. `regular_only`: anything but a regular file (a FIFO, which
+/// would block the read until someone writes to it) reads as unreadable.
+async fn read(source: ConfigSource, regular_only: bool) -> Read {
+    let read = tokio::task::spawn_blocking(move || {
+        let regular = source
+            .path()
+            .is_none_or(|path| std::fs::metadata(path).is_ok_and(|m| m.is_file()));
+        if regular_only && !regular {
+            return Read {
+                digest: None,
+                result: Err(Error::new(
+                    ErrorCode::InvalidConfig,
+                    format!("{} is not a regular file", source.describe()),
+                )),
+            };
+        }
+        let text = source.read();
+        let digest = text.as_ref().ok().map(|text| digest(text));
+        let result = text
+            .and_then(|text| source.parse(&text))
+            .map(|config| {
+                let files = model_files(&config);
+                (config, files)
+            })
+            .map_err(|e| Error::new(ErrorCode::InvalidConfig, e.to_string()));
+        Read { digest, result }
+    })
+    .await;
+    read.unwrap_or_else(|e| Read {
+        digest: None,
+        result: Err(Error::new(
+            ErrorCode::Internal,
+            format!("reading the configuration failed: {e}"),
+        )),
+    })
+}
+
+fn digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Which texts of the configuration file have been seen.
+#[derive(Debug, Default)]
+pub(super) struct Digests {
+    /// The text in force.
+    applied: Option<u64>,
+    /// The text of the last reload that failed.
+    failed: Option<u64>,
+}
+
+impl Digests {
+    /// The text gpuctld started on (read again: a save in between is news).
+    pub(super) fn at_start(source: &ConfigSource) -> Digests {
+        Digests {
+            applied: source.read().ok().map(|text| digest(&text)),
+            failed: None,
+        }
+    }
+
+    /// Whether a save with this digest is worth a reload: it can be read,
+    /// and it is neither the text in force nor the one that failed last.
+    fn is_news(&self, digest: Option<u64>) -> bool {
+        digest.is_some() && digest != self.applied && digest != self.failed
+    }
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::*;
+
+    #[test]
+    fn a_save_reloads_once_and_a_broken_one_is_tried_once() {
+        let (a, b, broken) = (digest("a = 1"), digest("a = 2"), digest("a ="));
+        let mut seen = Digests {
+            applied: Some(a),
+            failed: None,
+        };
+        assert!(!seen.is_news(Some(a)), "the same bytes saved again");
+        assert!(
+            !seen.is_news(None),
+            "unreadable mid-save: wait for the next event"
+        );
+        assert!(seen.is_news(Some(b)));
+        seen.failed = Some(broken);
+        assert!(
+            !seen.is_news(Some(broken)),
+            "a broken save is reported once"
+        );
+        assert!(seen.is_news(Some(b)), "fixing it reloads");
+    }
 }

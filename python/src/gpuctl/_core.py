@@ -39,7 +39,7 @@ from .messages import (
 )
 
 # What this client speaks: 1.5 (pixel rows in, RetryLater).
-PROTOCOL = ProtocolVersion(1, 5)
+PROTOCOL = ProtocolVersion(1, 6)
 
 _U32 = struct.Struct("<I")
 _CHUNK_HEADER = struct.Struct("<IQQ")  # variant, id, data length

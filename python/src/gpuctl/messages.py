@@ -67,6 +67,7 @@ class ModelKind(enum.IntEnum):
 class ReloadTrigger(enum.IntEnum):
     Signal = 0
     Request = 1
+    FileChange = 2
 
 
 @dataclass
@@ -791,6 +792,7 @@ class NoticeKind(Variant):
     Released: ClassVar[Type["NoticeKindReleased"]]
     Reloaded: ClassVar[Type["NoticeKindReloaded"]]
     WaitingForVram: ClassVar[Type["NoticeKindWaitingForVram"]]
+    ReloadedBy: ClassVar[Type["NoticeKindReloadedBy"]]
 
 
 @dataclass
@@ -868,6 +870,15 @@ class NoticeKindWaitingForVram(NoticeKind):
     message: str = ""
 
 
+@dataclass
+class NoticeKindReloadedBy(NoticeKind):
+    INDEX: ClassVar[int] = 8
+    NAME: ClassVar[str] = "ReloadedBy"
+    generation: int
+    trigger: ReloadTrigger
+    error: Optional[str] = None
+
+
 NoticeKind.Loaded = NoticeKindLoaded
 NoticeKind.LoadFailed = NoticeKindLoadFailed
 NoticeKind.Unloaded = NoticeKindUnloaded
@@ -876,6 +887,7 @@ NoticeKind.Reserved = NoticeKindReserved
 NoticeKind.Released = NoticeKindReleased
 NoticeKind.Reloaded = NoticeKindReloaded
 NoticeKind.WaitingForVram = NoticeKindWaitingForVram
+NoticeKind.ReloadedBy = NoticeKindReloadedBy
 
 
 class Request(Variant):
@@ -1492,7 +1504,10 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                          '6': {'Reloaded': {'STRUCT': [{'generation': 'U64'},
                                                        {'error': {'OPTION': 'STR'}}]}},
                          '7': {'WaitingForVram': {'STRUCT': [{'model': 'STR'},
-                                                             {'message': 'STR'}]}}}},
+                                                             {'message': 'STR'}]}},
+                         '8': {'ReloadedBy': {'STRUCT': [{'generation': 'U64'},
+                                                         {'trigger': {'TYPENAME': 'ReloadTrigger'}},
+                                                         {'error': {'OPTION': 'STR'}}]}}}},
  'PingRequest': {'STRUCT': []},
  'PingResponse': {'STRUCT': []},
  'ProgressEvent': {'STRUCT': [{'done': 'U64'},
@@ -1509,7 +1524,9 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                               {'error': {'OPTION': 'STR'}}]},
  'ReloadRequest': {'STRUCT': []},
  'ReloadResponse': {'STRUCT': [{'generation': 'U64'}, {'changed': 'BOOL'}, {'models': 'U32'}]},
- 'ReloadTrigger': {'ENUM': {'0': {'Signal': 'UNIT'}, '1': {'Request': 'UNIT'}}},
+ 'ReloadTrigger': {'ENUM': {'0': {'Signal': 'UNIT'},
+                            '1': {'Request': 'UNIT'},
+                            '2': {'FileChange': 'UNIT'}}},
  'Request': {'ENUM': {'0': {'Ping': {'NEWTYPE': {'TYPENAME': 'PingRequest'}}},
                       '1': {'Status': {'NEWTYPE': {'TYPENAME': 'StatusRequest'}}},
                       '10': {'Watch': {'NEWTYPE': {'TYPENAME': 'WatchRequest'}}},

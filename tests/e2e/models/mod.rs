@@ -9,6 +9,7 @@ mod python_workers;
 mod queueing;
 mod reloads;
 mod residency;
+mod saves;
 mod tiling;
 
 use std::path::PathBuf;
