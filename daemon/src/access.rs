@@ -27,6 +27,7 @@ pub fn is_administrative(request: &Request) -> bool {
         | Request::Status(_)
         | Request::Models(_)
         | Request::Generate(_)
+        | Request::GenerateThen(_)
         | Request::Vram(_)
         | Request::Reserve(_)
         | Request::Release(_)

@@ -105,6 +105,9 @@ pub struct EventSink {
     /// how outputs reach it.
     peer: gpuctl_protocol::ProtocolVersion,
     shared: Arc<Shared>,
+    /// Outputs stay in the daemon (a step of a chain whose image feeds the
+    /// next): they are not passed on to the client as they come.
+    keeps_outputs: bool,
 }
 
 impl EventSink {
@@ -119,7 +122,22 @@ impl EventSink {
             events,
             peer,
             shared,
+            keeps_outputs: false,
         }
+    }
+
+    /// The same sink for a job whose outputs the daemon keeps: its progress
+    /// still reaches the client, its pixel rows do not.
+    pub fn keeping_outputs(&self) -> EventSink {
+        EventSink {
+            keeps_outputs: true,
+            ..self.clone()
+        }
+    }
+
+    /// Whether a job's outputs go to the client as they are made.
+    pub fn relays_outputs(&self) -> bool {
+        self.takes_pixel_rows() && !self.keeps_outputs
     }
 
     /// The protocol version the client speaks.

@@ -152,12 +152,12 @@ impl Uploads {
     /// its stream was refused.
     pub fn attach(&mut self, id: RequestId, request: &mut Request) -> Result<Permit, Error> {
         let Some(upload) = self.receiving.remove(&id) else {
-            return match request {
-                Request::Generate(generate) => TensorReceiver::default()
+            return match request.generate_mut() {
+                Some(generate) => TensorReceiver::default()
                     .fill(generate.tensors_mut())
                     .map(|()| self.budget.nothing())
                     .map_err(|e| self.error(e)),
-                _ => Ok(self.budget.nothing()),
+                None => Ok(self.budget.nothing()),
             };
         };
         if let Some(refused) = upload.refused {
@@ -166,13 +166,13 @@ impl Uploads {
         let Upload {
             received, permit, ..
         } = upload;
-        let result = match request {
-            Request::Generate(generate) => received.fill(generate.tensors_mut()),
-            _ if received.bytes() > 0 || !received.is_sound() => Err(StreamError::Broken(format!(
-                "tensors were streamed for request {id}, but {} takes none",
-                request.operation()
-            ))),
-            _ => Ok(()),
+        let operation = request.operation();
+        let result = match request.generate_mut() {
+            Some(generate) => received.fill(generate.tensors_mut()),
+            None if received.bytes() > 0 || !received.is_sound() => Err(StreamError::Broken(
+                format!("tensors were streamed for request {id}, but {operation} takes none"),
+            )),
+            None => Ok(()),
         };
         result.map(|()| permit).map_err(|e| self.error(e))
     }

@@ -310,10 +310,8 @@ impl Outgoing {
             updates,
             sink,
         } = submit;
-        let streamed = match &mut request {
-            Request::Generate(generate) if stream => {
-                crate::stream::take_streamed(generate.tensors_mut())
-            }
+        let streamed = match request.generate_mut() {
+            Some(generate) if stream => crate::stream::take_streamed(generate.tensors_mut()),
             _ => Vec::new(),
         };
         Outgoing {
@@ -428,11 +426,11 @@ fn route(
                 return None;
             };
             let streamed = receiving.remove(&id).unwrap_or_default();
-            let filled = match &mut response {
+            let filled = match response.generate_mut() {
                 // A sink has had the streamed outputs: placeholders stay.
-                Response::Generate(_) if call.sink.is_some() => Ok(()),
-                Response::Generate(generate) => streamed.fill(&mut generate.outputs),
-                _ => Ok(()),
+                Some(_) if call.sink.is_some() => Ok(()),
+                Some(generate) => streamed.fill(&mut generate.outputs),
+                None => Ok(()),
             };
             let done = filled
                 .map(|()| response)

@@ -184,9 +184,22 @@ pub enum Request {
     /// Cancel another request of this connection: it ends with
     /// `Error(Cancelled)`, a running job at its next batch boundary.
     Cancel(CancelRequest),
+    /// Run a model, then each of the `image` models named in `then` on the
+    /// previous step's image, inside gpuctld (1.6).
+    GenerateThen(GenerateThenRequest),
 }
 
 impl Request {
+    /// The `Generate` request inside a `Generate` or `GenerateThen`: the one
+    /// whose tensors stream.
+    pub fn generate_mut(&mut self) -> Option<&mut GenerateRequest> {
+        match self {
+            Request::Generate(request) => Some(request),
+            Request::GenerateThen(chain) => Some(&mut chain.request),
+            _ => None,
+        }
+    }
+
     /// The operation's name, as used in capabilities, logs and errors.
     pub fn operation(&self) -> &'static str {
         match self {
@@ -202,6 +215,7 @@ impl Request {
             Request::Release(_) => "release",
             Request::Watch(_) => "watch",
             Request::Cancel(_) => "cancel",
+            Request::GenerateThen(_) => "generate",
         }
     }
 }
@@ -233,6 +247,20 @@ pub enum Response {
     Watch(WatchResponse),
     /// Answer to [`Request::Cancel`].
     Cancel(CancelResponse),
+    /// Answer to [`Request::GenerateThen`].
+    GenerateThen(GenerateThenResponse),
+}
+
+impl Response {
+    /// The `Generate` response inside a `Generate` or `GenerateThen`: the
+    /// one whose outputs stream.
+    pub fn generate_mut(&mut self) -> Option<&mut GenerateResponse> {
+        match self {
+            Response::Generate(response) => Some(response),
+            Response::GenerateThen(chain) => Some(&mut chain.response),
+            _ => None,
+        }
+    }
 }
 
 /// Something that happened while a request runs.
@@ -759,6 +787,44 @@ pub struct GenerateResponse {
     pub run_ms: u64,
     /// What the worker had to do to finish: out-of-memory back-off (smaller
     /// batches or tiles), retried tiles.
+    pub notes: Vec<String>,
+}
+
+/// A generation (or an `image` request) followed by more `image` models,
+/// each run on the previous step's image inside gpuctld, never back through
+/// the client: e.g. generate, then upscale ×4.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateThenRequest {
+    /// The first step, as a `Generate` request; its timeout and keep-alive
+    /// apply to the whole chain and to every step.
+    pub request: GenerateRequest,
+    /// The `image` models to run next, in order.
+    pub then: Vec<String>,
+}
+
+/// The last step's result, and what each step took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateThenResponse {
+    /// The last step's response (its `notes` are that step's).
+    pub response: GenerateResponse,
+    /// Every step, the first included, in order.
+    pub steps: Vec<StepReport>,
+}
+
+/// What one step of a chain took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// The step's model.
+    pub model: String,
+    /// Where it ran.
+    pub device: String,
+    /// Milliseconds it waited (for a load, a queue, a group switch).
+    pub queue_ms: u64,
+    /// The load it waited for, if any.
+    pub load_ms: Option<u64>,
+    /// Milliseconds in the model.
+    pub run_ms: u64,
+    /// What its worker had to do to finish, and what happened between steps.
     pub notes: Vec<String>,
 }
 

@@ -451,6 +451,50 @@ fn arbitration_messages() {
     shared_vectors("arbitration_messages");
 }
 
+#[test]
+fn generate_then() {
+    // len | Request | id 3 | variant 12 (GenerateThen) | the Generate request ...
+    let chain = request(
+        3,
+        Request::GenerateThen(GenerateThenRequest {
+            request: GenerateRequest {
+                prompt: "fox".into(),
+                seed: Some(7),
+                ..GenerateRequest::new("gen")
+            },
+            then: vec!["up".into()],
+        }),
+    );
+    assert!(frame(&chain)[16..].starts_with("0300000000000000" /* id */));
+    assert!(frame(&chain)[32..].starts_with("0c000000" /* variant 12 */));
+    roundtrip(&chain);
+    let step = |model: &str| StepReport {
+        model: model.into(),
+        device: "cpu".into(),
+        queue_ms: 1,
+        load_ms: Some(2),
+        run_ms: 3,
+        notes: vec!["n".into()],
+    };
+    roundtrip(&response(
+        3,
+        Response::GenerateThen(GenerateThenResponse {
+            response: GenerateResponse {
+                model: "up".into(),
+                device: "cpu".into(),
+                seed: Some(7),
+                outputs: vec![WireTensor::new(DType::U8, vec![1, 1, 1, 3], vec![1, 2, 3]).unwrap()],
+                queue_ms: 0,
+                load_ms: None,
+                run_ms: 3,
+                notes: vec![],
+            },
+            steps: vec![step("gen"), step("up")],
+        }),
+    ));
+    shared_vectors("generate_then");
+}
+
 /// Error codes travel as their position; appending is the only safe change.
 #[test]
 fn error_codes_are_stable() {

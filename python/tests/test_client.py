@@ -2,6 +2,7 @@
 kinds of model, images in every form, correct pixels."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -206,3 +207,24 @@ def test_ctrl_c_cancels_the_job_and_the_model_stays_loaded(client: gpuctl.Client
     assert "cancel" in daemon.log_text().lower()
     # The connection goes on serving.
     assert client.generate("x4", photo(8, 8)).image.shape == (32, 32, 3)
+
+
+def test_generate_then_upscale_in_one_request(client: gpuctl.Client) -> None:
+    chained = client.generate("gen", prompt="fox", seed=9, then=["up"])
+    by_hand = client.generate("up", client.generate("gen", prompt="fox", seed=9).image)
+    assert [step.model for step in chained.steps] == ["gen", "up"]
+    assert (chained.model, chained.seed) == ("up", 9)
+    assert np.array_equal(chained.image, by_hand.image)
+    with pytest.raises(gpuctl.InvalidRequest, match=r"step 2 of 2 \(ten\): only image models"):
+        client.generate("gen", prompt="fox", then=["ten"])
+    with pytest.raises(TypeError, match="then= takes a list"):
+        client.generate("gen", prompt="fox", then="up")  # type: ignore[arg-type]
+
+
+def test_generate_then_from_asyncio(daemon: Daemon) -> None:
+    async def chained() -> gpuctl.GenerateResult:
+        async with gpuctl.AsyncClient(daemon.path) as client:
+            return await client.generate("gen", prompt="fox", seed=9, then=["up"])
+
+    result = asyncio.run(chained())
+    assert result.image.shape == (96, 128, 3) and len(result.steps) == 2

@@ -59,6 +59,10 @@ pub struct GenerateArgs {
     /// eighth of --tile]
     #[arg(long, value_name = "PIXELS")]
     pub overlap: Option<u32>,
+    /// Then run this image model on the result, inside gpuctld (e.g. an
+    /// upscaler after a generation); repeat for more steps
+    #[arg(long, value_name = "MODEL")]
+    pub then: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -72,6 +76,9 @@ struct Report {
     load_ms: Option<u64>,
     run_ms: u64,
     notes: Vec<String>,
+    /// With --then: every step, the first included.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    steps: Vec<gpuctl_protocol::StepReport>,
 }
 
 pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<(), CliError> {
@@ -114,7 +121,27 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
     // Image outputs are written to their file as their rows stream in.
     let rows = client.welcome().protocol.takes_pixel_rows();
     let streamed = Arc::new(Mutex::new(ImageWriter::new(args.output.as_deref(), rows)));
-    let request = Request::Generate(request);
+    let chained = !args.then.is_empty();
+    let request = if chained {
+        let daemon = client.welcome().protocol;
+        if !daemon.knows_file_change() {
+            return Err(CliError::Usage(format!(
+                "--then needs a gpuctld of protocol 1.6 or later; this one speaks {daemon}"
+            )));
+        }
+        Request::GenerateThen(gpuctl_protocol::GenerateThenRequest {
+            request,
+            then: args.then.clone(),
+        })
+    } else {
+        Request::Generate(request)
+    };
+    // A chain ends with an image model, whatever the first step is.
+    let kind = if chained {
+        Some(ModelKind::Image)
+    } else {
+        kind
+    };
     let mut call = match kind {
         Some(ModelKind::Tensor) => client.start(request).await?,
         _ => {
@@ -155,8 +182,9 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         }
     }
     progress.finish();
-    let mut answer = match call.response().await? {
-        Response::Generate(answer) => answer,
+    let (mut answer, steps) = match call.response().await? {
+        Response::Generate(answer) => (answer, Vec::new()),
+        Response::GenerateThen(chain) => (chain.response, chain.steps),
         other => return Err(unexpected(&other).into()),
     };
     let path = args
@@ -177,11 +205,16 @@ pub async fn run(client: &Client, args: GenerateArgs, output: Output) -> Result<
         load_ms: answer.load_ms,
         run_ms: answer.run_ms,
         notes: answer.notes.clone(),
+        steps,
     };
     match output {
         Output::Json => crate::print_json(&report),
         Output::Human => {
-            for note in &report.notes {
+            let notes = match report.steps.as_slice() {
+                [] => report.notes.clone(),
+                steps => steps.iter().flat_map(|s| s.notes.clone()).collect(),
+            };
+            for note in &notes {
                 eprintln!("gpuctl: note: {note}");
             }
             crate::emit(&describe(&report))
@@ -203,6 +236,18 @@ fn describe(report: &Report) -> String {
         line.push_str(&format!(" (load {load} ms)"));
     }
     line.push_str(&format!(", ran {} ms\n", report.run_ms));
+    for (index, step) in report.steps.iter().enumerate() {
+        line.push_str(&format!(
+            "  step {}: {} on {}, waited {} ms{}, ran {} ms\n",
+            index + 1,
+            step.model,
+            step.device,
+            step.queue_ms,
+            step.load_ms
+                .map_or(String::new(), |ms| format!(" (load {ms} ms)")),
+            step.run_ms
+        ));
+    }
     line
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::SinkExt;
 use gpuctl_protocol::stream::take_streamed;
 use gpuctl_protocol::{
-    DaemonMessage, Error, ErrorCode, FrameError, ProtocolVersion, RequestId, Response, WireTensor,
+    DaemonMessage, Error, ErrorCode, FrameError, ProtocolVersion, RequestId, WireTensor,
 };
 
 use super::Connection;
@@ -78,10 +78,12 @@ pub(super) async fn send_answer(
         _ => None,
     };
     let (of, streamed) = match &mut message {
-        DaemonMessage::Response {
-            id,
-            response: Response::Generate(generate),
-        } if out.protocol.streams_tensors() => (*id, take_streamed(&mut generate.outputs)),
+        DaemonMessage::Response { id, response } if out.protocol.streams_tensors() => {
+            match response.generate_mut() {
+                Some(generate) => (*id, take_streamed(&mut generate.outputs)),
+                None => (0, Vec::new()),
+            }
+        }
         _ => (0, Vec::new()),
     };
     for tensor in streamed {

@@ -282,9 +282,12 @@ fn count_unread(
     result: Result<Response, Error>,
     shared: &Shared,
 ) -> (Result<Response, Error>, usize) {
-    let bytes = match &result {
-        Ok(Response::Generate(generate)) => generate.outputs.iter().map(|t| t.data.len()).sum(),
-        _ => 0,
+    let mut result = result;
+    let bytes = match &mut result {
+        Ok(response) => response.generate_mut().map_or(0, |generate| {
+            generate.outputs.iter().map(|t| t.data.len()).sum()
+        }),
+        Err(_) => 0,
     };
     if bytes == 0 {
         return (result, 0);

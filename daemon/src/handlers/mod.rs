@@ -41,6 +41,9 @@ pub async fn handle(
         Request::Generate(request) => generate::handle(request, ctx, events)
             .await
             .map(Response::Generate),
+        Request::GenerateThen(request) => generate::chain::handle(request, ctx, events)
+            .await
+            .map(Response::GenerateThen),
         Request::Load(request) => load::handle(request, ctx).await.map(Response::Load),
         Request::Unload(request) => unload::handle(request, ctx).await.map(Response::Unload),
         Request::Vram(request) => vram::handle(request, ctx).await.map(Response::Vram),

@@ -86,7 +86,7 @@ impl Incoming {
     fn new(id: u64, running: Option<&Running>) -> Incoming {
         let relay = running
             .and_then(|r| r.progress.clone())
-            .filter(|sink| sink.takes_pixel_rows());
+            .filter(|sink| sink.relays_outputs());
         let received = match relay {
             Some(_) => TensorReceiver::passing_on(),
             None => TensorReceiver::default(),

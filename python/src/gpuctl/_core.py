@@ -32,8 +32,10 @@ from .messages import (
     Request,
     RequestCancel,
     RequestGenerate,
+    RequestGenerateThen,
     Response,
     ResponseGenerate,
+    ResponseGenerateThen,
     Welcome,
     WireTensor,
 )
@@ -104,9 +106,12 @@ class Call:
 
 
 def _placeholder_count(response: Response) -> int:
-    if isinstance(response, ResponseGenerate):
-        return sum(1 for t in response.value.outputs if not t.data and tensors.nbytes(t.dtype, t.shape) > 0)
-    return 0
+    outputs = (
+        response.value.outputs if isinstance(response, ResponseGenerate)
+        else response.value.response.outputs if isinstance(response, ResponseGenerateThen)
+        else []
+    )
+    return sum(1 for t in outputs if not t.data and tensors.nbytes(t.dtype, t.shape) > 0)
 
 
 class Core:
@@ -337,8 +342,8 @@ class Core:
             end = _U32.pack(_CLIENT_TENSOR_END) + struct.pack("<Q", id)
             yield (LENGTH.pack(len(end)) + end,)
         if wires:
-            assert isinstance(request, RequestGenerate), "only generate requests carry tensors"
-            generate = request.value
+            assert isinstance(request, (RequestGenerate, RequestGenerateThen)), "only generate requests carry tensors"
+            generate = request.value if isinstance(request, RequestGenerate) else request.value.request
             if generate.input is not None:
                 generate.input = wires.pop(0)
             generate.inputs = wires + generate.inputs[len(wires):]

@@ -13,12 +13,17 @@ from .messages import (
     DType,
     GenerateRequest,
     GenerateResponse,
+    GenerateThenRequest,
     KeepAlive,
     ProgressEvent,
     ProtocolVersion,
     QueuedEvent,
     RequestGenerate,
+    RequestGenerateThen,
     Response,
+    ResponseGenerate,
+    ResponseGenerateThen,
+    StepReport,
     Variant,
     WireTensor,
 )
@@ -226,7 +231,8 @@ def generate_request(
     tile: Optional[int],
     overlap: Optional[int],
     peer: ProtocolVersion,
-) -> Tuple[RequestGenerate, List[Upload], Optional[ImageInput]]:
+    then: Optional[Sequence[str]] = None,
+) -> Tuple[Union[RequestGenerate, RequestGenerateThen], List[Upload], Optional[ImageInput]]:
     given = [name for name, value in (("image", image), ("inputs", inputs), ("prompt", prompt)) if value is not None]
     if len(given) > 1:
         raise ValueError(f"generate: give one of image=, inputs= or prompt=, not {' and '.join(given)}")
@@ -253,7 +259,21 @@ def generate_request(
         dtype, shape, view = tensors.to_wire(value, f"inputs[{index}]")
         uploads.append(Upload(dtype, shape, [view], len(view)))
         request.inputs.append(placeholder(uploads[-1]))
+    if then:
+        if isinstance(then, str):
+            raise TypeError("then= takes a list of model names, e.g. then=[\"realesrgan-x4\"]")
+        if (peer.major, peer.minor) < (1, 6):
+            raise ValueError(f"then= needs a gpuctld of protocol 1.6 or later; this one speaks {peer.major}.{peer.minor}")
+        return RequestGenerateThen(GenerateThenRequest(request, list(then))), uploads, taken
     return RequestGenerate(request), uploads, taken
+
+
+def generate_response(response: Response) -> Tuple[GenerateResponse, List[StepReport]]:
+    """The `Generate` response, from a `Generate` or a `GenerateThen`, and
+    the chain's steps (empty for a single request)."""
+    if isinstance(response, ResponseGenerateThen):
+        return response.value.response, list(response.value.steps)
+    return expect(response, ResponseGenerate).value, []
 
 
 def placeholder(upload: Upload) -> WireTensor:
@@ -292,6 +312,9 @@ class GenerateResult:
     notes: List[str]
     outputs: List[Any] = field(repr=False)
     image: Any = field(repr=False, default=None)
+    #: With `then=`: every step of the chain (model, device, queue_ms,
+    #: load_ms, run_ms, notes), the first included.
+    steps: List[StepReport] = field(default_factory=list)
 
     def png(self) -> bytes:
         """`image` encoded as PNG (needs Pillow)."""
@@ -330,7 +353,9 @@ def _to_pil(output: Any) -> Any:
     return _PILImage.frombuffer("RGB", (width, height), first, "raw", "RGB", 0, 1)
 
 
-def generate_result(response: GenerateResponse, outputs: List[Any], given: Optional[ImageInput], generated: bool) -> GenerateResult:
+def generate_result(
+    response: GenerateResponse, outputs: List[Any], given: Optional[ImageInput], generated: bool, steps: Sequence[StepReport] = ()
+) -> GenerateResult:
     result = GenerateResult(
         model=response.model,
         device=response.device,
@@ -340,6 +365,7 @@ def generate_result(response: GenerateResponse, outputs: List[Any], given: Optio
         run_ms=response.run_ms,
         notes=list(response.notes),
         outputs=outputs,
+        steps=list(steps),
     )
     if not outputs or (given is None and not generated):
         return result  # a tensor model's outputs are raw

@@ -18,6 +18,7 @@ from ._requests import (
     expect,
     refused,
     generate_request,
+    generate_response,
     generate_result,
     keep_alive as parse_keep_alive,
     size_bytes,
@@ -51,7 +52,6 @@ from .messages import (
     ReserveRequest,
     ReserveResponse,
     Response,
-    ResponseGenerate,
     ResponseLoad,
     ResponseModels,
     ResponseRelease,
@@ -326,12 +326,13 @@ class AsyncClient:
         timeout: Union[None, int, float, str] = None,
         tile: Optional[int] = None,
         overlap: Optional[int] = None,
+        then: Optional[Sequence[str]] = None,
     ) -> GenerateResult:
         """As `Client.generate`; cancelling the awaiting task cancels the job."""
         result: Optional[GenerateResult] = None
         async for item in self.stream_generate(
             model, image, inputs=inputs, prompt=prompt, negative=negative, seed=seed, steps=steps,
-            guidance=guidance, size=size, keep_alive=keep_alive, timeout=timeout, tile=tile, overlap=overlap,
+            guidance=guidance, size=size, keep_alive=keep_alive, timeout=timeout, tile=tile, overlap=overlap, then=then,
         ):
             if isinstance(item, GenerateResult):
                 result = item
@@ -354,6 +355,7 @@ class AsyncClient:
         timeout: Union[None, int, float, str] = None,
         tile: Optional[int] = None,
         overlap: Optional[int] = None,
+        then: Optional[Sequence[str]] = None,
     ) -> AsyncIterator[StreamItem]:
         """``async for item in client.stream_generate(...)``: `ProgressEvent`s and
         `QueuedEvent`s as they come, then the `GenerateResult` last. Leaving
@@ -362,7 +364,7 @@ class AsyncClient:
         assert protocol.core.peer is not None
         request, uploads, given = generate_request(
             model, image, inputs, prompt, negative, seed, steps, guidance, size, keep_alive, timeout, tile, overlap,
-            protocol.core.peer,
+            protocol.core.peer, then,
         )
         call, protocol = await self._start(request, uploads, protocol)
         try:
@@ -372,9 +374,9 @@ class AsyncClient:
                     break
                 if isinstance(event, (EventProgress, EventQueued)):
                     yield event.value
-            response = expect(self._finish(call, protocol), ResponseGenerate).value
+            response, chain = generate_response(self._finish(call, protocol))
             outputs = fill_placeholders(response, call.streamed)
-            yield generate_result(response, outputs, given, prompt is not None)
+            yield generate_result(response, outputs, given, prompt is not None, chain)
         finally:
             self._cancel(call, protocol)
 

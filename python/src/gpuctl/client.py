@@ -22,6 +22,7 @@ from ._requests import (
     expect,
     refused,
     generate_request,
+    generate_response,
     generate_result,
     keep_alive as parse_keep_alive,
     size_bytes,
@@ -57,7 +58,6 @@ from .messages import (
     ReserveResponse,
     Response,
     ResponseCancel,
-    ResponseGenerate,
     ResponseLoad,
     ResponseModels,
     ResponseRelease,
@@ -368,6 +368,7 @@ class Client:
         timeout: Union[None, int, float, str] = None,
         tile: Optional[int] = None,
         overlap: Optional[int] = None,
+        then: Optional[Sequence[str]] = None,
         on_progress: Optional[ProgressCallback] = None,
         on_queued: Optional[QueuedCallback] = None,
     ) -> GenerateResult:
@@ -377,7 +378,7 @@ class Client:
         or "5m") bounds the request in the daemon. Ctrl-C cancels the job."""
         job = self.start_generate(
             model, image, inputs=inputs, prompt=prompt, negative=negative, seed=seed, steps=steps,
-            guidance=guidance, size=size, keep_alive=keep_alive, timeout=timeout, tile=tile, overlap=overlap,
+            guidance=guidance, size=size, keep_alive=keep_alive, timeout=timeout, tile=tile, overlap=overlap, then=then,
         )
         return job.result(on_progress=on_progress, on_queued=on_queued)
 
@@ -397,6 +398,7 @@ class Client:
         timeout: Union[None, int, float, str] = None,
         tile: Optional[int] = None,
         overlap: Optional[int] = None,
+        then: Optional[Sequence[str]] = None,
     ) -> "GenerateJob":
         """Sends a generate request and returns at once: `job.result()` waits
         for it, `job.cancel()` (from any thread) stops it."""
@@ -404,7 +406,7 @@ class Client:
         peer = connection[0].peer
         assert peer is not None
         request, uploads, given = generate_request(
-            model, image, inputs, prompt, negative, seed, steps, guidance, size, keep_alive, timeout, tile, overlap, peer
+            model, image, inputs, prompt, negative, seed, steps, guidance, size, keep_alive, timeout, tile, overlap, peer, then
         )
         call, core, sock = self._start(request, uploads, connection)
         return GenerateJob(self, call, core, sock, given, prompt is not None)
@@ -449,9 +451,9 @@ class GenerateJob:
         except BaseException:
             client._cancel(call, core, sock)
             raise
-        response = expect(client._finish(call), ResponseGenerate).value
+        response, chain = generate_response(client._finish(call))
         outputs = fill_placeholders(response, call.streamed)
-        return generate_result(response, outputs, self._given, self._generated)
+        return generate_result(response, outputs, self._given, self._generated, chain)
 
 
 class Reservation:

@@ -143,6 +143,18 @@ class GenerateResponse:
 
 
 @dataclass
+class GenerateThenRequest:
+    request: GenerateRequest
+    then: List[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerateThenResponse:
+    response: GenerateResponse
+    steps: List[StepReport] = field(default_factory=list)
+
+
+@dataclass
 class GpuDevice:
     index: int = 0
     name: str = ""
@@ -364,6 +376,16 @@ class StatusResponse:
     config: ConfigStatus
     connections: int = 0
     models: List[ModelStatus] = field(default_factory=list)
+
+
+@dataclass
+class StepReport:
+    model: str = ""
+    device: str = ""
+    queue_ms: int = 0
+    load_ms: Optional[int] = None
+    run_ms: int = 0
+    notes: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -905,6 +927,7 @@ class Request(Variant):
     Release: ClassVar[Type["RequestRelease"]]
     Watch: ClassVar[Type["RequestWatch"]]
     Cancel: ClassVar[Type["RequestCancel"]]
+    GenerateThen: ClassVar[Type["RequestGenerateThen"]]
 
 
 @dataclass
@@ -991,6 +1014,13 @@ class RequestCancel(Request):
     value: CancelRequest
 
 
+@dataclass
+class RequestGenerateThen(Request):
+    INDEX: ClassVar[int] = 12
+    NAME: ClassVar[str] = "GenerateThen"
+    value: GenerateThenRequest
+
+
 Request.Ping = RequestPing
 Request.Status = RequestStatus
 Request.Models = RequestModels
@@ -1003,6 +1033,7 @@ Request.Reserve = RequestReserve
 Request.Release = RequestRelease
 Request.Watch = RequestWatch
 Request.Cancel = RequestCancel
+Request.GenerateThen = RequestGenerateThen
 
 
 class Response(Variant):
@@ -1020,6 +1051,7 @@ class Response(Variant):
     Release: ClassVar[Type["ResponseRelease"]]
     Watch: ClassVar[Type["ResponseWatch"]]
     Cancel: ClassVar[Type["ResponseCancel"]]
+    GenerateThen: ClassVar[Type["ResponseGenerateThen"]]
 
 
 @dataclass
@@ -1106,6 +1138,13 @@ class ResponseCancel(Response):
     value: CancelResponse
 
 
+@dataclass
+class ResponseGenerateThen(Response):
+    INDEX: ClassVar[int] = 12
+    NAME: ClassVar[str] = "GenerateThen"
+    value: GenerateThenResponse
+
+
 Response.Ping = ResponsePing
 Response.Status = ResponseStatus
 Response.Models = ResponseModels
@@ -1118,6 +1157,7 @@ Response.Reserve = ResponseReserve
 Response.Release = ResponseRelease
 Response.Watch = ResponseWatch
 Response.Cancel = ResponseCancel
+Response.GenerateThen = ResponseGenerateThen
 
 
 class TensorFrame(Variant):
@@ -1399,6 +1439,10 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                                  {'load_ms': {'OPTION': 'U64'}},
                                  {'run_ms': 'U64'},
                                  {'notes': {'SEQ': 'STR'}}]},
+ 'GenerateThenRequest': {'STRUCT': [{'request': {'TYPENAME': 'GenerateRequest'}},
+                                    {'then': {'SEQ': 'STR'}}]},
+ 'GenerateThenResponse': {'STRUCT': [{'response': {'TYPENAME': 'GenerateResponse'}},
+                                     {'steps': {'SEQ': {'TYPENAME': 'StepReport'}}}]},
  'GpuDevice': {'STRUCT': [{'index': 'U32'},
                           {'name': 'STR'},
                           {'total': 'U64'},
@@ -1531,6 +1575,7 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                       '1': {'Status': {'NEWTYPE': {'TYPENAME': 'StatusRequest'}}},
                       '10': {'Watch': {'NEWTYPE': {'TYPENAME': 'WatchRequest'}}},
                       '11': {'Cancel': {'NEWTYPE': {'TYPENAME': 'CancelRequest'}}},
+                      '12': {'GenerateThen': {'NEWTYPE': {'TYPENAME': 'GenerateThenRequest'}}},
                       '2': {'Models': {'NEWTYPE': {'TYPENAME': 'ModelsRequest'}}},
                       '3': {'Reload': {'NEWTYPE': {'TYPENAME': 'ReloadRequest'}}},
                       '4': {'Generate': {'NEWTYPE': {'TYPENAME': 'GenerateRequest'}}},
@@ -1555,6 +1600,7 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                        '1': {'Status': {'NEWTYPE': {'TYPENAME': 'StatusResponse'}}},
                        '10': {'Watch': {'NEWTYPE': {'TYPENAME': 'WatchResponse'}}},
                        '11': {'Cancel': {'NEWTYPE': {'TYPENAME': 'CancelResponse'}}},
+                       '12': {'GenerateThen': {'NEWTYPE': {'TYPENAME': 'GenerateThenResponse'}}},
                        '2': {'Models': {'NEWTYPE': {'TYPENAME': 'ModelsResponse'}}},
                        '3': {'Reload': {'NEWTYPE': {'TYPENAME': 'ReloadResponse'}}},
                        '4': {'Generate': {'NEWTYPE': {'TYPENAME': 'GenerateResponse'}}},
@@ -1571,6 +1617,12 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                                {'config': {'TYPENAME': 'ConfigStatus'}},
                                {'connections': 'U32'},
                                {'models': {'SEQ': {'TYPENAME': 'ModelStatus'}}}]},
+ 'StepReport': {'STRUCT': [{'model': 'STR'},
+                           {'device': 'STR'},
+                           {'queue_ms': 'U64'},
+                           {'load_ms': {'OPTION': 'U64'}},
+                           {'run_ms': 'U64'},
+                           {'notes': {'SEQ': 'STR'}}]},
  'TensorFrame': {'ENUM': {'0': {'Begin': {'STRUCT': [{'dtype': {'TYPENAME': 'DType'}},
                                                      {'shape': {'SEQ': 'U64'}}]}},
                           '1': {'Chunk': {'NEWTYPE': 'BYTES'}},

@@ -8,6 +8,7 @@ use crate::context::Context;
 use crate::outbox::EventSink;
 use crate::registry::{not_found, PreparedJob};
 
+pub mod chain;
 mod prepare;
 
 use prepare::{check_output_size, prepare, Bounds};
