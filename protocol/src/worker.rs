@@ -49,7 +49,7 @@ pub enum DaemonToWorker {
 }
 
 /// Which model to load, where, and how.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadModel {
     /// The model's configured name, for error messages.
     pub name: String,
@@ -72,6 +72,18 @@ pub struct LoadModel {
     /// The model's `options` table as a JSON object (`{}` when it has
     /// none): settings for a `command` worker's own code.
     pub options: String,
+    /// LoRA files to merge into the model's weights at load, in order.
+    pub loras: Vec<Lora>,
+}
+
+/// One LoRA overlay: `W += strength · scale · B·A` for each weight its file
+/// names (`scale`: the file's `alpha / rank`, else 1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lora {
+    /// The safetensors file, resolved against `model_root`.
+    pub path: String,
+    /// How much of it: 0 leaves the base, 1 the file as trained.
+    pub strength: f32,
 }
 
 /// One unit of work, shaped by the model's kind.

@@ -103,6 +103,22 @@ impl Host {
             )
         })?;
         module.set_eval();
+        if !spec.loras.is_empty() {
+            let weights: std::collections::BTreeMap<String, Tensor> = module
+                .named_parameters()
+                .map_err(|e| {
+                    fail(
+                        ErrorCode::Internal,
+                        format!("cannot list parameters: {}", first_line(&e)),
+                    )
+                })?
+                .into_iter()
+                .collect();
+            for lora in &spec.loras {
+                crate::lora::merge(&lora.path, lora.strength, &weights)
+                    .map_err(|problem| fail(ErrorCode::LoadFailed, problem))?;
+            }
+        }
         let half = spec.fp16 && device.is_cuda();
         if half {
             // CModule::to panics where libtorch fails; a panic here is a

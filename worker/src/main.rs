@@ -9,6 +9,7 @@
 mod channel;
 mod cuda;
 mod host;
+mod lora;
 mod tensors;
 mod tiling;
 

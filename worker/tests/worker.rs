@@ -39,6 +39,7 @@ fn spec(name: &str, path: &str, kind: ModelKind) -> LoadModel {
         rgb8: false,
         fp16: false,
         options: "{}".into(),
+        loras: Vec::new(),
     }
 }
 

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 pub use error::ConfigError;
 pub use gpu::{Backend, GpuConfig, SimConfig, SimDevice};
-pub use model::{check_tiling, Kind, ModelConfig, ModelDefaults, Precision};
+pub use model::{check_tiling, Kind, LoraConfig, ModelConfig, ModelDefaults, Precision};
 pub use source::ConfigSource;
 pub use values::{Bytes, Device, Duration, KeepAliveSetting, LogLevel, Mode, Size};
 

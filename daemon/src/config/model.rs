@@ -34,6 +34,10 @@ pub struct ModelConfig {
     /// Settings for a `command` worker's code (`spec.options`), any table.
     #[serde(default)]
     pub options: toml::Table,
+    /// LoRA files merged into the weights at load (TorchScript models), or
+    /// handed to a `command` worker (`spec.loras`).
+    #[serde(default)]
+    pub loras: Vec<LoraConfig>,
     /// `image`, `generate` or `tensor`.
     pub kind: Kind,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -106,6 +110,21 @@ fn eight() -> u32 {
 
 fn one() -> u32 {
     1
+}
+
+/// `loras = [{ path = "portrait.safetensors", strength = 0.8 }]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// The safetensors file, relative to `model_root`.
+    pub path: PathBuf,
+    /// How much of it; default 1.
+    #[serde(default = "full_strength")]
+    pub strength: f32,
+}
+
+fn full_strength() -> f32 {
+    1.0
 }
 
 /// A model's kind, as written in the file.
@@ -193,6 +212,21 @@ impl ModelConfig {
             return Err((
                 "env",
                 format!("{name:?} is not a valid environment variable: a name is not empty and has no '=', and neither name nor value has NUL"),
+            ));
+        }
+        if let Some(lora) = self.loras.iter().find(|l| l.path.as_os_str().is_empty()) {
+            return Err((
+                "loras",
+                format!("a LoRA needs a path (strength {})", lora.strength),
+            ));
+        }
+        if let Some(lora) = self.loras.iter().find(|l| !l.strength.is_finite()) {
+            return Err((
+                "loras",
+                format!(
+                    "the strength of {} must be a finite number",
+                    lora.path.display()
+                ),
             ));
         }
         if matches!(self.load_timeout, Some(Duration(t)) if t.is_zero()) {

@@ -162,6 +162,21 @@ fn bad_values_name_key_and_problem() {
             "\"A=B\" is not a valid environment variable",
         ),
         (
+            "[models.a]\npath = \"a.pt\"\nkind = \"image\"\nloras = [{ path = \"\" }]",
+            "models.a.loras",
+            "a LoRA needs a path",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"image\"\nloras = [{ path = \"l.safetensors\", strength = nan }]",
+            "models.a.loras",
+            "the strength of l.safetensors must be a finite number",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"image\"\nloras = [{ path = \"l.safetensors\", weight = 1 }]",
+            "models.a.loras[0].weight",
+            "unknown field `weight`, expected `path` or `strength`",
+        ),
+        (
             "[models.a]\nkind = \"image\"\ncommand = [\"w\"]\nload_timeout = \"0s\"",
             "models.a.load_timeout",
             "longer than 0s",

@@ -253,6 +253,14 @@ impl Registry {
             rgb8: model.kind != Kind::Tensor,
             fp16: model.precision == crate::config::Precision::Fp16,
             options: options_json(&model.options),
+            loras: model
+                .loras
+                .iter()
+                .map(|lora| gpuctl_protocol::worker::Lora {
+                    path: config.model_root.join(&lora.path).display().to_string(),
+                    strength: lora.strength,
+                })
+                .collect(),
         };
         tracing::info!(model = name, source = %config.model_source(model), device = %spec.device, "loading");
         let launch = match &model.command {

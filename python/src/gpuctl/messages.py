@@ -198,6 +198,7 @@ class LoadModel:
     rgb8: bool = False
     fp16: bool = False
     options: str = ""
+    loras: List[Lora] = field(default_factory=list)
 
 
 @dataclass
@@ -220,6 +221,12 @@ class Loaded:
     parameter_bytes: int = 0
     device_bytes: int = 0
     precision: str = ""
+
+
+@dataclass
+class Lora:
+    path: str = ""
+    strength: float = 0.0
 
 
 @dataclass
@@ -1472,7 +1479,8 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                           {'threads': 'U32'},
                           {'rgb8': 'BOOL'},
                           {'fp16': 'BOOL'},
-                          {'options': 'STR'}]},
+                          {'options': 'STR'},
+                          {'loras': {'SEQ': {'TYPENAME': 'Lora'}}}]},
  'LoadRequest': {'STRUCT': [{'model': 'STR'},
                             {'keep_alive': {'OPTION': {'TYPENAME': 'KeepAlive'}}}]},
  'LoadResponse': {'STRUCT': [{'model': 'STR'}, {'device': 'STR'}, {'load_ms': {'OPTION': 'U64'}}]},
@@ -1481,6 +1489,7 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                        {'parameter_bytes': 'U64'},
                        {'device_bytes': 'U64'},
                        {'precision': 'STR'}]},
+ 'Lora': {'STRUCT': [{'path': 'STR'}, {'strength': 'F32'}]},
  'ModelInfo': {'STRUCT': [{'name': 'STR'},
                           {'kind': {'TYPENAME': 'ModelKind'}},
                           {'path': 'STR'},

@@ -81,6 +81,9 @@ class Spec:
     threads: int
     #: The model's `options` table.
     options: Dict[str, Any] = field(default_factory=dict)
+    #: The model's `loras`: [{"path": resolved path, "strength": float}],
+    #: for the program to apply.
+    loras: List[Dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -512,6 +515,7 @@ class _Server:
                 precision="fp16" if message.fp16 and device.startswith("cuda") else "fp32",
                 threads=int(message.threads),
                 options=options if isinstance(options, dict) else {},
+                loras=[{"path": lora.path, "strength": float(lora.strength)} for lora in message.loras],
             )
             _set_threads(spec.threads)
             model = self.model_or_class() if isinstance(self.model_or_class, type) else self.model_or_class
