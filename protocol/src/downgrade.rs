@@ -5,6 +5,7 @@
 use crate::UnloadReason;
 use crate::{
     DaemonMessage, Error, ErrorCode, Event, NoticeKind, ProtocolVersion, ReloadTrigger, Response,
+    StatusResponse,
 };
 
 impl DaemonMessage {
@@ -13,75 +14,79 @@ impl DaemonMessage {
         if peer.knows_file_change() {
             return self;
         }
-        let message = self.before_file_change();
-        if peer.knows_retry_later() {
-            return message;
-        }
-        match message {
-            DaemonMessage::Error { id, error } => DaemonMessage::Error {
-                id,
-                error: error.for_peer(peer),
-            },
-            DaemonMessage::Closing(error) => DaemonMessage::Closing(error.for_peer(peer)),
-            other if peer.knows_load_failed() => other,
-            DaemonMessage::Event {
-                id,
-                event: Event::Notice(mut notice),
-            } => {
-                if let NoticeKind::Unloaded { reason, .. } = &mut notice.what {
-                    *reason = reason.clone().before_stuck();
-                }
-                DaemonMessage::Event {
-                    id,
-                    event: Event::Notice(notice),
-                }
-            }
-            DaemonMessage::Response {
-                id,
-                response: Response::Status(mut status),
-            } => {
-                for model in &mut status.models {
-                    model.last_unload = model.last_unload.take().map(UnloadReason::before_stuck);
-                }
-                DaemonMessage::Response {
-                    id,
-                    response: Response::Status(status),
-                }
-            }
-            other => other,
-        }
-    }
-}
-
-impl DaemonMessage {
-    /// What 1.6 appended as older peers know it: `FileChange` as
-    /// `Signal` in the status's last reload, `ReloadedBy` as `Reloaded`.
-    fn before_file_change(self) -> DaemonMessage {
-        match self {
-            DaemonMessage::Event {
-                id,
-                event: Event::Notice(mut notice),
-            } => {
+        // 1.6 appended the reload trigger FileChange and the notice ReloadedBy.
+        let message = self
+            .map_notice(|what| {
                 if let NoticeKind::ReloadedBy {
                     generation, error, ..
-                } = notice.what
+                } = what
                 {
-                    notice.what = NoticeKind::Reloaded { generation, error };
+                    *what = NoticeKind::Reloaded {
+                        generation: *generation,
+                        error: error.take(),
+                    };
                 }
-                DaemonMessage::Event {
-                    id,
-                    event: Event::Notice(notice),
-                }
-            }
-            DaemonMessage::Response {
-                id,
-                response: Response::Status(mut status),
-            } => {
+            })
+            .map_status(|status| {
                 if let Some(outcome) = &mut status.config.last_reload {
                     if outcome.trigger == ReloadTrigger::FileChange {
                         outcome.trigger = ReloadTrigger::Signal;
                     }
                 }
+            });
+        if peer.knows_retry_later() {
+            return message;
+        }
+        let message = match message {
+            DaemonMessage::Error { id, error } => DaemonMessage::Error {
+                id,
+                error: error.for_peer(peer),
+            },
+            DaemonMessage::Closing(error) => DaemonMessage::Closing(error.for_peer(peer)),
+            other => other,
+        };
+        if peer.knows_load_failed() {
+            return message;
+        }
+        // 1.3 appended the unload reason Stuck.
+        message
+            .map_notice(|what| {
+                if let NoticeKind::Unloaded { reason, .. } = what {
+                    *reason = reason.clone().before_stuck();
+                }
+            })
+            .map_status(|status| {
+                for model in &mut status.models {
+                    model.last_unload = model.last_unload.take().map(UnloadReason::before_stuck);
+                }
+            })
+    }
+
+    /// This message with `change` applied to its notice, if it carries one.
+    fn map_notice(self, change: impl FnOnce(&mut NoticeKind)) -> DaemonMessage {
+        match self {
+            DaemonMessage::Event {
+                id,
+                event: Event::Notice(mut notice),
+            } => {
+                change(&mut notice.what);
+                DaemonMessage::Event {
+                    id,
+                    event: Event::Notice(notice),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// This message with `change` applied to its status, if it is one.
+    fn map_status(self, change: impl FnOnce(&mut StatusResponse)) -> DaemonMessage {
+        match self {
+            DaemonMessage::Response {
+                id,
+                response: Response::Status(mut status),
+            } => {
+                change(&mut status);
                 DaemonMessage::Response {
                     id,
                     response: Response::Status(status),

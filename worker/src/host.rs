@@ -103,17 +103,17 @@ impl Host {
             )
         })?;
         module.set_eval();
+        let parameters = |module: &CModule| {
+            module.named_parameters().map_err(|e| {
+                fail(
+                    ErrorCode::Internal,
+                    format!("cannot list parameters: {}", first_line(&e)),
+                )
+            })
+        };
         if !spec.loras.is_empty() {
-            let weights: std::collections::BTreeMap<String, Tensor> = module
-                .named_parameters()
-                .map_err(|e| {
-                    fail(
-                        ErrorCode::Internal,
-                        format!("cannot list parameters: {}", first_line(&e)),
-                    )
-                })?
-                .into_iter()
-                .collect();
+            let weights: std::collections::BTreeMap<String, Tensor> =
+                parameters(&module)?.into_iter().collect();
             for lora in &spec.loras {
                 crate::lora::merge(&lora.path, lora.strength, &weights)
                     .map_err(|problem| fail(ErrorCode::LoadFailed, problem))?;
@@ -133,14 +133,7 @@ impl Host {
                 )
             })?;
         }
-        let parameter_bytes = module
-            .named_parameters()
-            .map_err(|e| {
-                fail(
-                    ErrorCode::Internal,
-                    format!("cannot list parameters: {}", first_line(&e)),
-                )
-            })?
+        let parameter_bytes = parameters(&module)?
             .iter()
             .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
             .sum();
