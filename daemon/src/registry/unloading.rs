@@ -66,32 +66,23 @@ impl Registry {
                     then: Some(PendingUnload { reason, waiters }),
                 }
             }
-            Life::Unloading {
-                pid,
-                kill,
-                placement,
-                held,
-                in_flight,
-                reason: unloading_for,
-                since,
-                mut waiters,
-            } => {
-                if force && !kill.is_cancelled() {
-                    tracing::info!(model = name, pid, "killing its draining worker (--force)");
-                    kill.cancel();
-                    fail_all(&mut entry.queue, &cancelled);
+            mut life @ Life::Unloading { .. } => {
+                if let Life::Unloading {
+                    pid, kill, waiters, ..
+                } = &mut life
+                {
+                    if force && !kill.is_cancelled() {
+                        tracing::info!(
+                            model = name,
+                            pid = *pid,
+                            "killing its draining worker (--force)"
+                        );
+                        kill.cancel();
+                        fail_all(&mut entry.queue, &cancelled);
+                    }
+                    waiters.push(done);
                 }
-                waiters.push(done);
-                Life::Unloading {
-                    pid,
-                    kill,
-                    placement,
-                    held,
-                    in_flight,
-                    reason: unloading_for,
-                    since,
-                    waiters,
-                }
+                life
             }
             Life::Ready {
                 worker,
