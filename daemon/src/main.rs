@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use gpuctld::config::{Config, ConfigSource};
+use gpuctld::config::{ConfigSource, Loaded};
 use gpuctld::{listener, logging, server, signals};
 
 /// gpuctld: shares an NVIDIA GPU between models and other programs.
@@ -27,19 +27,23 @@ struct Flags {
 fn main() -> ExitCode {
     let flags = Flags::parse();
     let source = ConfigSource::choose(flags.config.clone());
-    let config = match source.load() {
-        Ok(config) => config,
+    let loaded = match source.load() {
+        Ok(loaded) => loaded,
         Err(error) => {
             eprintln!("gpuctld: {error}");
             return ExitCode::FAILURE;
         }
     };
     if flags.check_config {
-        println!("{}: ok ({} models)", source.describe(), config.models.len());
+        println!(
+            "{}: ok ({} models)",
+            source.describe(),
+            loaded.config.models.len()
+        );
         return ExitCode::SUCCESS;
     }
-    logging::init(&config.daemon.log_level.0);
-    match start(flags, source, config) {
+    logging::init(&loaded.config.daemon.log_level.0);
+    match start(flags, source, loaded) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -49,7 +53,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn start(flags: Flags, source: ConfigSource, config: Config) -> anyhow::Result<()> {
+fn start(flags: Flags, source: ConfigSource, loaded: Loaded) -> anyhow::Result<()> {
+    let config = &loaded.config;
     // Socket activation reads and clears LISTEN_* variables: do it before
     // any thread exists.
     let inherited = listener::from_systemd()?;
@@ -82,7 +87,7 @@ fn start(flags: Flags, source: ConfigSource, config: Config) -> anyhow::Result<(
             socket: path.display().to_string(),
             socket_file,
             source,
-            config,
+            loaded,
             reloads: signals.reload,
             shutdown: signals.shutdown,
         })

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::budget::Budget;
-use crate::config::{Config, ConfigSource, DaemonConfig};
+use crate::config::{ConfigSource, DaemonConfig, Loaded};
 use crate::connection;
 use crate::context::{ConnectionCount, Context};
 use crate::listener::{self, SocketFile};
@@ -36,7 +36,7 @@ pub struct Setup {
     /// Where the configuration comes from, for reloads.
     pub source: ConfigSource,
     /// The configuration loaded at start-up.
-    pub config: Config,
+    pub loaded: Loaded,
     /// One message per reload request (SIGHUP).
     pub reloads: mpsc::Receiver<()>,
     /// Cancelled to stop (SIGTERM, SIGINT).
@@ -50,10 +50,11 @@ pub async fn run(setup: Setup) {
         socket,
         mut socket_file,
         source,
-        config,
+        loaded,
         mut reloads,
         shutdown,
     } = setup;
+    let config = &loaded.config;
     let slots = Slots::new(slots::Limits {
         total: config.daemon.max_connections,
         per_uid: config.daemon.max_connections_per_uid,
@@ -63,7 +64,7 @@ pub async fn run(setup: Setup) {
     let hard_stop = CancellationToken::new();
     let budget = Budget::new(config.daemon.max_upload_total.0 as usize);
     let config_path = source.path().map(std::path::Path::to_path_buf);
-    let registry = registry::spawn(source, config);
+    let registry = registry::spawn(source, loaded);
     crate::watch::spawn(registry.clone(), config_path);
     let ctx = Arc::new(Context {
         registry,

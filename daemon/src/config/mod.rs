@@ -18,7 +18,7 @@ use serde::Deserialize;
 pub use error::ConfigError;
 pub use gpu::{Backend, GpuConfig, SimConfig, SimDevice};
 pub use model::{check_tiling, Kind, LoraConfig, ModelConfig, ModelDefaults, Precision};
-pub use source::ConfigSource;
+pub use source::{text_digest, ConfigSource, Loaded};
 pub use values::{Bytes, Device, Duration, KeepAliveSetting, LogLevel, Mode, Size};
 
 /// The smallest `daemon.max_frame`: a frame must hold a streamed tensor's

@@ -14,6 +14,23 @@ pub enum ConfigSource {
     Embedded,
 }
 
+/// A configuration as read at start-up, with the digest of the very text it
+/// came from: a save is news when its text differs from this one (reading
+/// the file a second time could see a later save, or block on a FIFO).
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub digest: u64,
+}
+
+/// What tells one text of the configuration file from another.
+pub fn text_digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
 impl ConfigSource {
     /// `--config`, else `$GPUCTL_CONFIG`, else [`SYSTEM_CONFIG`] if it exists,
     /// else the embedded default.
@@ -45,8 +62,36 @@ impl ConfigSource {
     }
 
     /// Reads and validates the configuration.
-    pub fn load(&self) -> Result<Config, ConfigError> {
-        self.read().and_then(|text| self.parse(&text))
+    pub fn load(&self) -> Result<Loaded, ConfigError> {
+        let text = self.read()?;
+        let config = self.parse(&text)?;
+        Ok(Loaded {
+            config,
+            digest: text_digest(&text),
+        })
+    }
+
+    /// The configuration's text if it is a regular file's (a FIFO put in
+    /// its place is refused without waiting for a writer: the check and the
+    /// read are of one open file, so a swap in between cannot block).
+    pub fn read_regular(&self) -> Result<String, ConfigError> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let ConfigSource::File(path) = self else {
+            return self.read();
+        };
+        let unreadable = |e| ConfigError::unreadable(self.describe(), e);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(unreadable)?;
+        if !file.metadata().map_err(unreadable)?.is_file() {
+            return Err(unreadable(std::io::Error::other("not a regular file")));
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(unreadable)?;
+        Ok(text)
     }
 
     /// The configuration's text.

@@ -250,6 +250,24 @@ fn a_missing_file_is_named() {
 }
 
 #[test]
+fn a_save_is_read_only_from_a_regular_file_and_a_fifo_does_not_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpuctld.toml");
+    std::fs::write(&path, "[policy]\nkeep_alive = \"1m\"\n").unwrap();
+    let source = ConfigSource::File(path.clone());
+    let loaded = source.load().unwrap();
+    let text = source.read_regular().unwrap();
+    assert_eq!(text_digest(&text), loaded.digest);
+    std::fs::remove_file(&path).unwrap();
+    let c_path = std::ffi::CString::new(path.display().to_string()).unwrap();
+    // SAFETY: c_path is a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    // No writer ever comes: a blocking open would hang this test.
+    let error = source.read_regular().unwrap_err();
+    assert!(error.to_string().contains("not a regular file"), "{error}");
+}
+
+#[test]
 fn values_parse() {
     let config = parse(
         "[daemon]\nsocket_mode = \"0600\"\nmax_frame = \"2MiB\"\n[policy]\nkeep_alive = \"forever\"\n\

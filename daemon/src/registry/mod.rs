@@ -46,7 +46,7 @@ use gpuctl_protocol::worker::Job;
 use gpuctl_protocol::{Error, ErrorCode, KeepAlive, Notice, NoticeKind, ReloadOutcome};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::config::{Config, ConfigSource};
+use crate::config::{Config, ConfigSource, Loaded};
 use crate::gpu::DeviceSample;
 use crate::measurements::{self, Measurements};
 use crate::outbox::EventSink;
@@ -143,7 +143,8 @@ struct Registry {
 
 /// Starts the registry with the configuration loaded at start-up. It runs
 /// until every handle is dropped.
-pub fn spawn(source: ConfigSource, config: Config) -> RegistryHandle {
+pub fn spawn(source: ConfigSource, loaded: Loaded) -> RegistryHandle {
+    let Loaded { config, digest } = loaded;
     let worker_program = crate::worker::worker_program(&config.daemon.worker);
     let (probe, probe_reason) = crate::gpu::choose(&config.gpu);
     tracing::info!(backend = probe.backend(), reason = %probe_reason, "gpu probe");
@@ -167,7 +168,7 @@ pub fn spawn(source: ConfigSource, config: Config) -> RegistryHandle {
         generation: 1,
         applied_at: SystemTime::now(),
         last_reload: None,
-        digests: reload::Digests::at_start(&source),
+        digests: reload::Digests::at_start(digest),
         models,
         worker_program,
         events,

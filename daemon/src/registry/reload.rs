@@ -189,19 +189,11 @@ struct Read {
 /// would block the read until someone writes to it) reads as unreadable.
 async fn read(source: ConfigSource, regular_only: bool) -> Read {
     let read = tokio::task::spawn_blocking(move || {
-        let regular = source
-            .path()
-            .is_none_or(|path| std::fs::metadata(path).is_ok_and(|m| m.is_file()));
-        if regular_only && !regular {
-            return Read {
-                digest: None,
-                result: Err(Error::new(
-                    ErrorCode::InvalidConfig,
-                    format!("{} is not a regular file", source.describe()),
-                )),
-            };
-        }
-        let text = source.read();
+        let text = if regular_only {
+            source.read_regular()
+        } else {
+            source.read()
+        };
         let digest = text.as_ref().ok().map(|text| digest(text));
         let result = text
             .and_then(|text| source.parse(&text))
@@ -222,12 +214,7 @@ async fn read(source: ConfigSource, regular_only: bool) -> Read {
     })
 }
 
-fn digest(text: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut hasher);
-    hasher.finish()
-}
+use crate::config::text_digest as digest;
 
 /// Which texts of the configuration file have been seen.
 #[derive(Debug, Default)]
@@ -239,10 +226,10 @@ pub(super) struct Digests {
 }
 
 impl Digests {
-    /// The text gpuctld started on (read again: a save in between is news).
-    pub(super) fn at_start(source: &ConfigSource) -> Digests {
+    /// The text gpuctld started on.
+    pub(super) fn at_start(digest: u64) -> Digests {
         Digests {
-            applied: source.read().ok().map(|text| digest(&text)),
+            applied: Some(digest),
             failed: None,
         }
     }
