@@ -10,8 +10,15 @@
 //!   | -- Run { id, job } ---------------->  |  one at a time per worker
 //!   | <------------ Progress { id, .. }     |  tiles done, any number
 //!   | <------------ Done { id, outputs }    |  or Failed { id: Some(id) }
+//!   | -- Switch(SwitchMode) ------------->  |  (1.1) another mode, in place
+//!   | <------------------- Switched(..)     |  or Failed { id: None }
 //!   | -- Unload ------------------------->  |  the worker exits, freeing all
 //! ```
+//!
+//! Worker protocol 1.1: gpuctld says the version it speaks in the
+//! environment variable [`WORKER_PROTOCOL_ENV`]; a worker that reads 1.1 or
+//! later there and speaks 1.1 sends `Capabilities` right after its `Hello`.
+//! Neither side sends the other a message it does not know.
 //!
 //! Tensors over [`crate::stream::STREAM_ABOVE`] bytes travel as `Tensor`
 //! frames (a [`TensorFrame`]: begin, chunks, end) just before the `Run` or
@@ -46,6 +53,21 @@ pub enum DaemonToWorker {
     },
     /// A frame of a tensor of the next `Run`, streamed ahead of it.
     Tensor(TensorFrame),
+    /// (1.1) Become another mode of the same model, in place: the same
+    /// base with other LoRAs. Sent only to a worker whose `Capabilities`
+    /// said it can, only while it runs no job. Answered by `Switched`, or
+    /// by `Failed { id: None }` after which gpuctld ends the worker.
+    Switch(SwitchMode),
+}
+
+/// (1.1) The mode a worker switches to: everything else of its
+/// `LoadModel` stays as it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwitchMode {
+    /// The mode's configured name, for messages from now on.
+    pub name: String,
+    /// Its LoRA files, in order, in place of the current ones.
+    pub loras: Vec<Lora>,
 }
 
 /// Which model to load, where, and how.
@@ -202,12 +224,39 @@ pub enum WorkerToDaemon {
     /// protocol it speaks. Variant 5 in every version, so that any daemon
     /// can read it and refuse a worker it cannot talk to, naming both.
     Hello(WorkerHello),
+    /// (1.1) What the worker can do beyond 1.0, sent right after `Hello`
+    /// when [`WORKER_PROTOCOL_ENV`] says gpuctld speaks 1.1 or later.
+    Capabilities(WorkerCapabilities),
+    /// (1.1) The answer to `Switch`: the new mode is in place.
+    Switched(Loaded),
+}
+
+/// (1.1) What a worker can do beyond 1.0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerCapabilities {
+    /// It takes `Switch`: its LoRAs change in place, without reading the
+    /// base model again.
+    pub switch_loras: bool,
 }
 
 /// The version of this protocol, which programs outside this repository
 /// speak too (the Python worker SDK, any `command` worker): peers with the
 /// same `major` talk; `minor` grows when messages are appended.
-pub const WORKER_PROTOCOL: crate::ProtocolVersion = crate::ProtocolVersion { major: 1, minor: 0 };
+pub const WORKER_PROTOCOL: crate::ProtocolVersion = crate::ProtocolVersion { major: 1, minor: 1 };
+
+/// The environment variable in which gpuctld tells its workers the worker
+/// protocol it speaks (`1.1`); a worker started without it talks to a 1.0
+/// daemon.
+pub const WORKER_PROTOCOL_ENV: &str = "GPUCTL_WORKER_PROTOCOL";
+
+/// Whether a worker started with `value` in [`WORKER_PROTOCOL_ENV`] may
+/// send `Capabilities` (the daemon speaks 1.1 or later of major 1).
+pub fn daemon_takes_capabilities(value: Option<&str>) -> bool {
+    value
+        .and_then(|v| v.split_once('.'))
+        .and_then(|(major, minor)| Some((major.parse::<u16>().ok()?, minor.parse::<u16>().ok()?)))
+        .is_some_and(|(major, minor)| major == WORKER_PROTOCOL.major && minor >= 1)
+}
 
 /// A worker's first frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,5 +301,29 @@ pub fn install_worker_fd(fd: std::os::fd::RawFd) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_go_only_to_a_daemon_that_said_it_takes_them() {
+        assert!(daemon_takes_capabilities(Some("1.1")));
+        assert!(daemon_takes_capabilities(Some("1.12")));
+        for older_or_other in [
+            None,
+            Some("1.0"),
+            Some("2.1"),
+            Some("1"),
+            Some("x.y"),
+            Some(""),
+        ] {
+            assert!(
+                !daemon_takes_capabilities(older_or_other),
+                "{older_or_other:?}"
+            );
+        }
     }
 }

@@ -626,11 +626,39 @@ fn worker_messages() {
         protocol: WORKER_PROTOCOL,
         program: "w".into(),
     });
-    // Variant 5 | major 1 | minor 0 | "w": any daemon can read a worker's version.
+    // Variant 5 | major 1 | minor 1 | "w": any daemon can read a worker's version.
     assert_eq!(
         hex(&encode_payload(&hello).unwrap()),
-        "05000000 0100 0000 0100000000000000 77".replace(' ', "")
+        "05000000 0100 0100 0100000000000000 77".replace(' ', "")
     );
+    // 1.1: Capabilities (variant 6) | switch_loras true.
+    let capabilities = WorkerToDaemon::Capabilities(WorkerCapabilities { switch_loras: true });
+    assert_eq!(
+        hex(&encode_payload(&capabilities).unwrap()),
+        "06000000 01".replace(' ', "")
+    );
+    // 1.1: Switch (variant 5) | name "b" | one LoRA: path "l", strength 0.5.
+    let switch = DaemonToWorker::Switch(SwitchMode {
+        name: "b".into(),
+        loras: vec![Lora {
+            path: "l".into(),
+            strength: 0.5,
+        }],
+    });
+    assert_eq!(
+        hex(&encode_payload(&switch).unwrap()),
+        "05000000 0100000000000000 62 0100000000000000 0100000000000000 6c 0000003f"
+            .replace(' ', "")
+    );
+    roundtrip(&switch);
+    roundtrip(&capabilities);
+    roundtrip(&WorkerToDaemon::Switched(Loaded {
+        device: "cpu".into(),
+        load_ms: 1,
+        parameter_bytes: 2,
+        device_bytes: 3,
+        precision: "fp32".into(),
+    }));
     for message in [
         hello,
         WorkerToDaemon::Done {

@@ -82,3 +82,54 @@ def test_a_lora_that_does_not_fit_is_a_clear_load_error(loras: Daemon) -> None:
         with pytest.raises(gpuctl.LoadFailed, match=r"LoRA .*no-such-lora.safetensors: not a readable safetensors file"):
             client.generate("missing", image)
         client.generate("base", image)  # nothing else disturbed
+
+
+def grouped(name: str, loras: str) -> str:
+    return model(name, loras) + 'group = "modes"\n'
+
+
+MODES_TOML = "".join([
+    grouped("m-base", ""),
+    grouped("m-peft", '{ path = "tiny-x4-lora-peft.safetensors", strength = 0.8 }'),
+    grouped("m-kohya", '{ path = "tiny-x4-lora-kohya.safetensors" }'),
+    grouped("m-both", '{ path = "tiny-x4-lora-peft.safetensors", strength = 0.5 }, { path = "tiny-x4-lora-kohya.safetensors", strength = -1.0 }'),
+    grouped("m-nomatch", '{ path = "tiny-x4-lora-nomatch.safetensors" }'),
+    model("m-other", "") + 'group = "modes"\nprecision = "fp16"\n',
+])
+
+
+def resident(client: gpuctl.Client) -> dict:
+    return {m.name: m.pid for m in client.status().models if m.pid is not None}
+
+
+def test_modes_of_one_base_in_a_group_switch_in_place_and_compute_what_a_fresh_load_does(loras: Daemon) -> None:
+    image = np.random.default_rng(9).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    with gpuctl.Client(loras.path) as fresh:
+        expected = {mode: fresh.generate(mode, image).image for mode in ("base", "peft", "kohya", "both")}
+    d = Daemon('[policy]\nkeep_alive = "forever"\n', models=MODES_TOML)
+    try:
+        with gpuctl.Client(d.path) as client:
+            assert np.array_equal(client.generate("m-peft", image).image, expected["peft"])
+            pid = resident(client)["m-peft"]
+            # Every mode after the first is the same worker, switched: and
+            # each computes exactly what that mode freshly loaded does,
+            # back to the base (the originals restored) and on again.
+            for mode in ("kohya", "both", "base", "peft", "kohya"):
+                got = client.generate(f"m-{mode}", image).image
+                assert np.array_equal(got, expected[mode]), mode
+                assert resident(client) == {f"m-{mode}": pid}, mode
+            status = {m.name: m for m in client.status().models}
+            assert isinstance(status["m-peft"].last_unload, gpuctl.messages.UnloadReason.GroupSwitch)
+            # Other settings (precision) are another worker: unloaded and loaded.
+            client.generate("m-other", image)
+            other = resident(client)
+            assert list(other) == ["m-other"] and other["m-other"] != pid
+            # A mode whose LoRA does not fit fails by name, as its fresh load
+            # would; its worker is let go, and the next mode loads afresh.
+            client.generate("m-base", image)
+            with pytest.raises(gpuctl.LoadFailed, match=r"model m-nomatch: LoRA .*tiny-x4-lora-nomatch.safetensors: nothing matches no weight"):
+                client.generate("m-nomatch", image)
+            assert np.array_equal(client.generate("m-kohya", image).image, expected["kohya"])
+        assert "its worker becomes m-kohya in place" in d.log_text()
+    finally:
+        d.stop()

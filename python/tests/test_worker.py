@@ -10,11 +10,12 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pytest
 
+import gpuctl
 from gpuctl import codec, worker
 from gpuctl.messages import (
     DaemonToWorker,
@@ -24,7 +25,9 @@ from gpuctl.messages import (
     ImageLayout,
     Job,
     LoadModel,
+    Lora,
     ModelKind,
+    SwitchMode,
     TensorFrame,
     WireTensor,
     WorkerToDaemon,
@@ -38,10 +41,14 @@ SRC = HERE.parent / "src"
 class FakeDaemon:
     """gpuctld's end of one worker's socket."""
 
-    def __init__(self, tmp: pathlib.Path, script: pathlib.Path = WORKER) -> None:
+    def __init__(self, tmp: pathlib.Path, script: pathlib.Path = WORKER, protocol: Optional[str] = None, args: Sequence[str] = ()) -> None:
+        """`protocol`: the worker protocol this daemon says it speaks (None: 1.0, which does not say)."""
         ours, theirs = socket.socketpair()
         env = dict(os.environ, GPUCTL_WORKER_FD=str(theirs.fileno()), PYTHONPATH=str(SRC), GPUCTL_TEST_DIR=str(tmp))
-        self.process = subprocess.Popen([sys.executable, str(script)], pass_fds=[theirs.fileno()], env=env, stderr=subprocess.PIPE)
+        env.pop("GPUCTL_WORKER_PROTOCOL", None)
+        if protocol is not None:
+            env["GPUCTL_WORKER_PROTOCOL"] = protocol
+        self.process = subprocess.Popen([sys.executable, str(script), *args], pass_fds=[theirs.fileno()], env=env, stderr=subprocess.PIPE)
         theirs.close()
         ours.settimeout(30)
         self.sock = ours
@@ -139,8 +146,9 @@ def array(tensor: WireTensor) -> np.ndarray:
 def test_says_hello_first_then_loads_and_reports_what_it_holds(daemon: FakeDaemon, tmp_path: pathlib.Path) -> None:
     hello = daemon.receive()
     assert isinstance(hello, WorkerToDaemon.Hello)
-    assert (hello.value.protocol.major, hello.value.protocol.minor) == (1, 0)
+    assert (hello.value.protocol.major, hello.value.protocol.minor) == (1, 1)
     assert hello.value.program.startswith("gpuctl.worker ")
+    # A daemon that did not say it speaks 1.1 hears nothing of 1.1: Loaded comes next.
     daemon.send(DaemonToWorker.Load(LoadModel(name="m", path="/models/m", kind=ModelKind.Tensor, device="cpu", threads=1, options='{"holds": 123456}')))
     loaded = daemon.receive()
     assert isinstance(loaded, WorkerToDaemon.Loaded), loaded
@@ -277,3 +285,105 @@ def test_outputs_become_rgb8_rows() -> None:
     pil = pytest.importorskip("PIL.Image")
     image = pil.new("RGB", (3, 2), (10, 20, 30))
     assert pixels(image, "out")[0, 1, 2].tolist() == [10, 20, 30]
+
+
+def modes_toml(test_dir: pathlib.Path, extra_args: str = "") -> str:
+    def mode(name: str, loras: str, more: str = "") -> str:
+        return (
+            f'\n[models.{name}]\nkind = "image"\ngroup = "modes"\n'
+            f'command = ["{sys.executable}", "{HERE / "workers" / "modes_worker.py"}"{extra_args}]\n'
+            f'env = {{ PYTHONPATH = "{SRC}", GPUCTL_TEST_DIR = "{test_dir}" }}\n'
+            f'loras = [{loras}]\n{more}'
+        )
+
+    return "".join([
+        mode("plain", ""),
+        mode("warm", '{ path = "warm.safetensors", strength = 0.5 }'),
+        mode("warmer", '{ path = "warm.safetensors", strength = 0.5 }, { path = "more.safetensors", strength = 0.7 }'),
+        mode("broken", '{ path = "broken.safetensors" }'),
+        mode("tuned", '{ path = "warm.safetensors", strength = 0.5 }', 'options = { variant = 2 }\n'),
+    ])
+
+
+def events(test_dir: pathlib.Path) -> list:
+    path = test_dir / "events"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_python_model_with_switch_changes_modes_in_its_process(tmp_path: pathlib.Path) -> None:
+    from conftest import Daemon
+
+    image = np.full((2, 3, 3), 100, dtype=np.uint8)
+    d = Daemon('[policy]\nkeep_alive = "forever"\n', models=modes_toml(tmp_path))
+    try:
+        with gpuctl.Client(d.path) as client:
+            for mode, shift in (("plain", 0), ("warm", 5), ("warmer", 12), ("plain", 0)):
+                assert int(client.generate(mode, image).image[0, 0, 0]) == 100 + shift, mode
+            kinds = [(what, name) for what, name, _ in events(tmp_path)]
+            assert kinds == [("load", "plain"), ("switch", "warm"), ("switch", "warmer"), ("switch", "plain")]
+            assert len({pid for _, _, pid in events(tmp_path)}) == 1, "one process throughout"
+            # Other options are another base: a new process.
+            assert int(client.generate("tuned", image).image[0, 0, 0]) == 105
+            assert events(tmp_path)[-1][:2] == ["load", "tuned"]
+            # A switch that raises fails that mode's load by name; the
+            # process is let go and the next mode loads afresh.
+            client.generate("plain", image)
+            with pytest.raises(gpuctl.LoadFailed, match=r"model broken: switching to it failed: ValueError: cannot apply broken.safetensors"):
+                client.generate("broken", image)
+            assert int(client.generate("warm", image).image[0, 0, 0]) == 105
+            assert events(tmp_path)[-1][:2] == ["load", "warm"]
+    finally:
+        d.stop()
+
+
+def test_a_python_model_without_switch_is_unloaded_and_loaded_as_before(tmp_path: pathlib.Path) -> None:
+    from conftest import Daemon
+
+    image = np.full((2, 3, 3), 100, dtype=np.uint8)
+    d = Daemon('[policy]\nkeep_alive = "forever"\n', models=modes_toml(tmp_path, ', "--no-switch"'))
+    try:
+        with gpuctl.Client(d.path) as client:
+            for mode, shift in (("plain", 0), ("warm", 5), ("plain", 0)):
+                assert int(client.generate(mode, image).image[0, 0, 0]) == 100 + shift, mode
+        assert [what for what, _, _ in events(tmp_path)] == ["load", "load", "load"]
+        assert len({pid for _, _, pid in events(tmp_path)}) == 3
+    finally:
+        d.stop()
+
+
+MODES_WORKER = HERE / "workers" / "modes_worker.py"
+
+
+@pytest.mark.parametrize("args,switches", [((), True), (("--no-switch",), False)])
+def test_capabilities_follow_hello_for_a_daemon_of_1_1_and_say_whether_the_model_switches(tmp_path: pathlib.Path, args: Sequence[str], switches: bool) -> None:
+    d = FakeDaemon(tmp_path, MODES_WORKER, protocol="1.1", args=args)
+    try:
+        assert isinstance(d.receive(), WorkerToDaemon.Hello)
+        capabilities = d.receive()
+        assert isinstance(capabilities, WorkerToDaemon.Capabilities), capabilities
+        assert capabilities.value.switch_loras is switches
+    finally:
+        d.close()
+
+
+def test_a_switch_is_answered_with_switched_and_a_failing_one_with_failed(tmp_path: pathlib.Path) -> None:
+    d = FakeDaemon(tmp_path, MODES_WORKER, protocol="1.1")
+    try:
+        d.receive(), d.receive()
+        d.send(DaemonToWorker.Load(LoadModel(name="a", path=None, kind=ModelKind.Image, device="cpu", threads=1, rgb8=True, options="{}")))
+        assert isinstance(d.receive(), WorkerToDaemon.Loaded)
+        d.send(DaemonToWorker.Switch(SwitchMode(name="b", loras=[Lora(path="/l/warm.safetensors", strength=0.5)])))
+        switched = d.receive()
+        assert isinstance(switched, WorkerToDaemon.Switched), switched
+        assert switched.value.device == "cpu"
+        d.run(1, Job.Image(input=wire(np.full((1, 1, 2, 3), 10, dtype=np.uint8)), tiling=None, layout=ImageLayout.Rows))
+        done = d.answer()
+        assert array(done.outputs[0]).tolist() == [[[[15, 15, 15], [15, 15, 15]]]]
+        d.send(DaemonToWorker.Switch(SwitchMode(name="c", loras=[Lora(path="/l/broken.safetensors", strength=1.0)])))
+        failed = d.receive()
+        assert isinstance(failed, WorkerToDaemon.Failed) and failed.id is None, failed
+        assert failed.error.code == ErrorCode.LoadFailed
+        assert failed.error.message == "model c: switching to it failed: ValueError: cannot apply broken.safetensors"
+        assert d.process.wait(10) == 0, "the worker ends after a failed switch"
+    finally:
+        d.close()

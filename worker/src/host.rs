@@ -2,13 +2,14 @@
 
 use std::time::Instant;
 
-use gpuctl_protocol::worker::{GenerateJob, Job, LoadModel, Loaded, Tiling};
+use gpuctl_protocol::worker::{GenerateJob, Job, LoadModel, Loaded, SwitchMode, Tiling};
 use gpuctl_protocol::{
     DType, Error, ErrorCode, ImageLayout, ModelKind, TensorFrame, WireTensor, CHUNK_BYTES,
     IMAGE_SHAPES,
 };
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
+use crate::lora::Overlays;
 use crate::tensors::{first_line, from_wire, to_wire};
 use crate::tiling::{self, TileError};
 
@@ -19,6 +20,26 @@ pub struct Host {
     device: Device,
     /// The forward runs in float16 (CUDA, `precision = "fp16"`).
     half: bool,
+    /// The LoRAs merged into it, and what they changed.
+    overlays: Overlays,
+    /// What it holds, as `Loaded` said.
+    loaded: Loaded,
+}
+
+/// The module's parameters by name; the tensors share the module's storage.
+fn weights(
+    module: &CModule,
+    model: &str,
+) -> Result<std::collections::BTreeMap<String, Tensor>, Error> {
+    module
+        .named_parameters()
+        .map(|named| named.into_iter().collect())
+        .map_err(|e| {
+            Error::new(
+                ErrorCode::Internal,
+                format!("model {model}: cannot list parameters: {}", first_line(&e)),
+            )
+        })
 }
 
 fn device_name(device: Device) -> String {
@@ -103,22 +124,6 @@ impl Host {
             )
         })?;
         module.set_eval();
-        let parameters = |module: &CModule| {
-            module.named_parameters().map_err(|e| {
-                fail(
-                    ErrorCode::Internal,
-                    format!("cannot list parameters: {}", first_line(&e)),
-                )
-            })
-        };
-        if !spec.loras.is_empty() {
-            let weights: std::collections::BTreeMap<String, Tensor> =
-                parameters(&module)?.into_iter().collect();
-            for lora in &spec.loras {
-                crate::lora::merge(&lora.path, lora.strength, &weights)
-                    .map_err(|problem| fail(ErrorCode::LoadFailed, problem))?;
-            }
-        }
         let half = spec.fp16 && device.is_cuda();
         if half {
             // CModule::to panics where libtorch fails; a panic here is a
@@ -133,9 +138,17 @@ impl Host {
                 )
             })?;
         }
-        let parameter_bytes = parameters(&module)?
-            .iter()
-            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+        // In the precision it runs in: a switch rebuilds the weights from
+        // these same originals, so both give the same model.
+        let mut overlays = Overlays::default();
+        if !spec.loras.is_empty() {
+            overlays
+                .apply(&spec.loras, &weights(&module, &spec.name)?)
+                .map_err(|problem| fail(ErrorCode::LoadFailed, problem))?;
+        }
+        let parameter_bytes = weights(&module, &spec.name)?
+            .values()
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
             .sum();
         let loaded = Loaded {
             device: device_name(device),
@@ -152,9 +165,37 @@ impl Host {
                 module,
                 device,
                 half,
+                overlays,
+                loaded: loaded.clone(),
             },
             loaded,
         ))
+    }
+
+    /// Becomes `mode`: its LoRAs in place of the current ones, the base
+    /// not read again. On failure the model stays as it was.
+    pub fn switch(&mut self, mode: SwitchMode) -> Result<Loaded, Error> {
+        let started = Instant::now();
+        let weights = weights(&self.module, &mode.name)?;
+        let merged = self
+            .overlays
+            .apply(&mode.loras, &weights)
+            .map_err(|problem| {
+                Error::new(
+                    ErrorCode::LoadFailed,
+                    format!("model {}: {problem}", mode.name),
+                )
+            })?;
+        eprintln!(
+            "gpuctl-worker: model {} became {} in place ({merged} LoRA weight changes)",
+            self.spec.name, mode.name
+        );
+        self.spec.name = mode.name;
+        self.spec.loras = mode.loras;
+        Ok(Loaded {
+            load_ms: started.elapsed().as_millis() as u64,
+            ..self.loaded.clone()
+        })
     }
 
     fn error(&self, code: ErrorCode, problem: impl std::fmt::Display) -> Error {

@@ -1,5 +1,6 @@
-//! LoRA overlays merged into a TorchScript module's weights at load:
-//! `W += strength · scale · up·down` for each weight a file names.
+//! LoRA overlays merged into a TorchScript module's weights:
+//! `W += strength · scale · up·down` for each weight a file names, at load
+//! and again at each switch to another mode of the same model.
 //!
 //! Two key conventions are read, as the files say:
 //! - PEFT: `base_model.model.<module>.lora_A.weight` (down, `[r, in, …]`)
@@ -11,11 +12,90 @@
 //! `<module>` is a path of the TorchScript module (`body.0.conv`), whose
 //! `<module>.weight` is the weight changed. A file whose pairs match no
 //! weight, or a pair whose shapes do not make the weight's, is refused
-//! with the key; nothing is merged before every pair of the file checks out.
+//! with the key; nothing is merged before every pair of every file checks
+//! out.
+//!
+//! A switch puts other LoRAs in place of the current ones without reading
+//! the base again: the weights as they were before any LoRA touched them
+//! are kept (in host memory, in the weight's own precision) and each
+//! touched weight is rebuilt from its original, so a mode reached by
+//! switching computes exactly what the same mode freshly loaded does.
 
 use std::collections::BTreeMap;
 
-use tch::{Kind, Tensor};
+use gpuctl_protocol::worker::Lora;
+use tch::{Device, Kind, Tensor};
+
+/// The LoRAs merged into a module, undoable.
+#[derive(Default)]
+pub struct Overlays {
+    /// Every weight a LoRA has changed in this process, as it was before.
+    originals: BTreeMap<String, Tensor>,
+}
+
+impl Overlays {
+    /// Makes `weights` (name → parameter, as the module lists them) the
+    /// base plus `loras`, in order, whatever was merged before. Every file
+    /// is read and checked before a weight changes: a file that does not
+    /// fit leaves them as they were. Returns how many (LoRA, weight) pairs were merged.
+    pub fn apply(
+        &mut self,
+        loras: &[Lora],
+        weights: &BTreeMap<String, Tensor>,
+    ) -> Result<usize, String> {
+        let mut steps = Vec::new();
+        for lora in loras {
+            steps.extend(plan(&lora.path, lora.strength, weights)?);
+        }
+        let _no_grad = tch::no_grad_guard();
+        for (target, _) in &steps {
+            if let (false, Some(weight)) =
+                (self.originals.contains_key(target), weights.get(target))
+            {
+                let original = weight
+                    .f_to_device(Device::Cpu)
+                    .and_then(|w| w.f_detach_copy())
+                    .map_err(|e| {
+                        format!("{target}: cannot keep its original: {}", first_line(&e))
+                    })?;
+                self.originals.insert(target.clone(), original);
+            }
+        }
+        for (target, original) in &self.originals {
+            if let Some(weight) = weights.get(target) {
+                let own: Vec<&Tensor> = steps
+                    .iter()
+                    .filter(|(name, _)| name == target)
+                    .map(|(_, step)| step)
+                    .collect();
+                rebuild(weight, original, &own)
+                    .map_err(|e| format!("{target}: {}", first_line(&e)))?;
+            }
+        }
+        Ok(steps.len())
+    }
+}
+
+/// `weight = original + steps…`, summed in float32 on the weight's device
+/// and stored in the weight's precision.
+fn rebuild(weight: &Tensor, original: &Tensor, steps: &[&Tensor]) -> Result<(), tch::TchError> {
+    let device = weight.device();
+    let mut sum = original.f_to_kind(Kind::Float)?.f_to_device(device)?;
+    for step in steps {
+        sum = sum.f_add(&step.f_to_device(device)?)?;
+    }
+    weight.shallow_clone().f_copy_(&sum)
+}
+
+/// What the LoRA at `path` adds to each weight it names: `strength · scale ·
+/// up·down` as float32, in the weight's shape.
+fn plan(
+    path: &str,
+    strength: f32,
+    weights: &BTreeMap<String, Tensor>,
+) -> Result<Vec<(String, Tensor)>, String> {
+    plan_file(path, strength, weights).map_err(|problem| format!("LoRA {path}: {problem}"))
+}
 
 /// One pair of a file, before it is matched to a weight.
 #[derive(Default)]
@@ -25,19 +105,13 @@ struct Pair {
     alpha: Option<f64>,
 }
 
-/// Merges the LoRA at `path` into `weights` (name → parameter, as the
-/// module lists them). Returns how many weights changed.
-pub fn merge(
+fn plan_file(
     path: &str,
     strength: f32,
     weights: &BTreeMap<String, Tensor>,
-) -> Result<usize, String> {
-    let tensors = Tensor::read_safetensors(path).map_err(|e| {
-        format!(
-            "LoRA {path}: not a readable safetensors file: {}",
-            first_line(&e)
-        )
-    })?;
+) -> Result<Vec<(String, Tensor)>, String> {
+    let tensors = Tensor::read_safetensors(path)
+        .map_err(|e| format!("not a readable safetensors file: {}", first_line(&e)))?;
     let mut pairs: BTreeMap<String, Pair> = BTreeMap::new();
     let mut unknown = Vec::new();
     for (key, tensor) in tensors {
@@ -52,43 +126,31 @@ pub fn merge(
     }
     if pairs.is_empty() {
         return Err(format!(
-            "LoRA {path}: no LoRA weights in it (PEFT's lora_A/lora_B or kohya's lora_down/lora_up); its keys: {}",
+            "no LoRA weights in it (PEFT's lora_A/lora_B or kohya's lora_down/lora_up); its keys: {}",
             sample(unknown.iter())
         ));
     }
-    let mut deltas = Vec::new();
+    let mut steps = Vec::new();
     for (module, pair) in &pairs {
         let (Some(down), Some(up)) = (&pair.down, &pair.up) else {
-            return Err(format!(
-                "LoRA {path}: {module} has only one of its two matrices"
-            ));
+            return Err(format!("{module} has only one of its two matrices"));
         };
         let Some(target) = find_weight(module, weights) else {
             return Err(format!(
-                "LoRA {path}: {module} matches no weight of the model (it has e.g. {})",
+                "{module} matches no weight of the model (it has e.g. {})",
                 sample(weights.keys().filter(|name| name.ends_with(".weight")))
             ));
         };
-        let weight = &weights[&target];
-        let delta = product(up, down, &weight.size())
-            .map_err(|problem| format!("LoRA {path}: {module}: {problem}"))?;
+        let delta = product(up, down, &weights[&target].size())
+            .map_err(|problem| format!("{module}: {problem}"))?;
         let rank = down.size().first().copied().unwrap_or(1).max(1) as f64;
         let scale = pair.alpha.map_or(1.0, |alpha| alpha / rank);
-        deltas.push((target, delta, scale));
+        let step = delta
+            .f_mul_scalar(f64::from(strength) * scale)
+            .map_err(|e| format!("{target}: {}", first_line(&e)))?;
+        steps.push((target, step));
     }
-    let _no_grad = tch::no_grad_guard();
-    for (target, delta, scale) in &deltas {
-        let weight = &weights[target];
-        let step = (delta * (f64::from(strength) * scale))
-            .f_to_kind(weight.kind())
-            .and_then(|d| d.f_to_device(weight.device()))
-            .map_err(|e| format!("LoRA {path}: {target}: {}", first_line(&e)))?;
-        let mut weight = weight.shallow_clone();
-        let _ = weight
-            .f_add_(&step)
-            .map_err(|e| format!("LoRA {path}: {target}: {}", first_line(&e)))?;
-    }
-    Ok(deltas.len())
+    Ok(steps)
 }
 
 enum Part {

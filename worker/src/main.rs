@@ -20,7 +20,10 @@ use std::process::ExitCode;
 use std::sync::{mpsc, Arc, Mutex};
 
 use gpuctl_protocol::stream::take_streamed;
-use gpuctl_protocol::worker::{DaemonToWorker, WorkerHello, WorkerToDaemon, WORKER_PROTOCOL};
+use gpuctl_protocol::worker::{
+    daemon_takes_capabilities, DaemonToWorker, WorkerCapabilities, WorkerHello, WorkerToDaemon,
+    WORKER_PROTOCOL, WORKER_PROTOCOL_ENV,
+};
 use gpuctl_protocol::{Error, ErrorCode, TensorReceiver};
 
 use crate::channel::Channel;
@@ -113,12 +116,19 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
             program: format!("gpuctl-worker {}", env!("CARGO_PKG_VERSION")),
         }))
         .map_err(|e| e.to_string())?;
+    if daemon_takes_capabilities(std::env::var(WORKER_PROTOCOL_ENV).ok().as_deref()) {
+        channel
+            .send(&WorkerToDaemon::Capabilities(WorkerCapabilities {
+                switch_loras: true,
+            }))
+            .map_err(|e| e.to_string())?;
+    }
     let spec = match channel.receive().map_err(|e| e.to_string())? {
         Some(DaemonToWorker::Load(spec)) => spec,
         Some(other) => return Err(format!("the first message must be Load, got {other:?}")),
         None => return Ok(()),
     };
-    let host = match Host::load(spec) {
+    let mut host = match Host::load(spec) {
         Ok((host, loaded)) => {
             channel
                 .send(&WorkerToDaemon::Loaded(loaded))
@@ -210,6 +220,13 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
                         })
                         .map_err(|e| e.to_string())?;
                 }
+            }
+            Some(DaemonToWorker::Switch(mode)) => {
+                let answer = match host.switch(mode) {
+                    Ok(loaded) => WorkerToDaemon::Switched(loaded),
+                    Err(error) => WorkerToDaemon::Failed { id: None, error },
+                };
+                channel.send(&answer).map_err(|e| e.to_string())?;
             }
             Some(DaemonToWorker::Unload) | None => return Ok(()),
             Some(DaemonToWorker::Load(_)) => {

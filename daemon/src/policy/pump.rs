@@ -39,6 +39,9 @@ pub struct Candidate {
     pub yielding: bool,
     /// Set when it is not resident and may not load now.
     pub refused: Option<Refusal>,
+    /// Ready models whose workers can become this one in place (other
+    /// modes of its base: the same file and settings, other LoRAs).
+    pub switch_from: Vec<String>,
 }
 
 /// One thing to do.
@@ -56,6 +59,14 @@ pub enum Step {
     /// Unload these, then load it (or wait for GPU memory for it).
     Load {
         model: String,
+        evict: Vec<(String, UnloadReason)>,
+    },
+    /// Unload these, and make `from`'s idle worker this model's in place
+    /// instead of unloading it (`reason`) and loading this one afresh.
+    Switch {
+        model: String,
+        from: String,
+        reason: UnloadReason,
         evict: Vec<(String, UnloadReason)>,
     },
     /// It may not load yet (group, `max_loaded`), and why.
@@ -111,16 +122,31 @@ pub fn plan_pump(models: &[ModelView], candidates: &[Candidate], max_loaded: usi
                     continue;
                 }
                 match admit(&views, &candidate.name, max_loaded) {
-                    Admission::Load { evict } => {
+                    Admission::Load { mut evict } => {
+                        let sibling = evict
+                            .iter()
+                            .position(|(victim, _)| candidate.switch_from.contains(victim))
+                            .map(|i| evict.remove(i));
                         for view in views.iter_mut() {
                             if evict.iter().any(|(victim, _)| *victim == view.name) {
                                 view.phase = Phase::Unloading;
                             }
+                            if sibling.as_ref().is_some_and(|(from, _)| *from == view.name) {
+                                view.phase = Phase::Unloaded;
+                            }
                         }
                         views[at].phase = Phase::Loading;
-                        steps.push(Step::Load {
-                            model: candidate.name.clone(),
-                            evict,
+                        steps.push(match sibling {
+                            Some((from, reason)) => Step::Switch {
+                                model: candidate.name.clone(),
+                                from,
+                                reason,
+                                evict,
+                            },
+                            None => Step::Load {
+                                model: candidate.name.clone(),
+                                evict,
+                            },
                         });
                     }
                     Admission::Wait { because } => steps.push(Step::Wait {
@@ -168,6 +194,7 @@ mod tests {
             concurrency,
             yielding: false,
             refused: None,
+            switch_from: Vec::new(),
         }
     }
 
@@ -316,6 +343,66 @@ mod tests {
         assert!(
             matches!(&steps[1], Step::Wait { model, .. } if model == "b"),
             "{steps:?}"
+        );
+    }
+
+    #[test]
+    fn a_group_switch_to_another_mode_of_the_same_base_happens_in_place() {
+        let t0 = Instant::now();
+        let group = Some("g".to_owned());
+        let member = |name: &str, phase, waiting: &[Instant]| ModelView {
+            group: group.clone(),
+            ..view(name, phase, waiting, t0)
+        };
+        let models = [
+            member("portrait", IDLE, &[]),
+            member("anime", Phase::Unloaded, &[at(t0, 1)]),
+        ];
+        let mut anime = candidate("anime", &[at(t0, 1)], 1);
+        anime.switch_from = vec!["portrait".into()];
+        assert_eq!(
+            plan_pump(&models, &[anime.clone()], 3),
+            [Step::Switch {
+                model: "anime".into(),
+                from: "portrait".into(),
+                reason: UnloadReason::GroupSwitch,
+                evict: vec![]
+            }]
+        );
+        // Another base is unloaded and loaded as before.
+        anime.switch_from.clear();
+        assert_eq!(
+            plan_pump(&models, &[anime.clone()], 3),
+            [Step::Load {
+                model: "anime".into(),
+                evict: vec![("portrait".into(), UnloadReason::GroupSwitch)]
+            }]
+        );
+        // A sibling that is busy is not taken: the switch waits for it.
+        let busy = [
+            member("portrait", Phase::Ready { in_flight: 1 }, &[]),
+            member("anime", Phase::Unloaded, &[at(t0, 1)]),
+        ];
+        anime.switch_from = vec!["portrait".into()];
+        assert!(matches!(
+            &plan_pump(&busy, &[anime.clone()], 3)[..],
+            [Step::Wait { model, .. }] if model == "anime"
+        ));
+        // Under the cap: a sibling evicted as least recently used is switched,
+        // another victim is unloaded.
+        let capped = [
+            view("other", IDLE, &[], t0),
+            view("portrait", IDLE, &[], t0),
+            view("anime", Phase::Unloaded, &[at(t0, 1)], t0),
+        ];
+        assert_eq!(
+            plan_pump(&capped, &[anime], 1),
+            [Step::Switch {
+                model: "anime".into(),
+                from: "portrait".into(),
+                reason: UnloadReason::Lru,
+                evict: vec![("other".into(), UnloadReason::Lru)]
+            }]
         );
     }
 }

@@ -183,17 +183,12 @@ impl Registry {
                         events: progress,
                         ..
                     } = *job;
-                    if let Err(refused) = worker.run(WorkerJob {
+                    worker.run(WorkerJob {
                         job: work,
                         reply: done,
                         progress,
                         cancel: cancelled,
-                    }) {
-                        let _ = refused.reply.send(Err(Error::new(
-                            ErrorCode::Internal,
-                            format!("model {name}: its worker is gone"),
-                        )));
-                    }
+                    });
                     *in_flight += 1;
                     let running = RunningJob {
                         model: name.to_owned(),

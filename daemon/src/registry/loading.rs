@@ -108,6 +108,17 @@ impl Registry {
                     }
                     self.begin_load(&model, &config);
                 }
+                Step::Switch {
+                    model,
+                    from,
+                    reason,
+                    evict,
+                } => {
+                    for (victim, reason) in evict {
+                        self.unload(&victim, reason, false);
+                    }
+                    self.switch_in_place(&from, reason, &model, &config);
+                }
                 Step::Wait { model, because } => {
                     tracing::debug!(model, because, "load waits")
                 }
@@ -171,13 +182,112 @@ impl Registry {
                 },
             };
         }
+        let switch_from = if matches!(entry.life, Life::Unloaded { .. }) && refused.is_none() {
+            self.siblings(name, model, config)
+        } else {
+            Vec::new()
+        };
         Some(Candidate {
             name: name.to_owned(),
             waiting,
             concurrency: model.concurrency,
             yielding,
             refused,
+            switch_from,
         })
+    }
+
+    /// The ready, idle-able models whose workers could become `name` in
+    /// place: other modes of its base whose workers can switch.
+    fn siblings(&self, name: &str, model: &ModelConfig, config: &Config) -> Vec<String> {
+        self.models
+            .iter()
+            .filter(|(other, _)| other.as_str() != name)
+            .filter_map(|(other, entry)| match &entry.life {
+                Life::Ready {
+                    worker,
+                    placement,
+                    yield_after_work: None,
+                    ..
+                } if worker.can_become(
+                    &self.load_spec(name, model, config, *placement),
+                    &self.launch(model, config),
+                ) =>
+                {
+                    Some(other.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Makes `from`'s idle worker `to`'s: `from` is unloaded (`reason`)
+    /// without its worker exiting, and `to` loads by switching that worker
+    /// to its LoRAs, the base not read again.
+    fn switch_in_place(&mut self, from: &str, reason: UnloadReason, to: &str, config: &Config) {
+        let Some(model) = config.models.get(to) else {
+            return;
+        };
+        let Some(entry) = self.models.get_mut(from) else {
+            return;
+        };
+        let (worker, placement) =
+            match std::mem::replace(&mut entry.life, Life::Unloaded { retry_at: None }) {
+                Life::Ready {
+                    worker, placement, ..
+                } => (worker, placement),
+                other => {
+                    // Not idle and ready after all: the ordinary way.
+                    entry.life = other;
+                    self.unload(from, reason, false);
+                    self.begin_load(to, config);
+                    return;
+                }
+            };
+        entry.history.last_unload = Some(reason.clone());
+        let pid = worker.pid;
+        tracing::info!(model = from, to, pid, reason = %reason, "unloaded: its worker becomes {to} in place");
+        self.notice(NoticeKind::Unloaded {
+            model: from.to_owned(),
+            pid,
+            reason,
+            reclaimed: 0,
+            took_ms: 0,
+        });
+        let spec = self.load_spec(to, model, config, placement);
+        let Some(entry) = self.models.get_mut(to) else {
+            return;
+        };
+        entry.load += 1;
+        entry.history.loaded_file = config
+            .model_path(model)
+            .as_deref()
+            .and_then(FileIdentity::of);
+        entry.history.seen_file = entry.history.loaded_file;
+        entry.life = Life::Loading {
+            since: Instant::now(),
+            placement,
+            kill: worker.kill_switch(),
+            then: None,
+        };
+        let load = entry.load;
+        let within = model.load_timeout();
+        let events = self.events.clone();
+        let name = to.to_owned();
+        tokio::spawn(async move {
+            let on_exit = {
+                let (events, model) = (events.clone(), name.clone());
+                Box::new(move |exit| {
+                    let _ = events.send(Event::Exited { model, load, exit });
+                })
+            };
+            let result = worker.switch(spec, within, on_exit).await;
+            let _ = events.send(Event::Loaded {
+                model: name,
+                load,
+                result,
+            });
+        });
     }
 
     /// Tells waiting clients where they stand, when that changed.
@@ -222,13 +332,15 @@ impl Registry {
         config: &Config,
         placement: Option<u32>,
     ) {
-        let device = self.worker_device(model, placement);
+        let spec = self.load_spec(name, model, config, placement);
         let Some(entry) = self.models.get_mut(name) else {
             return;
         };
-        let path = config.model_path(model);
         entry.load += 1;
-        entry.history.loaded_file = path.as_deref().and_then(FileIdentity::of);
+        entry.history.loaded_file = config
+            .model_path(model)
+            .as_deref()
+            .and_then(FileIdentity::of);
         entry.history.seen_file = entry.history.loaded_file;
         let kill = CancellationToken::new();
         entry.life = Life::Loading {
@@ -238,40 +350,8 @@ impl Registry {
             then: None,
         };
         let load = entry.load;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        let spec = LoadModel {
-            name: name.to_owned(),
-            path: path.map(|p| p.display().to_string()),
-            kind: model.kind.into(),
-            device,
-            threads: policy::worker_threads(
-                model.threads,
-                cores,
-                config.policy.max_loaded,
-                config.models.len(),
-            ),
-            rgb8: model.kind != Kind::Tensor,
-            fp16: model.precision == crate::config::Precision::Fp16,
-            options: options_json(&model.options),
-            loras: model
-                .loras
-                .iter()
-                .map(|lora| gpuctl_protocol::worker::Lora {
-                    path: config.model_root.join(&lora.path).display().to_string(),
-                    strength: lora.strength,
-                })
-                .collect(),
-        };
         tracing::info!(model = name, source = %config.model_source(model), device = %spec.device, "loading");
-        let launch = match &model.command {
-            Some(argv) => worker::Launch::command(
-                argv,
-                &model.env,
-                config.model_cwd(model),
-                model.load_timeout(),
-            ),
-            None => worker::Launch::builtin(self.worker_program.clone(), model.load_timeout()),
-        };
+        let launch = self.launch(model, config);
         let limits = worker::Limits {
             max_output: config.daemon.max_output.0 as usize,
             cancel_grace: config.policy.cancel_grace.0,
@@ -292,6 +372,53 @@ impl Registry {
                 result,
             });
         });
+    }
+
+    /// How a worker for `model` is started.
+    fn launch(&self, model: &ModelConfig, config: &Config) -> worker::Launch {
+        match &model.command {
+            Some(argv) => worker::Launch::command(
+                argv,
+                &model.env,
+                config.model_cwd(model),
+                model.load_timeout(),
+            ),
+            None => worker::Launch::builtin(self.worker_program.clone(), model.load_timeout()),
+        }
+    }
+
+    /// What `name`'s worker is told to load, on `placement`'s device.
+    fn load_spec(
+        &self,
+        name: &str,
+        model: &ModelConfig,
+        config: &Config,
+        placement: Option<u32>,
+    ) -> LoadModel {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        LoadModel {
+            name: name.to_owned(),
+            path: config.model_path(model).map(|p| p.display().to_string()),
+            kind: model.kind.into(),
+            device: self.worker_device(model, placement),
+            threads: policy::worker_threads(
+                model.threads,
+                cores,
+                config.policy.max_loaded,
+                config.models.len(),
+            ),
+            rgb8: model.kind != Kind::Tensor,
+            fp16: model.precision == crate::config::Precision::Fp16,
+            options: options_json(&model.options),
+            loras: model
+                .loras
+                .iter()
+                .map(|lora| gpuctl_protocol::worker::Lora {
+                    path: config.model_root.join(&lora.path).display().to_string(),
+                    strength: lora.strength,
+                })
+                .collect(),
+        }
     }
 
     pub(super) fn on_loaded(&mut self, name: &str, load: u64, result: Result<WorkerHandle, Error>) {

@@ -94,6 +94,10 @@ impl Launch {
             .env(FD_VARIABLE, WORKER_FD.to_string())
             .env(PARENT_VARIABLE, parent.to_string())
             .env(MODEL_VARIABLE, model)
+            .env(
+                gpuctl_protocol::worker::WORKER_PROTOCOL_ENV,
+                gpuctl_protocol::worker::WORKER_PROTOCOL.to_string(),
+            )
             .stdin(std::process::Stdio::null())
             // Its own group: killing the group ends what it started too, and
             // a Ctrl-C at gpuctld's terminal is gpuctld's to handle.

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use gpuctl_protocol::worker::{
-    DaemonToWorker, Job, LoadModel, Loaded, WorkerToDaemon, WORKER_PROTOCOL,
+    DaemonToWorker, Job, LoadModel, Loaded, SwitchMode, WorkerCapabilities, WorkerToDaemon,
+    WORKER_PROTOCOL,
 };
 use gpuctl_protocol::{Error, ErrorCode, FrameCodec, WireTensor, MAX_FRAME_CEILING};
 use tokio::net::UnixStream;
@@ -50,25 +51,141 @@ pub struct WorkerJob {
     pub cancel: oneshot::Receiver<()>,
 }
 
-/// The daemon's handle on a running worker. Dropping `jobs` (or calling
+/// Told once when a worker ends; whom it tells changes when the worker
+/// becomes another mode.
+pub type OnExit = Box<dyn FnOnce(Exit) + Send>;
+
+/// What a worker's supervisor is asked to do.
+enum Order {
+    Job(WorkerJob),
+    Switch(SwitchOrder),
+}
+
+/// Becoming another mode: from the answer on, the worker's exit is the new
+/// mode's to hear of.
+struct SwitchOrder {
+    mode: SwitchMode,
+    on_exit: OnExit,
+    reply: oneshot::Sender<Result<Loaded, Error>>,
+}
+
+/// How a worker was started and what it was loaded with (the name and
+/// LoRAs of its mode now): what decides whether it can become another mode.
+struct Origin {
+    spec: LoadModel,
+    launch: Launch,
+}
+
+/// The daemon's handle on a running worker. Dropping `orders` (or calling
 /// [`WorkerHandle::unload`]) makes it finish what it has and exit.
 pub struct WorkerHandle {
     pub pid: u32,
     pub loaded: Loaded,
-    jobs: mpsc::UnboundedSender<WorkerJob>,
+    /// How it was started and what it holds.
+    origin: Box<Origin>,
+    /// What it said it can do (worker protocol 1.1).
+    pub capabilities: WorkerCapabilities,
+    orders: mpsc::UnboundedSender<Order>,
     kill: CancellationToken,
 }
 
 impl WorkerHandle {
-    /// Queues a job; `false` if the worker is already gone.
-    pub fn run(&self, job: WorkerJob) -> Result<(), Box<WorkerJob>> {
-        self.jobs.send(job).map_err(|e| Box::new(e.0))
+    /// Queues a job; if the worker is already gone, the job is answered
+    /// with that.
+    pub fn run(&self, job: WorkerJob) {
+        if let Err(refused) = self.orders.send(Order::Job(job)) {
+            if let Order::Job(job) = refused.0 {
+                let _ = job.reply.send(Err(Error::new(
+                    ErrorCode::Internal,
+                    format!("model {}: its worker is gone", self.origin.spec.name),
+                )));
+            }
+        }
     }
 
     /// Lets queued jobs finish, then asks the worker to exit; the returned
     /// switch still kills it at once (`unload --force` while it drains).
     pub fn unload(self) -> CancellationToken {
         self.kill
+    }
+
+    /// What kills it at once, whatever it is doing.
+    pub fn kill_switch(&self) -> CancellationToken {
+        self.kill.clone()
+    }
+
+    /// Whether it can become the mode `spec` started by `launch`, in
+    /// place: it takes `Switch`, it was started the same way, and `spec`
+    /// differs from what it was loaded with only in name and LoRAs.
+    pub fn can_become(&self, spec: &LoadModel, launch: &Launch) -> bool {
+        let base = |spec: &LoadModel| LoadModel {
+            name: String::new(),
+            loras: Vec::new(),
+            ..spec.clone()
+        };
+        let started = |launch: &Launch| Launch {
+            load_timeout: Duration::ZERO,
+            ..launch.clone()
+        };
+        self.capabilities.switch_loras
+            && base(&self.origin.spec) == base(spec)
+            && started(&self.origin.launch) == started(launch)
+    }
+
+    /// Makes the idle worker `spec`'s mode (its LoRAs) without reading the
+    /// base again; `on_exit` hears of its end from now on. On failure the
+    /// worker is let go (it drains and exits) and the error says why, as a
+    /// failed load of `spec` would.
+    pub async fn switch(
+        mut self,
+        spec: LoadModel,
+        within: Duration,
+        on_exit: OnExit,
+    ) -> Result<WorkerHandle, Error> {
+        let name = spec.name.clone();
+        let (reply, answer) = oneshot::channel();
+        let order = Order::Switch(SwitchOrder {
+            mode: SwitchMode {
+                name: name.clone(),
+                loras: spec.loras.clone(),
+            },
+            on_exit,
+            reply,
+        });
+        let gone = || {
+            Error::new(
+                ErrorCode::Internal,
+                format!(
+                    "model {name}: the worker it was to switch in place (pid {}) has gone",
+                    self.pid
+                ),
+            )
+        };
+        if self.orders.send(order).is_err() {
+            return Err(gone());
+        }
+        let answer = match tokio::time::timeout(within, answer).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) if self.kill.is_cancelled() => Err(Error::new(
+                ErrorCode::Cancelled,
+                format!("model {name}: its load was stopped (unload --force)"),
+            )),
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => {
+                self.kill.cancel();
+                Err(Error::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "model {name}: its worker (pid {}) did not switch to it within load_timeout ({}); it was killed",
+                        self.pid,
+                        gpuctl_protocol::units::format_duration_ms(within.as_millis() as u64)
+                    ),
+                ))
+            }
+        };
+        self.loaded = answer?;
+        self.origin.spec = spec;
+        Ok(self)
     }
 }
 
@@ -115,6 +232,7 @@ pub async fn start(
     kill: CancellationToken,
     exited: impl FnOnce(Exit) + Send + 'static,
 ) -> Result<WorkerHandle, Error> {
+    let exited: OnExit = Box::new(exited);
     let name = spec.name.clone();
     let fail =
         |problem: String| Error::new(ErrorCode::Internal, format!("model {name}: {problem}"));
@@ -151,14 +269,17 @@ pub async fn start(
         greeted = tokio::time::timeout_at(deadline, greet(&mut channel, &name)) => greeted.unwrap_or_else(|_| Err(too_slow(&format!("did not say which protocol it speaks (a worker's first frame is Hello, worker protocol {WORKER_PROTOCOL})")))),
         _ = kill.cancelled() => Err(stopped()),
     };
-    if let Err(error) = greeted {
-        // A worker it cannot talk to is not left running.
-        stop(&mut child, pid);
-        return Err(end_load(&mut child, pid, error, false, exited).await);
-    }
+    let capabilities = match greeted {
+        Ok(capabilities) => capabilities,
+        Err(error) => {
+            // A worker it cannot talk to is not left running.
+            stop(&mut child, pid);
+            return Err(end_load(&mut child, pid, error, false, exited).await);
+        }
+    };
     let loading = async {
         channel
-            .send(DaemonToWorker::Load(spec))
+            .send(DaemonToWorker::Load(spec.clone()))
             .await
             .map_err(|e| fail(format!("cannot talk to its worker: {e}")))?;
         match channel.next().await {
@@ -185,7 +306,7 @@ pub async fn start(
         Ok(loaded) => loaded,
         Err(error) => return Err(end_load(&mut child, pid, error, true, exited).await),
     };
-    let (jobs, queue) = mpsc::unbounded_channel();
+    let (orders, queue) = mpsc::unbounded_channel();
     let worker = Supervised {
         model: name,
         channel,
@@ -196,7 +317,12 @@ pub async fn start(
     Ok(WorkerHandle {
         pid,
         loaded,
-        jobs,
+        origin: Box::new(Origin {
+            spec,
+            launch: launch.clone(),
+        }),
+        capabilities,
+        orders,
         kill,
     })
 }
@@ -226,15 +352,26 @@ async fn end_load(
 }
 
 /// Reads the worker's first frame, which says the worker protocol it
-/// speaks; a worker of another major version is refused with both
-/// versions named.
-async fn greet(channel: &mut Channel, model: &str) -> Result<(), Error> {
+/// speaks (a worker of another major version is refused with both
+/// versions named), and from a 1.1 worker the `Capabilities` that follow.
+async fn greet(channel: &mut Channel, model: &str) -> Result<WorkerCapabilities, Error> {
     let fail =
         |problem: String| Error::new(ErrorCode::Internal, format!("model {model}: {problem}"));
     match channel.next().await {
         Some(Ok(WorkerToDaemon::Hello(hello))) if WORKER_PROTOCOL.is_compatible_with(hello.protocol) => {
             tracing::debug!(model, program = %hello.program, protocol = %hello.protocol, "worker greeted");
-            Ok(())
+            if hello.protocol.minor < 1 {
+                return Ok(WorkerCapabilities { switch_loras: false });
+            }
+            match channel.next().await {
+                Some(Ok(WorkerToDaemon::Capabilities(capabilities))) => Ok(capabilities),
+                Some(Ok(other)) => Err(fail(format!(
+                    "its worker ({}) speaks worker protocol {}, whose second frame is Capabilities, but sent {other:?}",
+                    hello.program, hello.protocol
+                ))),
+                Some(Err(e)) => Err(fail(format!("its worker's Capabilities frame: {e}"))),
+                None => Err(fail("its worker exited after its Hello".to_owned())),
+            }
         }
         Some(Ok(WorkerToDaemon::Hello(hello))) => Err(fail(format!(
             "its worker ({}) speaks worker protocol {}, this gpuctld speaks {WORKER_PROTOCOL}: use a worker (or worker SDK) of major version {}",
@@ -309,5 +446,93 @@ pub fn describe(status: ExitStatus) -> String {
             format!("signal {signal}{name}")
         }
         _ => "unknown exit".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use gpuctl_protocol::worker::Lora;
+    use gpuctl_protocol::ModelKind;
+
+    use super::*;
+
+    fn spec(name: &str, loras: &[&str]) -> LoadModel {
+        LoadModel {
+            name: name.into(),
+            path: Some("/models/base.pt".into()),
+            kind: ModelKind::Image,
+            device: "cpu".into(),
+            threads: 2,
+            rgb8: true,
+            fp16: false,
+            options: "{}".into(),
+            loras: loras
+                .iter()
+                .map(|path| Lora {
+                    path: (*path).into(),
+                    strength: 1.0,
+                })
+                .collect(),
+        }
+    }
+
+    fn worker(switch_loras: bool) -> WorkerHandle {
+        let (orders, _) = mpsc::unbounded_channel();
+        WorkerHandle {
+            pid: 1,
+            loaded: Loaded {
+                device: "cpu".into(),
+                load_ms: 0,
+                parameter_bytes: 0,
+                device_bytes: 0,
+                precision: "fp32".into(),
+            },
+            capabilities: WorkerCapabilities { switch_loras },
+            origin: Box::new(Origin {
+                spec: spec("portrait", &["/loras/a.safetensors"]),
+                launch: Launch::builtin("gpuctl-worker".into(), Duration::from_secs(60)),
+            }),
+            orders,
+            kill: CancellationToken::new(),
+        }
+    }
+
+    #[test]
+    fn a_worker_becomes_another_mode_only_of_its_own_base_started_alike() {
+        let launch = Launch::builtin("gpuctl-worker".into(), Duration::from_secs(5));
+        let worker = worker(true);
+        assert!(
+            worker.can_become(&spec("anime", &["/loras/b.safetensors"]), &launch),
+            "other LoRAs (and another load_timeout) of the same base"
+        );
+        assert!(worker.can_become(&spec("plain", &[]), &launch));
+        let other_file = LoadModel {
+            path: Some("/models/other.pt".into()),
+            ..spec("anime", &[])
+        };
+        let half = LoadModel {
+            fp16: true,
+            ..spec("anime", &[])
+        };
+        let options = LoadModel {
+            options: "{\"steps\":4}".into(),
+            ..spec("anime", &[])
+        };
+        for other in [other_file, half, options] {
+            assert!(!worker.can_become(&other, &launch), "{other:?}");
+        }
+        let wrapped = Launch::command(
+            &["python".into(), "w.py".into()],
+            &BTreeMap::new(),
+            "/srv".into(),
+            Duration::from_secs(5),
+        );
+        assert!(!worker.can_become(&spec("anime", &[]), &wrapped));
+        assert!(
+            !self::worker(false).can_become(&spec("anime", &[]), &launch),
+            "a worker that did not say it can switch"
+        );
     }
 }

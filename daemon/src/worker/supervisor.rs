@@ -1,7 +1,8 @@
 //! One task per worker process: feeds it jobs, matches answers and
 //! streamed outputs to them, stops cancelled jobs (killing the worker when
 //! one does not stop within `policy.cancel_grace`), sends `Unload` once a
-//! draining worker has nothing left, and reports its exit.
+//! draining worker has nothing left, switches an idle one to another mode,
+//! and reports its exit.
 
 use std::collections::HashMap;
 use std::process::ExitStatus;
@@ -9,7 +10,7 @@ use std::process::ExitStatus;
 use futures_util::{SinkExt, StreamExt};
 use gpuctl_protocol::stream::{frames, take_streamed};
 use gpuctl_protocol::units::format_bytes;
-use gpuctl_protocol::worker::{DaemonToWorker, Job, WorkerToDaemon};
+use gpuctl_protocol::worker::{DaemonToWorker, Job, Loaded, WorkerToDaemon};
 use gpuctl_protocol::{
     Error, ErrorCode, FrameError, StreamError, TensorFrame, TensorReceiver, WireTensor,
 };
@@ -17,7 +18,10 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{describe, kill_group, stop, Channel, Exit, JobOutput, Limits, WorkerJob, EXIT_GRACE};
+use super::{
+    describe, kill_group, stop, Channel, Exit, JobOutput, Limits, OnExit, Order, SwitchOrder,
+    WorkerJob, EXIT_GRACE,
+};
 
 /// A job the worker is running.
 struct Running {
@@ -156,12 +160,12 @@ enum Course {
 /// reports its exit.
 pub(super) async fn supervise(
     worker: Supervised,
-    mut queue: mpsc::UnboundedReceiver<WorkerJob>,
+    mut queue: mpsc::UnboundedReceiver<Order>,
     kill: CancellationToken,
-    exited: impl FnOnce(Exit) + Send + 'static,
+    mut exited: OnExit,
 ) {
     let Supervised {
-        model,
+        mut model,
         mut channel,
         mut child,
         limits,
@@ -172,6 +176,8 @@ pub(super) async fn supervise(
     let mut pending: HashMap<u64, Running> = HashMap::new();
     let mut next_id = 0u64;
     let mut course = Course::Serving;
+    // A switch sent and not yet answered.
+    let mut switching: Option<oneshot::Sender<Result<Loaded, Error>>> = None;
     let (cancels, mut cancelled) = mpsc::unbounded_channel::<u64>();
     let ending: Result<ExitStatus, String> = loop {
         // The one place a draining worker is told to exit: once nothing is pending.
@@ -223,8 +229,24 @@ pub(super) async fn supervise(
                 stop(&mut child, pid);
                 course = Course::Killed { stuck: None };
             }
-            job = queue.recv(), if matches!(course, Course::Serving) => match job {
-                Some(WorkerJob { job, reply, progress, cancel }) => {
+            order = queue.recv(), if matches!(course, Course::Serving) => match order {
+                Some(Order::Switch(SwitchOrder { mode, on_exit, reply })) => {
+                    if !pending.is_empty() || switching.is_some() {
+                        let _ = reply.send(Err(Error::new(ErrorCode::Internal, format!("model {}: its worker is busy and cannot switch", mode.name))));
+                        continue;
+                    }
+                    tracing::info!(from = model, to = mode.name, pid, "switching in place");
+                    // From now on its end is the new mode's, whatever the answer.
+                    exited = on_exit;
+                    model = mode.name.clone();
+                    match unless_killed(&kill, channel.send(DaemonToWorker::Switch(mode))).await {
+                        Ok(()) => switching = Some(reply),
+                        Err(error) => {
+                            let _ = reply.send(Err(Error::new(ErrorCode::Internal, format!("model {model}: cannot talk to its worker: {error}"))));
+                        }
+                    }
+                }
+                Some(Order::Job(WorkerJob { job, reply, progress, cancel })) => {
                     next_id += 1;
                     let (id, cancels) = (next_id, cancels.clone());
                     tokio::spawn(async move {
@@ -290,6 +312,16 @@ pub(super) async fn supervise(
                         let _ = running.reply.send(Err(error));
                     }
                 }
+                Some(Ok(WorkerToDaemon::Switched(loaded))) if switching.is_some() => {
+                    if let Some(reply) = switching.take() {
+                        let _ = reply.send(Ok(loaded));
+                    }
+                }
+                Some(Ok(WorkerToDaemon::Failed { id: None, error })) if switching.is_some() => {
+                    if let Some(reply) = switching.take() {
+                        let _ = reply.send(Err(error));
+                    }
+                }
                 Some(Ok(other)) => tracing::warn!(model, ?other, "unexpected message from worker"),
                 Some(Err(error)) => {
                     tracing::warn!(model, %error, "worker protocol error; stopping it");
@@ -336,9 +368,17 @@ pub(super) async fn supervise(
         stuck,
     });
     fail_pending(&mut pending, &failed);
-    // Jobs that arrived after the end never reached the worker.
-    while let Ok(WorkerJob { reply, .. }) = queue.try_recv() {
-        let _ = reply.send(Err(Error::new(ErrorCode::Internal, exited_with.clone())));
+    // Orders that arrived after the end never reached the worker.
+    while let Ok(order) = queue.try_recv() {
+        let gone = Error::new(ErrorCode::Internal, exited_with.clone());
+        match order {
+            Order::Job(WorkerJob { reply, .. }) => {
+                let _ = reply.send(Err(gone));
+            }
+            Order::Switch(SwitchOrder { reply, .. }) => {
+                let _ = reply.send(Err(gone));
+            }
+        }
     }
 }
 

@@ -396,6 +396,12 @@ class StepReport:
 
 
 @dataclass
+class SwitchMode:
+    name: str = ""
+    loras: List[Lora] = field(default_factory=list)
+
+
+@dataclass
 class Tiling:
     tile: int = 0
     overlap: int = 0
@@ -451,6 +457,11 @@ class WireTensor:
     dtype: DType
     shape: List[int] = field(default_factory=list)
     data: bytes = b""
+
+
+@dataclass
+class WorkerCapabilities:
+    switch_loras: bool = False
 
 
 @dataclass
@@ -608,6 +619,7 @@ class DaemonToWorker(Variant):
     Unload: ClassVar[Type["DaemonToWorkerUnload"]]
     Cancel: ClassVar[Type["DaemonToWorkerCancel"]]
     Tensor: ClassVar[Type["DaemonToWorkerTensor"]]
+    Switch: ClassVar[Type["DaemonToWorkerSwitch"]]
 
 
 @dataclass
@@ -645,11 +657,19 @@ class DaemonToWorkerTensor(DaemonToWorker):
     value: TensorFrame
 
 
+@dataclass
+class DaemonToWorkerSwitch(DaemonToWorker):
+    INDEX: ClassVar[int] = 5
+    NAME: ClassVar[str] = "Switch"
+    value: SwitchMode
+
+
 DaemonToWorker.Load = DaemonToWorkerLoad
 DaemonToWorker.Run = DaemonToWorkerRun
 DaemonToWorker.Unload = DaemonToWorkerUnload
 DaemonToWorker.Cancel = DaemonToWorkerCancel
 DaemonToWorker.Tensor = DaemonToWorkerTensor
+DaemonToWorker.Switch = DaemonToWorkerSwitch
 
 
 class Event(Variant):
@@ -1292,6 +1312,8 @@ class WorkerToDaemon(Variant):
     Progress: ClassVar[Type["WorkerToDaemonProgress"]]
     Tensor: ClassVar[Type["WorkerToDaemonTensor"]]
     Hello: ClassVar[Type["WorkerToDaemonHello"]]
+    Capabilities: ClassVar[Type["WorkerToDaemonCapabilities"]]
+    Switched: ClassVar[Type["WorkerToDaemonSwitched"]]
 
 
 @dataclass
@@ -1343,12 +1365,28 @@ class WorkerToDaemonHello(WorkerToDaemon):
     value: WorkerHello
 
 
+@dataclass
+class WorkerToDaemonCapabilities(WorkerToDaemon):
+    INDEX: ClassVar[int] = 6
+    NAME: ClassVar[str] = "Capabilities"
+    value: WorkerCapabilities
+
+
+@dataclass
+class WorkerToDaemonSwitched(WorkerToDaemon):
+    INDEX: ClassVar[int] = 7
+    NAME: ClassVar[str] = "Switched"
+    value: Loaded
+
+
 WorkerToDaemon.Loaded = WorkerToDaemonLoaded
 WorkerToDaemon.Done = WorkerToDaemonDone
 WorkerToDaemon.Failed = WorkerToDaemonFailed
 WorkerToDaemon.Progress = WorkerToDaemonProgress
 WorkerToDaemon.Tensor = WorkerToDaemonTensor
 WorkerToDaemon.Hello = WorkerToDaemonHello
+WorkerToDaemon.Capabilities = WorkerToDaemonCapabilities
+WorkerToDaemon.Switched = WorkerToDaemonSwitched
 
 
 # The schema itself, for the codec.
@@ -1391,7 +1429,8 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                                                       {'job': {'TYPENAME': 'Job'}}]}},
                              '2': {'Unload': 'UNIT'},
                              '3': {'Cancel': {'STRUCT': [{'id': 'U64'}]}},
-                             '4': {'Tensor': {'NEWTYPE': {'TYPENAME': 'TensorFrame'}}}}},
+                             '4': {'Tensor': {'NEWTYPE': {'TYPENAME': 'TensorFrame'}}},
+                             '5': {'Switch': {'NEWTYPE': {'TYPENAME': 'SwitchMode'}}}}},
  'Error': {'STRUCT': [{'code': {'TYPENAME': 'ErrorCode'}}, {'message': 'STR'}]},
  'ErrorCode': {'ENUM': {'0': {'Internal': 'UNIT'},
                         '1': {'InvalidRequest': 'UNIT'},
@@ -1632,6 +1671,7 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                            {'load_ms': {'OPTION': 'U64'}},
                            {'run_ms': 'U64'},
                            {'notes': {'SEQ': 'STR'}}]},
+ 'SwitchMode': {'STRUCT': [{'name': 'STR'}, {'loras': {'SEQ': {'TYPENAME': 'Lora'}}}]},
  'TensorFrame': {'ENUM': {'0': {'Begin': {'STRUCT': [{'dtype': {'TYPENAME': 'DType'}},
                                                      {'shape': {'SEQ': 'U64'}}]}},
                           '1': {'Chunk': {'NEWTYPE': 'BYTES'}},
@@ -1663,6 +1703,7 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
  'WireTensor': {'STRUCT': [{'dtype': {'TYPENAME': 'DType'}},
                            {'shape': {'SEQ': 'U64'}},
                            {'data': 'BYTES'}]},
+ 'WorkerCapabilities': {'STRUCT': [{'switch_loras': 'BOOL'}]},
  'WorkerHello': {'STRUCT': [{'protocol': {'TYPENAME': 'ProtocolVersion'}}, {'program': 'STR'}]},
  'WorkerToDaemon': {'ENUM': {'0': {'Loaded': {'NEWTYPE': {'TYPENAME': 'Loaded'}}},
                              '1': {'Done': {'STRUCT': [{'id': 'U64'},
@@ -1676,4 +1717,6 @@ SCHEMA: Dict[str, Any] = {'CancelRequest': {'STRUCT': [{'id': 'U64'}]},
                                                            {'total': 'U32'}]}},
                              '4': {'Tensor': {'STRUCT': [{'id': 'U64'},
                                                          {'frame': {'TYPENAME': 'TensorFrame'}}]}},
-                             '5': {'Hello': {'NEWTYPE': {'TYPENAME': 'WorkerHello'}}}}}}
+                             '5': {'Hello': {'NEWTYPE': {'TYPENAME': 'WorkerHello'}}},
+                             '6': {'Capabilities': {'NEWTYPE': {'TYPENAME': 'WorkerCapabilities'}}},
+                             '7': {'Switched': {'NEWTYPE': {'TYPENAME': 'Loaded'}}}}}}

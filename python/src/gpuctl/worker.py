@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Type, Union
 
 from . import codec, messages
@@ -45,15 +45,20 @@ from .messages import (
     Loaded,
     ModelKind,
     ProtocolVersion,
+    SwitchMode,
     TensorFrame,
     WireTensor,
+    WorkerCapabilities,
     WorkerHello,
     WorkerToDaemon,
 )
 from .tensors import CHUNK, NUMPY, nbytes, to_wire
 
 # The worker protocol this module speaks (protocol/src/worker.rs, WORKER_PROTOCOL).
-PROTOCOL = ProtocolVersion(1, 0)
+PROTOCOL = ProtocolVersion(1, 1)
+
+# Where gpuctld says the worker protocol it speaks (none: 1.0).
+PROTOCOL_VARIABLE = "GPUCTL_WORKER_PROTOCOL"
 
 __all__ = ["Cancelled", "Context", "Job", "Model", "Spec", "serve", "PROTOCOL"]
 
@@ -148,6 +153,17 @@ class Model:
 
     def run(self, job: Job, ctx: Context) -> Any:
         raise NotImplementedError("implement Model.run(job, ctx)")
+
+    def switch(self, spec: Spec) -> None:
+        """Optional: become the mode `spec` describes without loading the
+        base again. `spec` differs from the loaded one only in `name` and
+        `loras` (e.g. a diffusers pipeline's `set_adapters`, or
+        `unload_lora_weights` then `load_lora_weights`). Define it and
+        gpuctld switches between modes of one base (models with the same
+        command, path and options and other `loras`, in a group or under
+        `max_loaded`) in this process instead of starting another; an
+        exception fails the new mode's load and ends this process."""
+        raise NotImplementedError("this model does not switch modes in place")
 
     def memory(self, spec: Spec) -> Optional[int]:
         """Bytes the loaded model holds on its device, for `gpuctl status`.
@@ -349,7 +365,8 @@ def _error(model: str, doing: str, error: BaseException) -> Error:
     message = f"{type(error).__name__}: {lines[-1].strip()}" if lines else type(error).__name__
     if _is_out_of_memory(error):
         return Error(ErrorCode.InsufficientVram, f"model {model}: out of memory while {doing}: {message}")
-    return Error(ErrorCode.LoadFailed if doing == "loading" else ErrorCode.Internal, f"model {model}: {doing} failed: {message}")
+    code = ErrorCode.Internal if doing == "running" else ErrorCode.LoadFailed
+    return Error(code, f"model {model}: {doing} failed: {message}")
 
 
 # --- memory --------------------------------------------------------------------
@@ -443,6 +460,17 @@ def _socket_from_environment() -> socket.socket:
     return sock
 
 
+def _daemon_takes_capabilities() -> bool:
+    """gpuctld said it speaks worker protocol 1.1 or later (of major 1)."""
+    major, _, minor = os.environ.get(PROTOCOL_VARIABLE, "").partition(".")
+    return major == str(PROTOCOL.major) and minor.isdigit() and int(minor) >= 1
+
+
+def _switches(model: Union[Model, Type[Model]]) -> bool:
+    cls = model if isinstance(model, type) else type(model)
+    return getattr(cls, "switch", Model.switch) is not Model.switch
+
+
 def _program() -> str:
     from . import __version__
 
@@ -474,16 +502,23 @@ class _Queued:
     cancelled: threading.Event
 
 
+@dataclass
+class _Switch:
+    mode: SwitchMode
+
+
 class _Server:
     def __init__(self, channel: _Channel, model: Union[Model, Type[Model]]) -> None:
         self.channel = channel
         self.model_or_class = model
-        self.jobs: "queue.Queue[Optional[_Queued]]" = queue.Queue()
+        self.jobs: "queue.Queue[Union[_Queued, _Switch, None]]" = queue.Queue()
         self.cancels: Dict[int, threading.Event] = {}
         self.lock = threading.Lock()
 
     def run(self) -> None:
         self.channel.send(WorkerToDaemon.Hello(WorkerHello(PROTOCOL, _program())))
+        if _daemon_takes_capabilities():
+            self.channel.send(WorkerToDaemon.Capabilities(WorkerCapabilities(switch_loras=_switches(self.model_or_class))))
         first = self.channel.receive()
         if first is None:
             return
@@ -499,6 +534,12 @@ class _Server:
             item = self.jobs.get()
             if item is None:
                 return
+            if isinstance(item, _Switch):
+                switched = self._switch(model, spec, item.mode)
+                if switched is None:
+                    return
+                spec = switched
+                continue
             self._run(model, spec, item)
 
     def _load(self, message: messages.LoadModel) -> Optional[Tuple[Model, Spec]]:
@@ -539,6 +580,30 @@ class _Server:
         )
         return model, spec
 
+    def _switch(self, model: Model, spec: Spec, mode: SwitchMode) -> Optional[Spec]:
+        """Becomes `mode`; None when it failed (said to gpuctld, which ends us)."""
+        started = time.monotonic()
+        new = replace(spec, name=mode.name, loras=[{"path": lora.path, "strength": float(lora.strength)} for lora in mode.loras])
+        try:
+            model.switch(new)
+            parameters, device_bytes = _held(model, new)
+        except BaseException as error:  # noqa: BLE001 - the author's to read
+            traceback.print_exc(file=sys.stderr)
+            self.channel.send(WorkerToDaemon.Failed(id=None, error=_error(mode.name, "switching to it", error)))
+            return None
+        self.channel.send(
+            WorkerToDaemon.Switched(
+                Loaded(
+                    device=new.device,
+                    load_ms=int((time.monotonic() - started) * 1000),
+                    parameter_bytes=parameters,
+                    device_bytes=device_bytes,
+                    precision=new.precision,
+                )
+            )
+        )
+        return new
+
     def _read(self) -> None:
         """Sees Cancel, Unload and the socket closing while jobs run."""
         streamed = _Streamed()
@@ -561,6 +626,8 @@ class _Server:
                         event = self.cancels.get(message.id)
                     if event is not None:
                         event.set()
+                elif isinstance(message, DaemonToWorker.Switch):
+                    self.jobs.put(_Switch(message.value))
                 elif isinstance(message, DaemonToWorker.Unload):
                     self.jobs.put(None)
                     return

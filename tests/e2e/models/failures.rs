@@ -194,7 +194,7 @@ fn a_worker_of_another_protocol_or_one_that_says_nothing_is_refused_by_name() {
     for (program, expected) in [
         (
             other.display().to_string(),
-            "model ten: its worker (fake 9) speaks worker protocol 9.0, this gpuctld speaks 1.0",
+            "model ten: its worker (fake 9) speaks worker protocol 9.0, this gpuctld speaks 1.1",
         ),
         (
             "/bin/true".to_owned(),

@@ -343,7 +343,7 @@ fn command_models_that_cannot_serve_fail_by_name_and_nothing_else_is_disturbed()
         (
             "other",
             format!("command = [\"{}\"]", other.display()),
-            "model other: its worker (fake 9) speaks worker protocol 9.0, this gpuctld speaks 1.0",
+            "model other: its worker (fake 9) speaks worker protocol 9.0, this gpuctld speaks 1.1",
         ),
     ];
     let mut extra: String = broken
