@@ -302,6 +302,7 @@ def modes_toml(test_dir: pathlib.Path, extra_args: str = "") -> str:
         mode("warmer", '{ path = "warm.safetensors", strength = 0.5 }, { path = "more.safetensors", strength = 0.7 }'),
         mode("broken", '{ path = "broken.safetensors" }'),
         mode("tuned", '{ path = "warm.safetensors", strength = 0.5 }', 'options = { variant = 2 }\n'),
+        mode("slow", '{ path = "slow.safetensors" }', 'load_timeout = "1s"\n'),
     ])
 
 
@@ -387,3 +388,26 @@ def test_a_switch_is_answered_with_switched_and_a_failing_one_with_failed(tmp_pa
         assert d.process.wait(10) == 0, "the worker ends after a failed switch"
     finally:
         d.close()
+
+
+def test_a_switch_past_load_timeout_is_killed_and_named_and_the_next_mode_loads_afresh(tmp_path: pathlib.Path) -> None:
+    from conftest import Daemon
+
+    image = np.full((2, 3, 3), 100, dtype=np.uint8)
+    d = Daemon('[policy]\nkeep_alive = "forever"\n', models=modes_toml(tmp_path))
+    try:
+        with gpuctl.Client(d.path) as client:
+            client.generate("plain", image)
+            pid = int(events(tmp_path)[-1][2])
+            started = time.monotonic()
+            with pytest.raises(gpuctl.LoadFailed, match=rf"model slow: its worker \(pid {pid}\) did not switch to it within load_timeout \(1s\); it was killed"):
+                client.generate("slow", image)
+            assert time.monotonic() - started < 10
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not os.path.exists(f"/proc/{pid}"), "the stuck worker was killed"
+            assert int(client.generate("warm", image).image[0, 0, 0]) == 105
+            assert events(tmp_path)[-1][:2] == ["load", "warm"]
+    finally:
+        d.stop()

@@ -1,12 +1,14 @@
 """A worker-SDK model with modes, for the tests: each pixel plus ten times
 the sum of its LoRAs' strengths (mod 256), as if the LoRAs were merged.
-`switch` changes them in place, unless a LoRA's path contains "broken";
+`switch` changes them in place, unless a LoRA's path contains "broken"
+(it raises) or "slow" (it takes 30 s);
 every load and switch is written to $GPUCTL_TEST_DIR/events as
 "<load|switch> <model> <pid>". Run with `--no-switch` it cannot switch."""
 from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Dict, List
 
 import numpy as np
@@ -34,6 +36,8 @@ class Switching(Plain):
         broken = [lora["path"] for lora in spec.loras if "broken" in lora["path"]]
         if broken:
             raise ValueError(f"cannot apply {os.path.basename(broken[0])}")
+        if any("slow" in lora["path"] for lora in spec.loras):
+            time.sleep(30)
         self.loras = spec.loras
         record("switch", spec)
 
