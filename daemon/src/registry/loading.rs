@@ -255,7 +255,30 @@ impl Registry {
             took_ms: 0,
         });
         let spec = self.load_spec(to, model, config, placement);
-        let Some(entry) = self.models.get_mut(to) else {
+        let within = model.load_timeout();
+        let kill = worker.kill_switch();
+        self.spawn_load(to, model, config, placement, kill, move |on_exit| {
+            worker.switch(spec, within, on_exit)
+        });
+    }
+
+    /// Marks `name` as loading (a new load number, the file it loads now)
+    /// and runs `load`, whose outcome comes back as `Event::Loaded` and
+    /// whose worker's end, whenever it comes, as `Event::Exited` of this
+    /// load.
+    fn spawn_load<F, Loading>(
+        &mut self,
+        name: &str,
+        model: &ModelConfig,
+        config: &Config,
+        placement: Option<u32>,
+        kill: CancellationToken,
+        load: F,
+    ) where
+        F: FnOnce(worker::OnExit) -> Loading + Send + 'static,
+        Loading: std::future::Future<Output = Result<WorkerHandle, Error>> + Send,
+    {
+        let Some(entry) = self.models.get_mut(name) else {
             return;
         };
         entry.load += 1;
@@ -267,24 +290,27 @@ impl Registry {
         entry.life = Life::Loading {
             since: Instant::now(),
             placement,
-            kill: worker.kill_switch(),
+            kill,
             then: None,
         };
-        let load = entry.load;
-        let within = model.load_timeout();
+        let number = entry.load;
         let events = self.events.clone();
-        let name = to.to_owned();
+        let model = name.to_owned();
         tokio::spawn(async move {
-            let on_exit = {
-                let (events, model) = (events.clone(), name.clone());
+            let on_exit: worker::OnExit = {
+                let (events, model) = (events.clone(), model.clone());
                 Box::new(move |exit| {
-                    let _ = events.send(Event::Exited { model, load, exit });
+                    let _ = events.send(Event::Exited {
+                        model,
+                        load: number,
+                        exit,
+                    });
                 })
             };
-            let result = worker.switch(spec, within, on_exit).await;
+            let result = load(on_exit).await;
             let _ = events.send(Event::Loaded {
-                model: name,
-                load,
+                model,
+                load: number,
                 result,
             });
         });
@@ -333,45 +359,22 @@ impl Registry {
         placement: Option<u32>,
     ) {
         let spec = self.load_spec(name, model, config, placement);
-        let Some(entry) = self.models.get_mut(name) else {
-            return;
-        };
-        entry.load += 1;
-        entry.history.loaded_file = config
-            .model_path(model)
-            .as_deref()
-            .and_then(FileIdentity::of);
-        entry.history.seen_file = entry.history.loaded_file;
-        let kill = CancellationToken::new();
-        entry.life = Life::Loading {
-            since: Instant::now(),
-            placement,
-            kill: kill.clone(),
-            then: None,
-        };
-        let load = entry.load;
         tracing::info!(model = name, source = %config.model_source(model), device = %spec.device, "loading");
         let launch = self.launch(model, config);
         let limits = worker::Limits {
             max_output: config.daemon.max_output.0 as usize,
             cancel_grace: config.policy.cancel_grace.0,
         };
-        let events = self.events.clone();
-        let model_name = name.to_owned();
-        tokio::spawn(async move {
-            let on_exit = {
-                let (events, model) = (events.clone(), model_name.clone());
-                move |exit| {
-                    let _ = events.send(Event::Exited { model, load, exit });
-                }
-            };
-            let result = worker::start(&launch, spec, limits, kill, on_exit).await;
-            let _ = events.send(Event::Loaded {
-                model: model_name,
-                load,
-                result,
-            });
-        });
+        let kill = CancellationToken::new();
+        let stop = kill.clone();
+        self.spawn_load(
+            name,
+            model,
+            config,
+            placement,
+            kill,
+            move |on_exit| async move { worker::start(&launch, spec, limits, stop, on_exit).await },
+        );
     }
 
     /// How a worker for `model` is started.
