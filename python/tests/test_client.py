@@ -93,6 +93,16 @@ def test_a_strided_array_goes_as_its_pixels(client: gpuctl.Client) -> None:
     assert np.array_equal(client.generate("view", strided).image, strided)
 
 
+def test_a_model_that_refuses_channels_last_pixels_gets_planes_and_the_same_answer(client: gpuctl.Client, daemon: Daemon) -> None:
+    image = photo(24, 20)
+    for _ in range(2):  # the second forward goes straight to planes
+        assert np.array_equal(client.generate("view", image).image, image)
+    log = daemon.log_text()
+    assert log.count("model view refused channels-last pixels; it gets planes") == 1, log[-2000:]
+    client.generate("up", image)
+    assert "model up refused" not in daemon.log_text(), "a convolutional model takes them"
+
+
 def test_gpuctl_tensor_without_numpy_types(client: gpuctl.Client) -> None:
     image = photo(8, 8)
     tensor = gpuctl.Tensor(gpuctl.DType.U8, (8, 8, 3), image.tobytes())

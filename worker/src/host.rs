@@ -1,5 +1,6 @@
 //! One loaded TorchScript module and the model contracts of DESIGN.md.
 
+use std::cell::Cell;
 use std::time::Instant;
 
 use gpuctl_protocol::worker::{GenerateJob, Job, LoadModel, Loaded, SwitchMode, Tiling};
@@ -20,10 +21,23 @@ pub struct Host {
     device: Device,
     /// The forward runs in float16 (CUDA, `precision = "fp16"`).
     half: bool,
+    /// Whether `image` forwards take pixels channels-last (NHWC in memory),
+    /// which oneDNN and cuDNN convolve faster; `None` until the first
+    /// forward has shown whether the model accepts them (one that calls
+    /// `view` on its input may not).
+    channels_last: Cell<Option<bool>>,
     /// The LoRAs merged into it, and what they changed.
     overlays: Overlays,
     /// What it holds, as `Loaded` said.
     loaded: Loaded,
+}
+
+/// `x` ([N,C,H,W]) with channels-last memory (NHWC), copied only if it is
+/// not laid out so already.
+fn channels_last(x: &Tensor) -> Result<Tensor, tch::TchError> {
+    x.f_permute([0, 2, 3, 1])?
+        .f_contiguous()?
+        .f_permute([0, 3, 1, 2])
 }
 
 /// The module's parameters by name; the tensors share the module's storage.
@@ -165,6 +179,7 @@ impl Host {
                 module,
                 device,
                 half,
+                channels_last: Cell::new(None),
                 overlays,
                 loaded: loaded.clone(),
             },
@@ -265,11 +280,31 @@ impl Host {
     /// The forward of an image model on `x` (float32), in the model's
     /// precision; the result is float32 whatever the model returned.
     fn forward_image(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        let y = if self.half {
-            self.module.forward_ts(&[x.f_to_kind(Kind::Half)?])?
+        let x = if self.half {
+            x.f_to_kind(Kind::Half)?
         } else {
-            self.module.forward_ts(&[x])?
+            x.shallow_clone()
         };
+        let known = self.channels_last.get();
+        if known != Some(false) {
+            match self.module.forward_ts(&[channels_last(&x)?]) {
+                Ok(y) => {
+                    self.channels_last.set(Some(true));
+                    return y.f_to_kind(Kind::Float);
+                }
+                Err(error) if known == Some(true) => return Err(error),
+                // Planes decide: a model that fails on them fails anyway.
+                Err(_) => {}
+            }
+        }
+        let y = self.module.forward_ts(&[x.f_contiguous()?])?;
+        if known.is_none() {
+            eprintln!(
+                "gpuctl-worker: model {} refused channels-last pixels; it gets planes",
+                self.spec.name
+            );
+            self.channels_last.set(Some(false));
+        }
         y.f_to_kind(Kind::Float)
     }
 
@@ -305,9 +340,9 @@ impl Host {
             ));
         };
         let x = self.input(input, "image input")?;
-        // Models take planes: rows of pixels are a view of them, made
-        // contiguous once in float below (a model may call `view`, which
-        // strided memory refuses, and convolutions run on planes).
+        // Models take [N,3,H,W]: rows of pixels are a view of it, kept
+        // channels-last in memory (what convolutions run fastest on; the
+        // forward falls back to planes for a model that refuses them).
         let x = match layout {
             ImageLayout::Planes => x,
             ImageLayout::Rows => x.permute([0, 3, 1, 2]),
@@ -323,7 +358,7 @@ impl Host {
                 ))
             }
         }
-        .and_then(|x| x.f_contiguous())
+        .and_then(|x| channels_last(&x))
         .map_err(|e| self.error(ErrorCode::Internal, first_line(&e)))?;
         let contract = "image: x[N,3,H,W] -> [N,3,sH,sW]";
         let larger_than_a_tile =

@@ -10,6 +10,7 @@ mod channel;
 mod cuda;
 mod host;
 mod lora;
+mod memory;
 mod tensors;
 mod tiling;
 
@@ -78,6 +79,7 @@ fn die_with_parent(parent: Option<i32>) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    memory::keep_freed_memory();
     let args = match parse_args() {
         Ok(args) => args,
         Err(error) => {
@@ -156,10 +158,23 @@ fn serve(channel: &mut Channel) -> Result<(), String> {
             .unwrap_or_else(|p| p.into_inner())
             .contains(&id)
     };
+    // Whether memory was freed since it was last given back.
+    let mut worked = false;
     loop {
-        let message = inbox
-            .recv()
-            .map_err(|_| "the socket reader stopped".to_owned())??;
+        let next = if worked {
+            match inbox.recv_timeout(memory::IDLE_TRIM) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    memory::return_freed_memory();
+                    worked = false;
+                    continue;
+                }
+                other => other.map_err(|_| ()),
+            }
+        } else {
+            inbox.recv().map_err(|_| ())
+        };
+        let message = next.map_err(|()| "the socket reader stopped".to_owned())??;
+        worked = true;
         match message {
             Some(DaemonToWorker::Run { id, job }) => {
                 let started = std::time::Instant::now();

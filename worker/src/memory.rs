@@ -1,0 +1,37 @@
+//! The host allocator, tuned for a worker's pattern: the same large
+//! buffers (activations of tens to hundreds of MiB) allocated and freed at
+//! every forward.
+//!
+//! glibc serves allocations over its mmap threshold with a fresh `mmap` and
+//! returns them with `munmap` when freed, so each forward page-faults and
+//! zeroes every page of every activation again; profiles of tiled jobs are
+//! dominated by `clear_page_erms` and `exc_page_fault`. Served from the
+//! heap instead and kept there while a job runs, freed buffers are reused
+//! as they are. Once the worker has been idle for [`IDLE_TRIM`], what was
+//! freed is given back to the system (`malloc_trim`, which also releases
+//! free pages in the middle of the heap), so an idle model holds what it
+//! holds, not its last job's peak.
+
+use std::time::Duration;
+
+/// Idle this long after work, the worker gives freed memory back.
+pub const IDLE_TRIM: Duration = Duration::from_secs(1);
+
+/// Keeps freed memory in the heap for reuse: no mmap per allocation, no
+/// automatic trimming. Called once, before anything is allocated.
+pub fn keep_freed_memory() {
+    // SAFETY: mallopt only changes glibc's malloc parameters; it is called
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+    }
+}
+
+/// Gives memory freed since the last trim back to the system.
+pub fn return_freed_memory() {
+    // SAFETY: malloc_trim only walks glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
