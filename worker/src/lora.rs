@@ -135,14 +135,16 @@ fn plan_file(
         let (Some(down), Some(up)) = (&pair.down, &pair.up) else {
             return Err(format!("{module} has only one of its two matrices"));
         };
-        let Some(target) = find_weight(module, weights) else {
+        let found = find_weight(module, weights)
+            .and_then(|target| weights.get(&target).map(|weight| (target, weight)));
+        let Some((target, weight)) = found else {
             return Err(format!(
                 "{module} matches no weight of the model (it has e.g. {})",
                 sample(weights.keys().filter(|name| name.ends_with(".weight")))
             ));
         };
-        let delta = product(up, down, &weights[&target].size())
-            .map_err(|problem| format!("{module}: {problem}"))?;
+        let delta =
+            product(up, down, &weight.size()).map_err(|problem| format!("{module}: {problem}"))?;
         let rank = down.size().first().copied().unwrap_or(1).max(1) as f64;
         let scale = pair.alpha.map_or(1.0, |alpha| alpha / rank);
         let step = delta
