@@ -200,6 +200,7 @@ impl Registry {
     /// The ready, idle-able models whose workers could become `name` in
     /// place: other modes of its base whose workers can switch.
     fn siblings(&self, name: &str, model: &ModelConfig, config: &Config) -> Vec<String> {
+        let launch = self.launch(model, config);
         self.models
             .iter()
             .filter(|(other, _)| other.as_str() != name)
@@ -209,10 +210,8 @@ impl Registry {
                     placement,
                     yield_after_work: None,
                     ..
-                } if worker.can_become(
-                    &self.load_spec(name, model, config, *placement),
-                    &self.launch(model, config),
-                ) =>
+                } if worker
+                    .can_become(&self.load_spec(name, model, config, *placement), &launch) =>
                 {
                     Some(other.clone())
                 }
