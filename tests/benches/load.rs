@@ -1,21 +1,27 @@
 //! gpuctld under load, in one run: 1,000 connections × 100 pings, then 64
 //! clients × 50 small `tensor` requests whose answers are checked against
-//! the model's definition. Prints, for each, the replies lost (no answer
-//! within 60 s), mismatched (the wrong answer) and errored (must all be
-//! 0), the throughput, p50 and p99 latency, and gpuctld's peak RSS; exits 1
-//! if any reply was lost, wrong or an error.
+//! the model's definition, in ROUNDS rounds interleaved with the same
+//! requests through a minimal relay doing the same hops (see relay.rs).
+//! Prints, for each, the replies lost (no answer within 60 s), mismatched
+//! (the wrong answer) and errored (must all be 0), the throughput, p50 and
+//! p99 latency, gpuctld's rate as a share of the relay's (medians), and
+//! gpuctld's peak RSS; exits 1 if any reply was lost, wrong or an error.
 //!
-//! `cargo bench -p gpuctl-e2e --bench load [-- CONNECTIONS PINGS CLIENTS REQUESTS]`
+//! `cargo bench -p gpuctl-e2e --bench load [-- CONNECTIONS PINGS CLIENTS REQUESTS ROUNDS]`
 //! (needs `cargo build`, a release build preferred — `cargo build --release`
-//! — and the models from models/make_models.py).
+//! — and the models from models/make_models.py). CONNECTIONS 0 skips the
+//! pings. Extra `[models.ten]` settings for gpuctld come from the
+//! environment variable `GPUCTL_BENCH_MODEL` (e.g. `max_batch = 8`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpuctl_protocol::{Client, DType, GenerateRequest, PingRequest, Request, Response, WireTensor};
+
+mod relay;
 
 const REPLY_LIMIT: Duration = Duration::from_secs(60);
 
@@ -39,7 +45,13 @@ impl Tally {
         self.errored += other.errored;
     }
 
+    /// Prints the figures; true when every reply was right. `rate` gets
+    /// the replies per second.
     fn print(&mut self, what: &str, asked: u64, took: Duration) -> bool {
+        self.print_rate(what, asked, took, &mut 0.0)
+    }
+
+    fn print_rate(&mut self, what: &str, asked: u64, took: Duration, rate: &mut f64) -> bool {
         self.latencies.sort();
         let at = |q: f64| {
             self.latencies
@@ -49,12 +61,13 @@ impl Tally {
                 )
                 .map_or(0.0, |d| d.as_secs_f64() * 1e3)
         };
+        *rate = self.latencies.len() as f64 / took.as_secs_f64();
         println!(
             "{what}: {asked} requests: lost {}, mismatched {}, errored {}; {:.0} replies/s; p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({:.1} s in all)",
             self.lost,
             self.mismatched,
             self.errored,
-            self.latencies.len() as f64 / took.as_secs_f64(),
+            *rate,
             at(0.50),
             at(0.99),
             self.latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
@@ -164,19 +177,63 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-fn main() {
-    let numbers: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
+/// `clients` clients × `per_client` tensor requests at `socket`; prints
+/// the figures and returns the rate, or `None` if a reply was wrong.
+async fn generate_round(
+    socket: &Arc<PathBuf>,
+    what: &str,
+    clients: usize,
+    per_client: usize,
+) -> Option<f64> {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| tokio::spawn(requests(socket.clone(), i, per_client)))
         .collect();
+    let mut tally = Tally::default();
+    for task in tasks {
+        tally.add(task.await.unwrap());
+    }
+    let mut rate = 0.0;
+    tally
+        .print_rate(
+            &format!("{what}: generate (tiny tensor model), {clients} clients x {per_client}"),
+            (clients * per_client) as u64,
+            started.elapsed(),
+            &mut rate,
+        )
+        .then_some(rate)
+}
+
+async fn wait_for(socket: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Client::connect(socket).await.is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(at) = args.iter().position(|a| a == "relay-serve") {
+        relay::serve(&args[at + 1..]);
+        return;
+    }
+    let numbers: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let arg = |i: usize, default: usize| numbers.get(i).copied().unwrap_or(default);
     let (connections, per_connection) = (arg(0, 1000), arg(1, 100));
     let (clients, per_client) = (arg(2, 64), arg(3, 50));
+    let rounds = arg(4, 3).max(1);
     let (gpuctld, profile) = ["release", "debug"]
         .iter()
         .map(|p| (root().join("target").join(p).join("gpuctld"), *p))
         .find(|(p, _)| p.exists())
         .expect("no gpuctld: run `cargo build --release` (or `cargo build`) first");
+    let worker = gpuctld.with_file_name("gpuctl-worker");
     let models = root().join("target/models");
     assert!(
         models.join("tiny-tensor.pt").exists(),
@@ -195,10 +252,11 @@ fn main() {
     let socket = dir.path().join("gpuctld.sock");
     let config = dir.path().join("gpuctld.toml");
     let slots = connections + clients + 16;
+    let extra = std::env::var("GPUCTL_BENCH_MODEL").unwrap_or_default();
     std::fs::write(
         &config,
         format!(
-            "model_root = \"{}\"\n[daemon]\nmax_connections = {slots}\nmax_connections_per_uid = {slots}\nlog_level = \"warn\"\n[policy]\nqueue_max = {}\n[gpu]\nbackend = \"none\"\n[models.ten]\npath = \"tiny-tensor.pt\"\nkind = \"tensor\"\nthreads = 1\n",
+            "model_root = \"{}\"\n[daemon]\nmax_connections = {slots}\nmax_connections_per_uid = {slots}\nlog_level = \"warn\"\n[policy]\nqueue_max = {}\n[gpu]\nbackend = \"none\"\n[models.ten]\npath = \"tiny-tensor.pt\"\nkind = \"tensor\"\nthreads = 1\n{extra}\n",
             models.display(),
             clients * 2
         ),
@@ -216,35 +274,47 @@ fn main() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start gpuctld");
+    let relay_socket = dir.path().join("relay.sock");
+    let mut relay = Command::new(std::env::current_exe().unwrap())
+        .arg("relay-serve")
+        .arg(&relay_socket)
+        .arg(&worker)
+        .arg(models.join("tiny-tensor.pt"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the relay");
     let pid = daemon.id();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "load: gpuctld ({profile} build), {cores} cores, bench and daemon on the same machine"
+        "load: gpuctld ({profile} build), {cores} cores, bench and daemon on the same machine; [models.ten] extra: {extra:?}"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     let socket = Arc::new(socket);
+    let relay_socket = Arc::new(relay_socket);
     let ok = runtime.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Client::connect(socket.as_path()).await.is_err() {
-            assert!(Instant::now() < deadline, "gpuctld did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        wait_for(&socket, "gpuctld").await;
+        wait_for(&relay_socket, "the relay").await;
+        let mut pinged = true;
+        if connections > 0 {
+            let started = Instant::now();
+            let tasks: Vec<_> = (0..connections)
+                .map(|_| tokio::spawn(pings(socket.clone(), per_connection)))
+                .collect();
+            let mut tally = Tally::default();
+            for task in tasks {
+                tally.add(task.await.unwrap());
+            }
+            pinged = tally.print(
+                &format!("ping, {connections} connections x {per_connection}"),
+                (connections * per_connection) as u64,
+                started.elapsed(),
+            );
         }
-        let started = Instant::now();
-        let tasks: Vec<_> = (0..connections)
-            .map(|_| tokio::spawn(pings(socket.clone(), per_connection)))
-            .collect();
-        let mut tally = Tally::default();
-        for task in tasks {
-            tally.add(task.await.unwrap());
-        }
-        let pinged = tally.print(
-            &format!("ping, {connections} connections x {per_connection}"),
-            (connections * per_connection) as u64,
-            started.elapsed(),
-        );
 
         // The model's load is not what is measured.
         let warm = Client::connect(socket.as_path()).await.unwrap();
@@ -254,24 +324,33 @@ fn main() {
         }))
         .await
         .unwrap();
-        let started = Instant::now();
-        let tasks: Vec<_> = (0..clients)
-            .map(|i| tokio::spawn(requests(socket.clone(), i, per_client)))
-            .collect();
-        let mut tally = Tally::default();
-        for task in tasks {
-            tally.add(task.await.unwrap());
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        let mut generated = true;
+        for round in 1..=rounds {
+            for (socket, what, rates) in [
+                (&socket, "gpuctld", &mut ours),
+                (&relay_socket, "relay", &mut theirs),
+            ] {
+                match generate_round(socket, &format!("round {round}, {what}"), clients, per_client)
+                    .await
+                {
+                    Some(rate) => rates.push(rate),
+                    None => generated = false,
+                }
+            }
         }
-        let generated = tally.print(
-            &format!("generate (tiny tensor model), {clients} clients x {per_client}"),
-            (clients * per_client) as u64,
-            started.elapsed(),
+        let (ours, theirs) = (median(&mut ours), median(&mut theirs));
+        println!(
+            "generate: gpuctld {ours:.0} replies/s, relay {theirs:.0} replies/s (medians of {rounds} rounds): {:.2} of the relay's rate",
+            ours / theirs.max(f64::MIN_POSITIVE)
         );
         pinged && generated
     });
     println!("gpuctld peak RSS: {:.1} MiB", peak_rss_mib(pid));
     let _ = daemon.kill();
     let _ = daemon.wait();
+    let _ = relay.kill();
+    let _ = relay.wait();
     if !ok {
         eprintln!("load: replies were lost, wrong or errors");
         std::process::exit(1);
