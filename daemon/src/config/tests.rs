@@ -221,6 +221,31 @@ fn bad_values_name_key_and_problem() {
             "models.a/b",
             "model name may use only",
         ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"tensor\"\nmax_batch = 0",
+            "models.a.max_batch",
+            "must be from 1 (no batching) to 1024",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"image\"\nmax_batch = 1025",
+            "models.a.max_batch",
+            "must be from 1 (no batching) to 1024",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"generate\"\nmax_batch = 2",
+            "models.a.max_batch",
+            "applies only to models of kind \"image\" and \"tensor\"",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"image\"\nbatch_window = \"2s\"",
+            "models.a.batch_window",
+            "must be at most 1s",
+        ),
+        (
+            "[models.a]\npath = \"a.pt\"\nkind = \"image\"\nbatch_window = \"soon\"",
+            "models.a.batch_window",
+            "invalid duration",
+        ),
     ];
     for (text, key, problem) in cases {
         let error = parse(text).unwrap_err();

@@ -37,7 +37,9 @@ pub use gpuctl_protocol::UnloadReason;
 pub use pressure::pressure_holder;
 pub use pump::{plan_pump, Candidate, Refusal, Step, Waiting};
 pub use reload::{reload_changes, ModelChange};
-pub use resources::{need, worker_threads, Need, NeedSource};
+pub use resources::{
+    need, short_jobs, worker_slots, worker_threads, Need, NeedSource, SHORT_JOB_MS,
+};
 
 /// Where a model is in its life cycle, as far as policy cares: the one
 /// derivation of a model's state, from which its status is shown too.

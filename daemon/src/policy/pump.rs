@@ -13,8 +13,8 @@ use super::{admit, group_barrier, Admission, ModelView, Phase, UnloadReason};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Waiting {
     pub since: Instant,
-    /// A job takes one of the model's `concurrency` slots; a `Load` request
-    /// is answered without one.
+    /// A job takes one of the model's slots (`worker_slots`); a `Load`
+    /// request is answered without one.
     pub job: bool,
 }
 
@@ -34,7 +34,8 @@ pub struct Candidate {
     pub name: String,
     /// Its waiting requests, in queue order.
     pub waiting: Vec<Waiting>,
-    pub concurrency: u32,
+    /// The requests its worker may hold at once (`worker_slots`).
+    pub slots: u32,
     /// Ready but leaving once its work is done (pressure): it starts nothing.
     pub yielding: bool,
     /// Set when it is not resident and may not load now.
@@ -47,7 +48,7 @@ pub struct Candidate {
 /// One thing to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
-    /// Hand waiting requests to its ready worker, up to its concurrency,
+    /// Hand waiting requests to its ready worker, up to its slots,
     /// none that arrived after `barrier` (a request waiting for another
     /// member of its group came first).
     Dispatch {
@@ -91,9 +92,7 @@ pub fn plan_pump(models: &[ModelView], candidates: &[Candidate], max_loaded: usi
                 let mut in_flight = in_flight;
                 let mut taken = 0;
                 for waiting in &candidate.waiting {
-                    if in_flight >= candidate.concurrency
-                        || barrier.is_some_and(|b| waiting.since > b)
-                    {
+                    if in_flight >= candidate.slots || barrier.is_some_and(|b| waiting.since > b) {
                         break;
                     }
                     in_flight += u32::from(waiting.job);
@@ -181,7 +180,7 @@ mod tests {
         }
     }
 
-    fn candidate(name: &str, waiting: &[Instant], concurrency: u32) -> Candidate {
+    fn candidate(name: &str, waiting: &[Instant], slots: u32) -> Candidate {
         Candidate {
             name: name.into(),
             waiting: waiting
@@ -191,7 +190,7 @@ mod tests {
                     job: true,
                 })
                 .collect(),
-            concurrency,
+            slots,
             yielding: false,
             refused: None,
             switch_from: Vec::new(),
@@ -199,7 +198,7 @@ mod tests {
     }
 
     #[test]
-    fn a_ready_model_takes_work_up_to_its_concurrency_and_a_yielding_one_none() {
+    fn a_ready_model_takes_work_up_to_its_slots_and_a_yielding_one_none() {
         let t0 = Instant::now();
         let queue = [at(t0, 1), at(t0, 2), at(t0, 3)];
         let models = [view("a", Phase::Ready { in_flight: 1 }, &queue, t0)];

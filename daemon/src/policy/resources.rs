@@ -20,6 +20,31 @@ pub fn worker_threads(threads: u32, cores: u32, max_loaded: u32, models: usize) 
     (cores / resident).max(1)
 }
 
+/// Jobs that took at most this long keep their worker fed: the next ones
+/// are sent ahead, so it never waits for a round trip through gpuctld.
+/// Longer ones wait in the queue, where their clients see their place.
+pub const SHORT_JOB_MS: u64 = 10;
+
+/// Whether a model's jobs are short enough to be sent ahead, going by the
+/// last one (unknown until one has run).
+pub fn short_jobs(last_run_ms: Option<u64>) -> bool {
+    last_run_ms.is_some_and(|ms| ms <= SHORT_JOB_MS)
+}
+
+/// How many of a model's requests its worker's supervisor holds at once:
+/// `concurrency` runs, `ahead` runs sent ahead of them when its jobs are
+/// short, and with batching one batch forming, each run of up to
+/// `max_batch` requests. The rest wait in the model's queue, where their
+/// clients are told their place.
+pub fn worker_slots(concurrency: u32, max_batch: u32, ahead: u32) -> u32 {
+    let forming = u32::from(max_batch > 1);
+    concurrency
+        .max(1)
+        .saturating_add(ahead)
+        .saturating_add(forming)
+        .saturating_mul(max_batch.max(1))
+}
+
 /// Where a need figure comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NeedSource {
@@ -94,6 +119,29 @@ pub fn need(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_holds_its_runs_those_sent_ahead_and_a_batch_forming() {
+        assert_eq!(worker_slots(1, 1, 0), 1, "long jobs: one at a time");
+        assert_eq!(worker_slots(1, 1, 16), 17, "short ones: 16 sent ahead");
+        assert_eq!(worker_slots(2, 1, 16), 18);
+        assert_eq!(
+            worker_slots(1, 8, 0),
+            16,
+            "batches of 8: one running, one forming"
+        );
+        assert_eq!(worker_slots(1, 8, 1), 24);
+        assert_eq!(worker_slots(u32::MAX, 1024, 16), u32::MAX, "no overflow");
+        assert_eq!(worker_slots(0, 0, 0), 1, "unset reads as 1");
+    }
+
+    #[test]
+    fn jobs_are_short_once_one_has_run_quickly() {
+        assert!(!short_jobs(None), "unknown until one has run");
+        assert!(short_jobs(Some(0)));
+        assert!(short_jobs(Some(SHORT_JOB_MS)));
+        assert!(!short_jobs(Some(SHORT_JOB_MS + 1)));
+    }
 
     #[test]
     fn worker_threads_share_the_cores_unless_set() {

@@ -65,6 +65,8 @@ pub enum Life {
         pid: u32,
         /// Ends the worker at once, whatever it is doing.
         kill: CancellationToken,
+        /// Stops a job whose client has gone while it drains.
+        jobs: crate::worker::Canceller,
         placement: Option<u32>,
         held: u64,
         in_flight: u32,
@@ -114,6 +116,9 @@ impl FileIdentity {
 pub struct History {
     pub loads: u64,
     pub last_load_ms: Option<u64>,
+    /// How long its last successful job took in the worker: whether its
+    /// jobs are short enough to be sent ahead.
+    pub last_run_ms: Option<u64>,
     pub last_error: Option<String>,
     /// Consecutive failures (failed loads, crashes); a job that succeeds
     /// resets it. Decides the backoff.
@@ -135,8 +140,6 @@ pub struct ModelEntry {
     pub queue: VecDeque<Waiter>,
     /// Set by a request's keep-alive; otherwise the config decides.
     pub keep_alive: Option<KeepAlive>,
-    /// Tickets handed to queued jobs so far.
-    pub tickets: u64,
     /// Numbers each load, so events of an older worker are recognised.
     pub load: u64,
     pub history: History,
@@ -148,7 +151,6 @@ impl ModelEntry {
             life: Life::Unloaded { retry_at: None },
             queue: VecDeque::new(),
             keep_alive: None,
-            tickets: 0,
             load: 0,
             history: History {
                 seen_file,
@@ -262,9 +264,11 @@ impl ModelEntry {
     }
 
     /// A job of its current worker has ended.
-    pub fn job_done(&mut self, succeeded: bool) {
-        if succeeded {
+    /// A job has left its worker: `run_ms` when it succeeded.
+    pub fn job_done(&mut self, run_ms: Option<u64>) {
+        if let Some(run_ms) = run_ms {
             self.history.failures = 0;
+            self.history.last_run_ms = Some(run_ms);
         }
         match &mut self.life {
             Life::Ready {

@@ -1,6 +1,7 @@
 //! The registry's handle: what the rest of the daemon may ask of it, as
 //! commands over a channel, each answered on its own oneshot.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use gpuctl_protocol::{
@@ -10,7 +11,7 @@ use gpuctl_protocol::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use super::PreparedJob;
+use super::{Event, PreparedJob};
 use crate::config::Config;
 use crate::outbox::EventSink;
 
@@ -24,6 +25,8 @@ pub(super) enum Command {
     },
     Run {
         job: PreparedJob,
+        /// Its number, daemon-wide: what its client's departure names.
+        ticket: u64,
         reply: oneshot::Sender<Result<GenerateResponse, Error>>,
     },
     Load {
@@ -64,6 +67,30 @@ pub struct RegistryHandle {
     pub(super) commands: mpsc::Sender<Command>,
     pub(super) config: watch::Receiver<Arc<Config>>,
     pub(super) notices: broadcast::Sender<Notice>,
+    /// Where a caller that stops waiting for its job says so.
+    pub(super) departures: mpsc::UnboundedSender<Event>,
+    pub(super) tickets: Arc<AtomicU64>,
+}
+
+/// Tells the registry that a job's caller stopped waiting (its client
+/// disconnected, cancelled or timed out) unless it was answered first: a
+/// queued job leaves the queue at once, a running one is stopped.
+struct Departure<'a> {
+    departures: &'a mpsc::UnboundedSender<Event>,
+    /// `None` once answered.
+    model: Option<String>,
+    ticket: u64,
+}
+
+impl Drop for Departure<'_> {
+    fn drop(&mut self) {
+        if let Some(model) = self.model.take() {
+            let _ = self.departures.send(Event::Departed {
+                model,
+                ticket: self.ticket,
+            });
+        }
+    }
 }
 
 impl RegistryHandle {
@@ -155,7 +182,15 @@ impl RegistryHandle {
 
     /// Runs a job, loading its model first if needed.
     pub async fn run(&self, job: PreparedJob) -> Result<GenerateResponse, Error> {
-        self.ask(|reply| Command::Run { job, reply }).await?
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let mut departure = Departure {
+            departures: &self.departures,
+            model: Some(job.model.clone()),
+            ticket,
+        };
+        let answer = self.ask(|reply| Command::Run { job, ticket, reply }).await;
+        departure.model = None;
+        answer?
     }
 
     /// Loads a model now.

@@ -1,6 +1,7 @@
 //! Requests for a model: queued (bounded by `policy.queue_max`), handed to
-//! its ready worker up to its `concurrency`, and answered when the worker
-//! is done; a client that leaves takes its request with it.
+//! its ready worker up to its slots (`policy::worker_slots`), and answered
+//! when the worker is done; one its worker went before starting waits in
+//! the queue again; a client that leaves takes its request with it.
 
 use std::time::Instant;
 
@@ -8,16 +9,17 @@ use gpuctl_protocol::{Error, ErrorCode, GenerateResponse, KeepAlive, LoadRespons
 use tokio::sync::{mpsc, oneshot};
 
 use super::entry::Life;
-use super::queue::{watch_departure, Waiter};
+use super::queue::Waiter;
 use super::{ms, not_found, Event, PreparedJob, Registry};
 use crate::policy;
-use crate::worker::{JobOutput, WorkerJob};
+use crate::worker::{JobEnd, JobOutput, WorkerJob};
 
 impl Registry {
     /// Queues a job (bounded by `queue_max`) and moves things along.
     pub(super) fn submit_job(
         &mut self,
         job: PreparedJob,
+        ticket: u64,
         reply: oneshot::Sender<Result<GenerateResponse, Error>>,
     ) {
         let config = self.config();
@@ -42,9 +44,6 @@ impl Registry {
         if job.keep_alive.is_some() {
             entry.keep_alive = job.keep_alive;
         }
-        entry.tickets += 1;
-        let ticket = entry.tickets;
-        let reply = watch_departure(reply, name.clone(), ticket, self.events.clone());
         entry.queue.push_back(Waiter::Job {
             job: Box::new(job),
             ticket,
@@ -78,7 +77,8 @@ impl Registry {
     }
 
     /// A waiting request whose client has gone leaves the queue at once,
-    /// so it holds no place in `queue_max` and the others move up.
+    /// so it holds no place in `queue_max` and the others move up; one its
+    /// worker holds is stopped there.
     pub(super) fn on_departed(&mut self, name: &str, ticket: u64) {
         let Some(entry) = self.models.get_mut(name) else {
             return;
@@ -87,7 +87,15 @@ impl Registry {
         entry
             .queue
             .retain(|w| !matches!(w, Waiter::Job { ticket: t, .. } if *t == ticket));
-        if entry.queue.len() < before {
+        if entry.queue.len() == before {
+            match &entry.life {
+                Life::Ready { worker, .. } => worker.canceller.cancel(ticket),
+                Life::Unloading { jobs, .. } => jobs.cancel(ticket),
+                _ => {}
+            }
+            return;
+        }
+        {
             tracing::info!(
                 model = name,
                 queued = entry.queue.len(),
@@ -97,11 +105,32 @@ impl Registry {
         }
     }
 
+    /// A job that worker `load` went without starting waits in the queue
+    /// again, in its place by arrival.
+    pub(super) fn on_requeue(&mut self, name: &str, load: u64, waiter: Waiter) {
+        let Some(entry) = self.models.get_mut(name) else {
+            if let Waiter::Job { reply, .. } = waiter {
+                let _ = reply.send(Err(Error::new(
+                    ErrorCode::NotFound,
+                    format!("model {name} was removed from the configuration"),
+                )));
+            }
+            return;
+        };
+        if entry.load == load {
+            entry.job_done(None);
+        }
+        let since = waiter.since();
+        let at = entry.queue.partition_point(|w| w.since() <= since);
+        entry.queue.insert(at, waiter);
+        self.pump(name);
+    }
+
     /// A job of worker `load` has ended.
-    pub(super) fn on_job_done(&mut self, name: &str, load: u64, succeeded: bool) {
+    pub(super) fn on_job_done(&mut self, name: &str, load: u64, run_ms: Option<u64>) {
         let mut leave = None;
         if let Some(entry) = self.models.get_mut(name).filter(|e| e.load == load) {
-            entry.job_done(succeeded);
+            entry.job_done(run_ms);
             if let Life::Ready {
                 in_flight: 0,
                 yield_after_work,
@@ -120,10 +149,10 @@ impl Registry {
     }
 
     /// Hands waiting requests to the ready worker of `name`, up to its
-    /// `concurrency`, none that arrived after `barrier`: requests that
+    /// `slots`, none that arrived after `barrier`: requests that
     /// arrived after one waiting for another member of the group wait for
     /// the switch and back (FIFO across the group).
-    pub(super) fn dispatch(&mut self, name: &str, concurrency: u32, barrier: Option<Instant>) {
+    pub(super) fn dispatch(&mut self, name: &str, slots: u32, barrier: Option<Instant>) {
         let events = self.events.clone();
         let Some(entry) = self.models.get_mut(name) else {
             return;
@@ -149,7 +178,7 @@ impl Registry {
         let loaded_at = *loaded_at;
         let load_ms_since =
             move |since: Instant| (since < loaded_at).then_some(()).and(last_load_ms);
-        while *in_flight < concurrency {
+        while *in_flight < slots {
             if entry
                 .queue
                 .front()
@@ -173,76 +202,97 @@ impl Registry {
                     tracing::debug!(model = name, "its client left while it waited; dropped");
                 }
                 Waiter::Job {
-                    job, reply, since, ..
+                    job,
+                    reply,
+                    since,
+                    ticket,
+                    ..
                 } => {
-                    let (done, result) = oneshot::channel();
-                    let (cancel, cancelled) = oneshot::channel();
                     let PreparedJob {
                         job: work,
                         seed,
                         events: progress,
+                        keep_alive,
                         ..
                     } = *job;
-                    worker.run(WorkerJob {
-                        job: work,
-                        reply: done,
-                        progress,
-                        cancel: cancelled,
-                    });
-                    *in_flight += 1;
                     let running = RunningJob {
                         model: name.to_owned(),
                         load,
                         device: device.clone(),
                         seed,
+                        keep_alive,
+                        ticket,
+                        since,
                         queue_ms: ms(since.elapsed()),
                         load_ms: load_ms_since(since),
+                        reply,
+                        events: events.clone(),
                     };
-                    tokio::spawn(running.answer(result, reply, cancel, events.clone()));
+                    worker.run(WorkerJob {
+                        job: work,
+                        ticket,
+                        on_end: Box::new(move |end| running.end(end)),
+                        progress,
+                    });
+                    *in_flight += 1;
                 }
             }
         }
     }
 }
 
-/// A job handed to a worker, until its client has the answer.
+/// A job handed to a worker, until its client has the answer: what its
+/// end is turned into, on the worker's supervisor's task.
 struct RunningJob {
     model: String,
     load: u64,
     device: String,
     seed: Option<u64>,
+    keep_alive: Option<KeepAlive>,
+    ticket: u64,
+    since: Instant,
     queue_ms: u64,
     load_ms: Option<u64>,
+    reply: oneshot::Sender<Result<GenerateResponse, Error>>,
+    events: mpsc::UnboundedSender<Event>,
 }
 
 impl RunningJob {
-    /// Waits for the worker's answer and passes it on; a client that hangs
-    /// up (or cancels) stops its job at the worker's next batch boundary.
-    async fn answer(
-        self,
-        mut result: oneshot::Receiver<Result<JobOutput, Error>>,
-        mut reply: oneshot::Sender<Result<GenerateResponse, Error>>,
-        cancel: oneshot::Sender<()>,
-        events: mpsc::UnboundedSender<Event>,
-    ) {
-        let finished = tokio::select! {
-            finished = &mut result => finished,
-            _ = reply.closed() => {
-                let _ = cancel.send(());
-                let finished = result.await;
-                if let Ok(Err(error)) = &finished {
+    /// Answers the client and tells the registry; a job its worker went
+    /// without starting goes back to the queue instead.
+    fn end(self, end: JobEnd) {
+        let outcome = match end {
+            JobEnd::Done(output) => Ok(output),
+            JobEnd::Failed(error) => {
+                if self.reply.is_closed() {
                     tracing::info!(model = %self.model, error = %error.message, "job of a client that left has stopped");
                 }
-                finished
+                Err(error)
+            }
+            JobEnd::NotStarted { job, progress } => {
+                tracing::debug!(model = %self.model, "its worker went before starting it; it waits for the next");
+                let waiter = Waiter::Job {
+                    job: Box::new(PreparedJob {
+                        model: self.model.clone(),
+                        job,
+                        seed: self.seed,
+                        keep_alive: self.keep_alive,
+                        events: progress,
+                    }),
+                    ticket: self.ticket,
+                    reply: self.reply,
+                    since: self.since,
+                    told: None,
+                };
+                let _ = self.events.send(Event::Requeue {
+                    model: self.model,
+                    load: self.load,
+                    waiter,
+                });
+                return;
             }
         };
-        let outcome = finished.unwrap_or_else(|_| {
-            Err(Error::new(
-                ErrorCode::Internal,
-                format!("model {}: its worker is gone", self.model),
-            ))
-        });
-        let succeeded = outcome.is_ok();
+        let run_ms = outcome.as_ref().ok().map(|output| output.run_ms);
         let answer = outcome.map(
             |JobOutput {
                  outputs,
@@ -259,11 +309,11 @@ impl RunningJob {
                 notes,
             },
         );
-        let _ = reply.send(answer);
-        let _ = events.send(Event::JobDone {
-            model: self.model,
+        let _ = self.events.send(Event::JobDone {
+            model: self.model.clone(),
             load: self.load,
-            succeeded,
+            run_ms,
         });
+        let _ = self.reply.send(answer);
     }
 }

@@ -84,8 +84,11 @@ impl Registry {
         for step in steps {
             match step {
                 Step::Dispatch { model, barrier } => {
-                    let concurrency = config.models.get(&model).map_or(1, |m| m.concurrency);
-                    self.dispatch(&model, concurrency, barrier);
+                    let slots = match (config.models.get(&model), self.models.get(&model)) {
+                        (Some(config), Some(entry)) => slots(config, entry),
+                        _ => 1,
+                    };
+                    self.dispatch(&model, slots, barrier);
                 }
                 Step::Refuse {
                     model,
@@ -182,6 +185,7 @@ impl Registry {
                 },
             };
         }
+        let slots = slots(model, entry);
         let switch_from = if matches!(entry.life, Life::Unloaded { .. }) && refused.is_none() {
             self.siblings(name, model, config)
         } else {
@@ -190,7 +194,7 @@ impl Registry {
         Some(Candidate {
             name: name.to_owned(),
             waiting,
-            concurrency: model.concurrency,
+            slots,
             yielding,
             refused,
             switch_from,
@@ -362,7 +366,12 @@ impl Registry {
         let launch = self.launch(model, config);
         let limits = worker::Limits {
             max_output: config.daemon.max_output.0 as usize,
-            cancel_grace: config.policy.cancel_grace.0,
+            feed: worker::FeedLimits {
+                concurrency: model.concurrency as usize,
+                max_batch: model.max_batch as usize,
+                window: model.batch_window.0,
+                cancel_grace: config.policy.cancel_grace.0,
+            },
         };
         let kill = CancellationToken::new();
         let stop = kill.clone();
@@ -565,6 +574,17 @@ fn options_json(options: &toml::Table) -> String {
         }
     }
     json(&toml::Value::Table(options.clone())).to_string()
+}
+
+/// The requests `model`'s worker may hold at once: more when its jobs are
+/// short (see `policy::short_jobs`).
+fn slots(model: &ModelConfig, entry: &super::entry::ModelEntry) -> u32 {
+    let ahead = if policy::short_jobs(entry.history.last_run_ms) {
+        worker::RUNS_AHEAD as u32
+    } else {
+        0
+    };
+    policy::worker_slots(model.concurrency, model.max_batch, ahead)
 }
 
 #[cfg(test)]

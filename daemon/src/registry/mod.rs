@@ -80,12 +80,19 @@ pub enum Event {
     JobDone {
         model: String,
         load: u64,
-        succeeded: bool,
+        /// How long it ran, when it succeeded.
+        run_ms: Option<u64>,
     },
     Exited {
         model: String,
         load: u64,
         exit: Exit,
+    },
+    /// A job its worker (`load`) went without starting, to wait again.
+    Requeue {
+        model: String,
+        load: u64,
+        waiter: queue::Waiter,
     },
     /// A GPU sample, taken on a blocking thread.
     Sampled(Result<Vec<DeviceSample>, String>),
@@ -180,11 +187,14 @@ pub fn spawn(source: ConfigSource, loaded: Loaded) -> RegistryHandle {
         state_dir,
         measured,
     };
+    let departures = registry.events.clone();
     tokio::spawn(registry.run(inbox, event_inbox));
     RegistryHandle {
         commands,
         config: receiver,
         notices,
+        departures,
+        tickets: Arc::new(std::sync::atomic::AtomicU64::new(1)),
     }
 }
 
@@ -203,11 +213,15 @@ impl Registry {
             let expiry = self.next_expiry();
             let poll = self.next_poll();
             tokio::select! {
+                // Events first: a job's end is told before its client is
+                // answered, so a client's next request never finds the
+                // last one still counted as running (queue_max).
+                biased;
+                Some(event) = events.recv() => self.on_event(event),
                 command = inbox.recv() => match command {
                     Some(command) => self.handle(command).await,
                     None => return,
                 },
-                Some(event) = events.recv() => self.on_event(event),
                 _ = sleep_until(expiry) => self.expire_idle(),
                 _ = sleep_until(poll) => self.request_sample(),
             }
@@ -225,7 +239,7 @@ impl Registry {
                     let _ = reply.send(outcome);
                 }
             }
-            Command::Run { job, reply } => self.submit_job(job, reply),
+            Command::Run { job, ticket, reply } => self.submit_job(job, ticket, reply),
             Command::Load {
                 model,
                 keep_alive,
@@ -272,11 +286,16 @@ impl Registry {
             Event::JobDone {
                 model,
                 load,
-                succeeded,
-            } => self.on_job_done(&model, load, succeeded),
+                run_ms,
+            } => self.on_job_done(&model, load, run_ms),
             Event::Exited { model, load, exit } => self.on_exited(&model, load, exit),
             Event::Sampled(sample) => self.on_sampled(sample),
             Event::Departed { model, ticket } => self.on_departed(&model, ticket),
+            Event::Requeue {
+                model,
+                load,
+                waiter,
+            } => self.on_requeue(&model, load, waiter),
         }
     }
 

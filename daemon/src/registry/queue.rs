@@ -4,10 +4,10 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use gpuctl_protocol::{Error, ErrorCode, GenerateResponse, LoadResponse, QueuedEvent};
-use tokio::sync::{mpsc, oneshot};
+use gpuctl_protocol::{Error, GenerateResponse, LoadResponse, QueuedEvent};
+use tokio::sync::oneshot;
 
-use super::{Event, PreparedJob};
+use super::PreparedJob;
 
 pub enum Waiter {
     Job {
@@ -72,32 +72,4 @@ pub fn tell_waiting(
             }));
         }
     }
-}
-
-/// Stands between a job's client and the registry: answers the client, or,
-/// when the client goes first (disconnect, `Cancel`, timeout), tells the
-/// registry so that the job leaves its queue. The registry's end of the
-/// returned sender closes then too, which stops a job already running.
-pub fn watch_departure(
-    reply: oneshot::Sender<Result<GenerateResponse, Error>>,
-    model: String,
-    ticket: u64,
-    events: mpsc::UnboundedSender<Event>,
-) -> oneshot::Sender<Result<GenerateResponse, Error>> {
-    let (answer, answered) = oneshot::channel();
-    tokio::spawn(async move {
-        let mut reply = reply;
-        tokio::select! {
-            answer = answered => {
-                let answer = answer.unwrap_or_else(|_| {
-                    Err(Error::new(ErrorCode::Internal, format!("model {model}: its request was dropped")))
-                });
-                let _ = reply.send(answer);
-            }
-            _ = reply.closed() => {
-                let _ = events.send(Event::Departed { model, ticket });
-            }
-        }
-    });
-    answer
 }

@@ -100,6 +100,7 @@ impl Registry {
                     "unloading"
                 );
                 let pid = worker.pid;
+                let jobs = worker.canceller.clone();
                 // Without force it drains; the switch still ends it at once
                 // if a later `unload --force` asks.
                 let kill = worker.unload();
@@ -110,6 +111,7 @@ impl Registry {
                 Life::Unloading {
                     pid,
                     kill,
+                    jobs,
                     placement,
                     held,
                     in_flight,

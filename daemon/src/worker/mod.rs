@@ -22,8 +22,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+mod batch;
+mod feed;
 mod launch;
 mod supervisor;
+
+pub use feed::{FeedLimits, RUNS_AHEAD};
 
 pub use launch::{kill_group, Launch};
 use supervisor::{supervise, Supervised};
@@ -40,15 +44,43 @@ pub struct JobOutput {
     pub notes: Vec<String>,
 }
 
+/// How a job handed to a worker ended.
+pub enum JobEnd {
+    Done(JobOutput),
+    Failed(Error),
+    /// Its worker went before starting it (it died, or was killed for
+    /// another job): it waits for the next worker like a queued request.
+    NotStarted {
+        job: Job,
+        progress: Option<crate::outbox::EventSink>,
+    },
+}
+
+/// What a job's end is handed to, once, on the supervisor's task: no task
+/// of its own waits for it.
+pub type OnEnd = Box<dyn FnOnce(JobEnd) + Send>;
+
 /// A job on its way to a worker, with where its answer goes.
 pub struct WorkerJob {
     pub job: Job,
-    pub reply: oneshot::Sender<Result<JobOutput, Error>>,
+    /// The registry's number for it: what [`Canceller::cancel`] names.
+    pub ticket: u64,
+    pub on_end: OnEnd,
     /// Where its progress goes (its client), if anywhere.
     pub progress: Option<crate::outbox::EventSink>,
-    /// Fires when its client has gone: the worker stops it at the next
-    /// batch boundary. Dropped unfired when the job ends normally.
-    pub cancel: oneshot::Receiver<()>,
+}
+
+/// Stops a worker's jobs by ticket, while it serves and while it drains:
+/// one not sent yet is answered at once, a running one stops at the
+/// worker's next batch boundary (or its worker is killed after
+/// `policy.cancel_grace`). A ticket it does not hold is ignored.
+#[derive(Clone)]
+pub struct Canceller(mpsc::UnboundedSender<u64>);
+
+impl Canceller {
+    pub fn cancel(&self, ticket: u64) {
+        let _ = self.0.send(ticket);
+    }
 }
 
 /// Told once when a worker ends; whom it tells changes when the worker
@@ -86,6 +118,8 @@ pub struct WorkerHandle {
     /// What it said it can do (worker protocol 1.1).
     pub capabilities: WorkerCapabilities,
     orders: mpsc::UnboundedSender<Order>,
+    /// Stops its jobs by ticket; outlives the handle while it drains.
+    pub canceller: Canceller,
     kill: CancellationToken,
 }
 
@@ -94,11 +128,14 @@ impl WorkerHandle {
     /// with that.
     pub fn run(&self, job: WorkerJob) {
         if let Err(refused) = self.orders.send(Order::Job(job)) {
-            if let Order::Job(job) = refused.0 {
-                let _ = job.reply.send(Err(Error::new(
-                    ErrorCode::Internal,
-                    format!("model {}: its worker is gone", self.origin.spec.name),
-                )));
+            if let Order::Job(WorkerJob {
+                job,
+                on_end,
+                progress,
+                ..
+            }) = refused.0
+            {
+                on_end(JobEnd::NotStarted { job, progress });
             }
         }
     }
@@ -194,9 +231,9 @@ impl WorkerHandle {
 pub struct Limits {
     /// The most output bytes one job may stream back (`daemon.max_output`).
     pub max_output: usize,
-    /// How long a cancelled job may go on before its worker is killed
-    /// (`policy.cancel_grace`).
-    pub cancel_grace: Duration,
+    /// What it is sent at once, batched how, and how long a cancelled job
+    /// may go on before it is killed (`policy.cancel_grace`).
+    pub feed: FeedLimits,
 }
 
 /// How a worker ended, for logs and errors.
@@ -307,11 +344,13 @@ pub async fn start(
         Err(error) => return Err(end_load(&mut child, pid, error, true, exited).await),
     };
     let (orders, queue) = mpsc::unbounded_channel();
+    let (cancels, cancelled) = mpsc::unbounded_channel();
     let worker = Supervised {
         model: name,
         channel,
         child,
         limits,
+        cancelled,
     };
     tokio::spawn(supervise(worker, queue, kill.clone(), exited));
     Ok(WorkerHandle {
@@ -323,6 +362,7 @@ pub async fn start(
         }),
         capabilities,
         orders,
+        canceller: Canceller(cancels),
         kill,
     })
 }
@@ -495,6 +535,7 @@ mod tests {
                 launch: Launch::builtin("gpuctl-worker".into(), Duration::from_secs(60)),
             }),
             orders,
+            canceller: Canceller(mpsc::unbounded_channel().0),
             kill: CancellationToken::new(),
         }
     }

@@ -4,8 +4,8 @@
 //! draining worker has nothing left, switches an idle one to another mode,
 //! and reports its exit.
 
-use std::collections::HashMap;
 use std::process::ExitStatus;
+use std::time::Instant;
 
 use futures_util::{SinkExt, StreamExt};
 use gpuctl_protocol::stream::{frames, take_streamed};
@@ -18,31 +18,29 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::batch::split;
+use super::feed::{Cancelled, Feed, Run};
 use super::{
-    describe, kill_group, stop, Channel, Exit, JobOutput, Limits, OnExit, Order, SwitchOrder,
-    WorkerJob, EXIT_GRACE,
+    describe, kill_group, stop, Channel, Exit, JobEnd, JobOutput, Limits, OnEnd, OnExit, Order,
+    SwitchOrder, WorkerJob, EXIT_GRACE,
 };
 
-/// A job the worker is running.
-struct Running {
-    reply: oneshot::Sender<Result<JobOutput, Error>>,
+/// Whom a job's answer and progress go to.
+struct Client {
+    on_end: OnEnd,
     progress: Option<crate::outbox::EventSink>,
-    started: std::time::Instant,
-    /// Set when it was cancelled: it must have ended by then, or the
-    /// worker is killed (a forward inside TorchScript cannot be interrupted).
-    stop_by: Option<tokio::time::Instant>,
     /// What its progress counts: tiles, or a generation's steps.
     unit: &'static str,
 }
 
-impl Running {
-    /// Tells the client how far the job is, with the time it has taken and
-    /// an estimate of what is left at the same pace.
-    fn progress(&self, done: u32, total: u32) {
+impl Client {
+    /// Tells the client how far its run is, with the time it has taken
+    /// and an estimate of what is left at the same pace.
+    fn progress(&self, started: Instant, done: u32, total: u32) {
         let Some(sink) = &self.progress else {
             return;
         };
-        let elapsed_ms = self.started.elapsed().as_millis() as u64;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
         let eta_ms = (done > 0 && total >= done)
             .then(|| elapsed_ms * u64::from(total - done) / u64::from(done));
         sink.send(gpuctl_protocol::Event::Progress(
@@ -55,6 +53,10 @@ impl Running {
             },
         ));
     }
+
+    fn answer(self, end: JobEnd) {
+        (self.on_end)(end);
+    }
 }
 
 /// A started worker, as its supervisor holds it.
@@ -63,6 +65,8 @@ pub(super) struct Supervised {
     pub(super) channel: Channel,
     pub(super) child: Child,
     pub(super) limits: Limits,
+    /// Tickets of jobs whose clients have gone.
+    pub(super) cancelled: mpsc::UnboundedReceiver<u64>,
 }
 
 /// Sends a job, its large tensors streamed ahead of it.
@@ -86,10 +90,12 @@ struct Incoming {
 }
 
 impl Incoming {
-    /// Outputs of job `id`, passed on when its client takes pixel rows.
-    fn new(id: u64, running: Option<&Running>) -> Incoming {
-        let relay = running
-            .and_then(|r| r.progress.clone())
+    /// Outputs of run `id`, passed on when it is one client's and that
+    /// client takes pixel rows (a batch's are shared out at the end).
+    fn new(id: u64, run: Option<&Run<Client>>) -> Incoming {
+        let relay = run
+            .filter(|r| r.parts.len() == 1)
+            .and_then(|r| r.parts[0].with.progress.clone())
             .filter(|sink| sink.relays_outputs());
         let received = match relay {
             Some(_) => TensorReceiver::passing_on(),
@@ -169,23 +175,36 @@ pub(super) async fn supervise(
         mut channel,
         mut child,
         limits,
+        mut cancelled,
     } = worker;
     let max_output = limits.max_output;
+    let grace = limits.feed.cancel_grace;
     let mut incoming: Option<Incoming> = None;
     let pid = child.id().unwrap_or(0);
-    let mut pending: HashMap<u64, Running> = HashMap::new();
-    let mut next_id = 0u64;
+    let mut feed: Feed<Client> = Feed::new(limits.feed);
     let mut course = Course::Serving;
     // A switch sent and not yet answered.
     let mut switching: Option<oneshot::Sender<Result<Loaded, Error>>> = None;
-    let (cancels, mut cancelled) = mpsc::unbounded_channel::<u64>();
     let ending: Result<ExitStatus, String> = loop {
-        // The one place a draining worker is told to exit: once nothing is pending.
+        if !matches!(course, Course::Killed { .. }) {
+            while let Some((id, job)) = feed.next_run(Instant::now()) {
+                if let Err(error) = unless_killed(&kill, send_job(&mut channel, id, job)).await {
+                    let error = Error::new(
+                        ErrorCode::Internal,
+                        format!("model {model}: cannot send the job to its worker: {error}"),
+                    );
+                    if let Some(run) = feed.finish(id, Instant::now()) {
+                        fail_run(run, &error);
+                    }
+                }
+            }
+        }
+        // The one place a draining worker is told to exit: once nothing is left.
         if let Course::Draining {
             exit_by: exit_by @ None,
         } = &mut course
         {
-            if pending.is_empty() {
+            if feed.is_empty() {
                 *exit_by = Some(tokio::time::Instant::now() + EXIT_GRACE);
                 let _ = unless_killed(&kill, channel.send(DaemonToWorker::Unload)).await;
             }
@@ -195,21 +214,26 @@ pub(super) async fn supervise(
             Course::Draining { exit_by } => exit_by,
             _ => None,
         };
-        let overdue = pending
-            .iter()
-            .filter_map(|(id, r)| r.stop_by.map(|at| (at, *id)))
-            .min();
+        let overdue = feed.overdue();
+        let send_at = feed.ready_at().filter(|_| !killed);
         tokio::select! {
             // A kill must win over the closed job queue that comes with it.
             biased;
             _ = kill.cancelled(), if !killed => {
                 course = Course::Killed { stuck: None };
                 stop(&mut child, pid);
-                fail_pending(&mut pending, &Error::new(ErrorCode::Cancelled, format!("model {model} was unloaded with --force")));
+                let forced = Error::new(ErrorCode::Cancelled, format!("model {model} was unloaded with --force"));
+                let (runs, unsent) = feed.take_all();
+                for run in runs {
+                    fail_run(run, &forced);
+                }
+                for task in unsent {
+                    task.with.answer(JobEnd::Failed(forced.clone()));
+                }
             }
-            _ = sleep_until(overdue.map(|(at, _)| at)), if overdue.is_some() && !killed => {
+            _ = sleep_until(overdue.map(|(at, _)| at.into())), if overdue.is_some() && !killed => {
                 let job = overdue.map_or(0, |(_, id)| id);
-                let grace = gpuctl_protocol::units::format_duration_ms(limits.cancel_grace.as_millis() as u64);
+                let grace = gpuctl_protocol::units::format_duration_ms(grace.as_millis() as u64);
                 tracing::warn!(model, pid, job, grace = %grace, "a cancelled job did not stop within policy.cancel_grace; killing its worker");
                 stop(&mut child, pid);
                 // Its jobs are answered once it is gone (below), after the
@@ -229,9 +253,11 @@ pub(super) async fn supervise(
                 stop(&mut child, pid);
                 course = Course::Killed { stuck: None };
             }
+            // A batch's window is over: the loop's top sends it.
+            _ = sleep_until(send_at.map(Into::into)), if send_at.is_some() => {}
             order = queue.recv(), if matches!(course, Course::Serving) => match order {
                 Some(Order::Switch(SwitchOrder { mode, on_exit, reply })) => {
-                    if !pending.is_empty() || switching.is_some() {
+                    if !feed.is_empty() || switching.is_some() {
                         let _ = reply.send(Err(Error::new(ErrorCode::Internal, format!("model {}: its worker is busy and cannot switch", mode.name))));
                         continue;
                     }
@@ -246,70 +272,72 @@ pub(super) async fn supervise(
                         }
                     }
                 }
-                Some(Order::Job(WorkerJob { job, reply, progress, cancel })) => {
-                    next_id += 1;
-                    let (id, cancels) = (next_id, cancels.clone());
-                    tokio::spawn(async move {
-                        if cancel.await.is_ok() {
-                            let _ = cancels.send(id);
-                        }
-                    });
+                Some(Order::Job(WorkerJob { job, ticket, on_end, progress })) => {
                     let unit = match job {
                         Job::Generate(_) => "step",
                         Job::Image { .. } | Job::Tensor { .. } => "tile",
                     };
-                    match unless_killed(&kill, send_job(&mut channel, id, job)).await {
-                        Ok(()) => {
-                            pending.insert(id, Running { reply, progress, started: std::time::Instant::now(), stop_by: None, unit });
-                        }
-                        Err(error) => {
-                            let _ = reply.send(Err(Error::new(ErrorCode::Internal, format!("model {model}: cannot send the job to its worker: {error}"))));
-                        }
-                    }
+                    feed.hold(job, ticket, Client { on_end, progress, unit }, Instant::now());
                 }
-                // Every handle is gone: finish what is running, then exit.
+                // Every handle is gone: finish what it has, then exit.
                 None => course = Course::Draining { exit_by: None },
             },
-            Some(id) = cancelled.recv() => {
-                if let Some(running) = pending.get_mut(&id).filter(|r| r.stop_by.is_none()) {
+            Some(ticket) = cancelled.recv() => match feed.cancel(ticket, Instant::now()) {
+                Cancelled::Unsent(task) => task.with.answer(JobEnd::Failed(Error::new(
+                    ErrorCode::Cancelled,
+                    format!("model {model}: the request was cancelled before it started"),
+                ))),
+                Cancelled::Stop(id) => {
                     tracing::info!(model, job = id, "client gone; cancelling its job");
-                    let stop_by = tokio::time::Instant::now() + limits.cancel_grace;
-                    running.stop_by = Some(stop_by);
                     // A stopped worker may not read even this: the grace
                     // bounds the write too.
                     let cancel = unless_killed(&kill, channel.send(DaemonToWorker::Cancel { id }));
-                    let _ = tokio::time::timeout_at(stop_by, cancel).await;
+                    let _ = tokio::time::timeout(grace, cancel).await;
                 }
-            }
+                Cancelled::Noted | Cancelled::Unknown => {}
+            },
             message = channel.next() => match message {
                 Some(Ok(WorkerToDaemon::Progress { id, done, total })) => {
-                    if let Some(running) = pending.get(&id) {
-                        running.progress(done, total);
+                    if let Some(run) = feed.run(id) {
+                        let started = run.started.unwrap_or_else(Instant::now);
+                        for part in &run.parts {
+                            part.with.progress(started, done, total);
+                        }
                     }
                 }
                 Some(Ok(WorkerToDaemon::Tensor { id, frame })) => {
                     if let TensorFrame::Begin { .. } = frame {
                         if incoming.as_ref().is_none_or(|current| current.job != id) {
-                            incoming = Some(Incoming::new(id, pending.get(&id)));
+                            incoming = Some(Incoming::new(id, feed.run(id)));
                         }
                     }
+                    let limit = output_limit(max_output, feed.run(id));
                     match &mut incoming {
-                        Some(current) if current.job == id => current.frame(frame, max_output),
+                        Some(current) if current.job == id => current.frame(frame, limit),
                         _ => tracing::warn!(model, job = id, "worker streamed a tensor frame without TensorBegin"),
                     }
                 }
                 Some(Ok(WorkerToDaemon::Done { id, mut outputs, run_ms, notes })) => {
+                    let limit = output_limit(max_output, feed.run(id));
                     let streamed = incoming.take_if(|i| i.job == id).unwrap_or_else(|| Incoming::new(id, None));
-                    let filled = streamed.finish(&model, max_output, &mut outputs);
-                    if let Some(running) = pending.remove(&id) {
-                        let answer = filled.map(|()| JobOutput { outputs, run_ms, notes });
-                        let _ = running.reply.send(answer);
+                    let filled = streamed.finish(&model, limit, &mut outputs);
+                    if let Some(run) = feed.finish(id, Instant::now()) {
+                        match filled {
+                            Ok(()) => answer_run(&model, run, JobOutput { outputs, run_ms, notes }),
+                            Err(error) => fail_run(run, &error),
+                        }
                     }
                 }
                 Some(Ok(WorkerToDaemon::Failed { id: Some(id), error })) => {
                     incoming = None;
-                    if let Some(running) = pending.remove(&id) {
-                        let _ = running.reply.send(Err(error));
+                    if let Some(run) = feed.finish(id, Instant::now()) {
+                        if error.code != ErrorCode::InsufficientVram {
+                            fail_run(run, &error);
+                        } else if let Err(run) = feed.retry_smaller(run, Instant::now()) {
+                            fail_run(run, &error);
+                        } else {
+                            tracing::info!(model, error = %error.message, "a batch ran out of memory; running it again in halves");
+                        }
                     }
                 }
                 Some(Ok(WorkerToDaemon::Switched(loaded))) if switching.is_some() => {
@@ -349,7 +377,7 @@ pub(super) async fn supervise(
             stuck: Some((why, error)),
         } => (true, Some(why), error),
         other => (
-            !matches!(other, Course::Serving) && pending.is_empty(),
+            !matches!(other, Course::Serving) && feed.is_empty(),
             None,
             Error::new(
                 ErrorCode::Internal,
@@ -360,32 +388,106 @@ pub(super) async fn supervise(
     // The registry hears of the exit before any client does, so that no
     // new job is sent to a worker that is gone.
     queue.close();
-    let exited_with = format!("model {model}: its worker exited ({description})");
     exited(Exit {
         pid,
         description,
         expected,
         stuck,
     });
-    fail_pending(&mut pending, &failed);
-    // Orders that arrived after the end never reached the worker.
-    while let Ok(order) = queue.try_recv() {
-        let gone = Error::new(ErrorCode::Internal, exited_with.clone());
-        match order {
-            Order::Job(WorkerJob { reply, .. }) => {
-                let _ = reply.send(Err(gone));
+    // What it was running fails; what it had not started waits for the
+    // next worker, as do orders that arrived after the end.
+    let (runs, unsent) = feed.take_all();
+    for run in runs {
+        if run.started.is_some() {
+            fail_run(run, &failed);
+            continue;
+        }
+        for part in run.parts {
+            match part.job {
+                Some(job) => {
+                    let progress = part.with.progress.clone();
+                    part.with.answer(JobEnd::NotStarted { job, progress });
+                }
+                None => part.with.answer(JobEnd::Failed(failed.clone())),
             }
+        }
+    }
+    for task in unsent {
+        let progress = task.with.progress.clone();
+        task.with.answer(JobEnd::NotStarted {
+            job: task.job,
+            progress,
+        });
+    }
+    while let Ok(order) = queue.try_recv() {
+        match order {
+            Order::Job(WorkerJob {
+                job,
+                on_end,
+                progress,
+                ..
+            }) => on_end(JobEnd::NotStarted { job, progress }),
             Order::Switch(SwitchOrder { reply, .. }) => {
-                let _ = reply.send(Err(gone));
+                let _ = reply.send(Err(Error::new(
+                    ErrorCode::Internal,
+                    format!("model {model}: its worker exited"),
+                )));
             }
         }
     }
 }
 
-/// Answers every job the worker was running with `error`.
-fn fail_pending(pending: &mut HashMap<u64, Running>, error: &Error) {
-    for (_, running) in pending.drain() {
-        let _ = running.reply.send(Err(error.clone()));
+/// The most output bytes run `run` may stream: `daemon.max_output` for
+/// each job in it.
+fn output_limit(max_output: usize, run: Option<&Run<Client>>) -> usize {
+    run.map_or(1, |r| r.parts.len()).saturating_mul(max_output)
+}
+
+/// Answers every job of `run` with `error`.
+fn fail_run(run: Run<Client>, error: &Error) {
+    for part in run.parts {
+        part.with.answer(JobEnd::Failed(error.clone()));
+    }
+}
+
+/// Answers the jobs of a finished run: a single job gets the outputs, a
+/// batch's jobs each their rows of every output.
+fn answer_run(model: &str, mut run: Run<Client>, output: JobOutput) {
+    let JobOutput {
+        outputs,
+        run_ms,
+        mut notes,
+    } = output;
+    let together = run.parts.len();
+    if together == 1 {
+        if let Some(part) = run.parts.pop() {
+            notes.extend(part.notes);
+            part.with.answer(JobEnd::Done(JobOutput {
+                outputs,
+                run_ms,
+                notes,
+            }));
+        }
+        return;
+    }
+    let rows: Vec<u64> = run.parts.iter().map(|p| p.rows).collect();
+    match split(outputs, &rows) {
+        Ok(shares) => {
+            for (part, outputs) in run.parts.into_iter().zip(shares) {
+                let mut notes = notes.clone();
+                notes.extend(part.notes);
+                notes.push(format!("ran in a batch of {together} requests"));
+                part.with.answer(JobEnd::Done(JobOutput {
+                    outputs,
+                    run_ms,
+                    notes,
+                }));
+            }
+        }
+        Err(problem) => fail_run(
+            run,
+            &Error::new(ErrorCode::Internal, format!("model {model}: {problem}")),
+        ),
     }
 }
 

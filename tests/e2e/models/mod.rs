@@ -2,6 +2,7 @@
 //! TorchScript models made by models/make_models.py (scripts/test runs it),
 //! one file per subject; the helpers they share are here.
 
+mod batching;
 mod chains;
 mod contracts;
 mod devices;
