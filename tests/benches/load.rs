@@ -1,11 +1,14 @@
 //! gpuctld under load, in one run: 1,000 connections × 100 pings, then 64
-//! clients × 50 small `tensor` requests whose answers are checked against
-//! the model's definition, in ROUNDS rounds interleaved with the same
-//! requests through a minimal relay doing the same hops (see relay.rs).
-//! Prints, for each, the replies lost (no answer within 60 s), mismatched
-//! (the wrong answer) and errored (must all be 0), the throughput, p50 and
-//! p99 latency, gpuctld's rate as a share of the relay's (medians), and
-//! gpuctld's peak RSS; exits 1 if any reply was lost, wrong or an error.
+//! clients × 50 small `tensor` requests (tiny-rows, one row of 16 values)
+//! whose answers are checked against the model's definition, in ROUNDS
+//! rounds interleaving three servers: gpuctld, a minimal relay doing the
+//! same hops (see load/relay.rs), and gpuctld with `max_batch = 8` on the
+//! model. Prints, for each, the replies lost (no answer within 60 s),
+//! mismatched (the wrong answer) and errored (must all be 0), the
+//! throughput, p50 and p99 latency, the server's own CPU per request; then
+//! the medians with gpuctld's rate as a share of the relay's and batching's
+//! gain, and gpuctld's peak RSS; exits 1 if any reply was lost, wrong or an
+//! error.
 //!
 //! `cargo bench -p gpuctl-e2e --bench load [-- CONNECTIONS PINGS CLIENTS REQUESTS ROUNDS]`
 //! (needs `cargo build`, a release build preferred — `cargo build --release`
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use gpuctl_protocol::{Client, DType, GenerateRequest, PingRequest, Request, Response, WireTensor};
 
+#[path = "load/relay.rs"]
 mod relay;
 
 const REPLY_LIMIT: Duration = Duration::from_secs(60);
@@ -48,10 +52,17 @@ impl Tally {
     /// Prints the figures; true when every reply was right. `rate` gets
     /// the replies per second.
     fn print(&mut self, what: &str, asked: u64, took: Duration) -> bool {
-        self.print_rate(what, asked, took, &mut 0.0)
+        self.print_rate(what, asked, took, &mut (0.0, 0.0))
     }
 
-    fn print_rate(&mut self, what: &str, asked: u64, took: Duration, rate: &mut f64) -> bool {
+    /// Prints, and gives the rate and p99 (ms).
+    fn print_rate(
+        &mut self,
+        what: &str,
+        asked: u64,
+        took: Duration,
+        figures: &mut (f64, f64),
+    ) -> bool {
         self.latencies.sort();
         let at = |q: f64| {
             self.latencies
@@ -61,13 +72,14 @@ impl Tally {
                 )
                 .map_or(0.0, |d| d.as_secs_f64() * 1e3)
         };
-        *rate = self.latencies.len() as f64 / took.as_secs_f64();
+        let rate = self.latencies.len() as f64 / took.as_secs_f64();
+        *figures = (rate, at(0.99));
         println!(
             "{what}: {asked} requests: lost {}, mismatched {}, errored {}; {:.0} replies/s; p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({:.1} s in all)",
             self.lost,
             self.mismatched,
             self.errored,
-            *rate,
+            rate,
             at(0.50),
             at(0.99),
             self.latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
@@ -77,10 +89,11 @@ impl Tally {
     }
 }
 
+/// One row of values.
 fn f32s(values: &[f32]) -> WireTensor {
     WireTensor::new(
         DType::F32,
-        vec![values.len() as u64],
+        vec![1, values.len() as u64],
         values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     )
     .unwrap()
@@ -124,8 +137,14 @@ async fn pings(socket: Arc<PathBuf>, count: usize) -> Tally {
     tally
 }
 
-/// One client's tensor requests, in turn: `(a * 2 + b, sum(a * b))`.
-async fn requests(socket: Arc<PathBuf>, client_index: usize, count: usize) -> Tally {
+/// One client's tensor requests to `model`, in turn: one row, `(a * 2 +
+/// b, sum(a * b))`.
+async fn requests(
+    socket: Arc<PathBuf>,
+    model: &'static str,
+    client_index: usize,
+    count: usize,
+) -> Tally {
     let mut tally = Tally::default();
     let Ok(Ok(client)) = tokio::time::timeout(REPLY_LIMIT, Client::connect(socket.as_path())).await
     else {
@@ -139,7 +158,7 @@ async fn requests(socket: Arc<PathBuf>, client_index: usize, count: usize) -> Ta
         let b: Vec<f32> = (0..16).map(|k| k as f32 * 0.5).collect();
         let request = GenerateRequest {
             inputs: vec![f32s(&a), f32s(&b)],
-            ..GenerateRequest::new("ten")
+            ..GenerateRequest::new(model)
         };
         let started = Instant::now();
         match tokio::time::timeout(REPLY_LIMIT, client.call(Request::Generate(request))).await {
@@ -147,6 +166,8 @@ async fn requests(socket: Arc<PathBuf>, client_index: usize, count: usize) -> Ta
                 let want: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a * 2.0 + b).collect();
                 let sum: f32 = a.iter().zip(&b).map(|(a, b)| a * b).sum();
                 let right = answer.outputs.len() == 2
+                    && answer.outputs[0].shape == [1, 16]
+                    && answer.outputs[1].shape == [1]
                     && values(&answer.outputs[0]) == want
                     && values(&answer.outputs[1])
                         .first()
@@ -168,6 +189,25 @@ async fn requests(socket: Arc<PathBuf>, client_index: usize, count: usize) -> Ta
     tally
 }
 
+/// CPU seconds process `pid` has used (user + system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime
+    // are the 14th and 15th of the whole line.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf reads a constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / per_second
+}
+
 fn peak_rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -177,31 +217,33 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-/// `clients` clients × `per_client` tensor requests at `socket`; prints
-/// the figures and returns the rate, or `None` if a reply was wrong.
+/// `clients` clients × `per_client` tensor requests to `model` at
+/// `socket`; prints the figures and returns the rate and p99, or `None` if
+/// a reply was wrong.
 async fn generate_round(
     socket: &Arc<PathBuf>,
+    model: &'static str,
     what: &str,
     clients: usize,
     per_client: usize,
-) -> Option<f64> {
+) -> Option<(f64, f64)> {
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
-        .map(|i| tokio::spawn(requests(socket.clone(), i, per_client)))
+        .map(|i| tokio::spawn(requests(socket.clone(), model, i, per_client)))
         .collect();
     let mut tally = Tally::default();
     for task in tasks {
         tally.add(task.await.unwrap());
     }
-    let mut rate = 0.0;
+    let mut figures = (0.0, 0.0);
     tally
         .print_rate(
-            &format!("{what}: generate (tiny tensor model), {clients} clients x {per_client}"),
+            &format!("{what}: generate (tiny-rows), {clients} clients x {per_client}"),
             (clients * per_client) as u64,
             started.elapsed(),
-            &mut rate,
+            &mut figures,
         )
-        .then_some(rate)
+        .then_some(figures)
 }
 
 async fn wait_for(socket: &Path, what: &str) {
@@ -236,7 +278,7 @@ fn main() {
     let worker = gpuctld.with_file_name("gpuctl-worker");
     let models = root().join("target/models");
     assert!(
-        models.join("tiny-tensor.pt").exists(),
+        models.join("tiny-rows.pt").exists(),
         "no test models: run models/make_models.py target/models (scripts/test does)"
     );
     // Every connection is a descriptor here and one in gpuctld.
@@ -256,7 +298,7 @@ fn main() {
     std::fs::write(
         &config,
         format!(
-            "model_root = \"{}\"\n[daemon]\nmax_connections = {slots}\nmax_connections_per_uid = {slots}\nlog_level = \"warn\"\n[policy]\nqueue_max = {}\n[gpu]\nbackend = \"none\"\n[models.ten]\npath = \"tiny-tensor.pt\"\nkind = \"tensor\"\nthreads = 1\n{extra}\n",
+            "model_root = \"{}\"\n[daemon]\nmax_connections = {slots}\nmax_connections_per_uid = {slots}\nlog_level = \"warn\"\n[policy]\nmax_loaded = 4\nqueue_max = {}\n[gpu]\nbackend = \"none\"\n[models.rows8]\npath = \"tiny-rows.pt\"\nkind = \"tensor\"\nthreads = 1\nmax_batch = 8\n[models.rows]\npath = \"tiny-rows.pt\"\nkind = \"tensor\"\nthreads = 1\n{extra}\n",
             models.display(),
             clients * 2
         ),
@@ -279,16 +321,17 @@ fn main() {
         .arg("relay-serve")
         .arg(&relay_socket)
         .arg(&worker)
-        .arg(models.join("tiny-tensor.pt"))
+        .arg(models.join("tiny-rows.pt"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the relay");
     let pid = daemon.id();
+    let relay_pid = relay.id();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "load: gpuctld ({profile} build), {cores} cores, bench and daemon on the same machine; [models.ten] extra: {extra:?}"
+        "load: gpuctld ({profile} build), {cores} cores, bench and daemon on the same machine; [models.rows] extra: {extra:?}"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -316,33 +359,57 @@ fn main() {
             );
         }
 
-        // The model's load is not what is measured.
+        // The models' loads are not what is measured, nor TorchScript's
+        // first (profiling) runs.
         let warm = Client::connect(socket.as_path()).await.unwrap();
-        warm.call(Request::Load(gpuctl_protocol::LoadRequest {
-            model: "ten".into(),
-            keep_alive: None,
-        }))
-        .await
-        .unwrap();
-        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for model in ["rows", "rows8"] {
+            warm.call(Request::Load(gpuctl_protocol::LoadRequest {
+                model: model.into(),
+                keep_alive: None,
+            }))
+            .await
+            .unwrap();
+        }
+        for (socket, model) in [(&socket, "rows"), (&socket, "rows8"), (&relay_socket, "rows")] {
+            let _ = requests(socket.clone(), model, 0, 5).await;
+        }
+        let arms = [
+            ("gpuctld", &socket, "rows", pid),
+            ("relay", &relay_socket, "rows", relay_pid),
+            ("gpuctld, max_batch 8", &socket, "rows8", pid),
+        ];
+        let mut figures: Vec<Vec<(f64, f64)>> = vec![Vec::new(); arms.len()];
         let mut generated = true;
         for round in 1..=rounds {
-            for (socket, what, rates) in [
-                (&socket, "gpuctld", &mut ours),
-                (&relay_socket, "relay", &mut theirs),
-            ] {
-                match generate_round(socket, &format!("round {round}, {what}"), clients, per_client)
-                    .await
-                {
-                    Some(rate) => rates.push(rate),
+            for ((what, socket, model, server), figures) in arms.iter().zip(&mut figures) {
+                let cpu = cpu_seconds(*server);
+                let what = format!("round {round}, {what}");
+                match generate_round(socket, model, &what, clients, per_client).await {
+                    Some(figure) => figures.push(figure),
                     None => generated = false,
                 }
+                let used = cpu_seconds(*server) - cpu;
+                println!(
+                    "  its server's own CPU: {:.0} µs per request",
+                    used * 1e6 / (clients * per_client) as f64
+                );
             }
         }
-        let (ours, theirs) = (median(&mut ours), median(&mut theirs));
+        let medians: Vec<(f64, f64)> = figures
+            .iter()
+            .map(|f| {
+                let (mut rates, mut p99s): (Vec<f64>, Vec<f64>) = f.iter().copied().unzip();
+                (median(&mut rates), median(&mut p99s))
+            })
+            .collect();
+        for ((what, ..), (rate, p99)) in arms.iter().zip(&medians) {
+            println!("median of {rounds}: {what}: {rate:.0} replies/s, p99 {p99:.2} ms");
+        }
+        let ratio = |a: f64, b: f64| a / b.max(f64::MIN_POSITIVE);
         println!(
-            "generate: gpuctld {ours:.0} replies/s, relay {theirs:.0} replies/s (medians of {rounds} rounds): {:.2} of the relay's rate",
-            ours / theirs.max(f64::MIN_POSITIVE)
+            "generate: gpuctld {:.2} of the relay's rate; max_batch 8 {:.2}x gpuctld unbatched",
+            ratio(medians[0].0, medians[1].0),
+            ratio(medians[2].0, medians[0].0)
         );
         pinged && generated
     });

@@ -47,18 +47,22 @@ async fn relay(socket: PathBuf, worker: PathBuf, model: PathBuf) {
     unsafe {
         command.pre_exec(move || install_worker_fd(fd));
     }
-    let _child = command.spawn().unwrap();
+    let mut child = command.spawn().unwrap();
+    // The worker dies with the relay (its --parent); reap it if it goes first.
+    std::thread::spawn(move || child.wait());
     drop(theirs);
     ours.set_nonblocking(true).unwrap();
-    let mut to_worker: Framed<UnixStream, FrameCodec<WorkerToDaemon, DaemonToWorker>> =
-        Framed::new(UnixStream::from_std(ours).unwrap(), FrameCodec::new(DEFAULT_MAX_FRAME));
+    let mut to_worker: Framed<UnixStream, FrameCodec<WorkerToDaemon, DaemonToWorker>> = Framed::new(
+        UnixStream::from_std(ours).unwrap(),
+        FrameCodec::new(DEFAULT_MAX_FRAME),
+    );
     match to_worker.next().await {
         Some(Ok(WorkerToDaemon::Hello(_))) => {}
         other => panic!("worker said {other:?}"),
     }
     to_worker
         .send(DaemonToWorker::Load(LoadModel {
-            name: "ten".into(),
+            name: "rows".into(),
             path: Some(model.display().to_string()),
             kind: ModelKind::Tensor,
             device: "cpu".into(),
@@ -94,7 +98,7 @@ async fn relay(socket: PathBuf, worker: PathBuf, model: PathBuf) {
                 } => (
                     id,
                     Ok(GenerateResponse {
-                        model: "ten".into(),
+                        model: "rows".into(),
                         device: "cpu".into(),
                         seed: None,
                         outputs,
@@ -104,7 +108,10 @@ async fn relay(socket: PathBuf, worker: PathBuf, model: PathBuf) {
                         notes,
                     }),
                 ),
-                WorkerToDaemon::Failed { id: Some(id), error } => (id, Err(error)),
+                WorkerToDaemon::Failed {
+                    id: Some(id),
+                    error,
+                } => (id, Err(error)),
                 _ => continue,
             };
             let Some((client, request)) = answers.lock().unwrap().remove(&id) else {
@@ -123,7 +130,12 @@ async fn relay(socket: PathBuf, worker: PathBuf, model: PathBuf) {
     let next_job = Arc::new(std::sync::atomic::AtomicU64::new(0));
     loop {
         let (stream, _) = listener.accept().await.unwrap();
-        tokio::spawn(client(stream, jobs.clone(), pending.clone(), next_job.clone()));
+        tokio::spawn(client(
+            stream,
+            jobs.clone(),
+            pending.clone(),
+            next_job.clone(),
+        ));
     }
 }
 
