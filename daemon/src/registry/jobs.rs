@@ -144,8 +144,11 @@ impl Registry {
             self.unload(name, reason, false);
         }
         // Its own waiters first; its becoming idle may also unblock a group
-        // switch or the LRU cap for others.
-        self.pump(name);
+        // switch or the LRU cap for others. Once the events already in are
+        // handled: a burst of finished jobs is one pump, not one each.
+        if !self.pump_due.iter().any(|due| due == name) {
+            self.pump_due.push(name.to_owned());
+        }
     }
 
     /// Hands waiting requests to the ready worker of `name`, up to its

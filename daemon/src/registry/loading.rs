@@ -47,8 +47,16 @@ impl Registry {
     /// Moves `name` along, first among the models with waiters: an unload
     /// or a finished job may have made room for any of them.
     pub(super) fn pump(&mut self, name: &str) {
-        let mut names = vec![name.to_owned()];
-        names.extend(self.models_with_waiters().filter(|n| n != name));
+        self.pump_first(vec![name.to_owned()]);
+    }
+
+    /// Moves `names` along, then every other model with waiters.
+    pub(super) fn pump_first(&mut self, mut names: Vec<String>) {
+        let others: Vec<String> = self
+            .models_with_waiters()
+            .filter(|n| !names.contains(n))
+            .collect();
+        names.extend(others);
         self.pump_models(names);
     }
 

@@ -146,6 +146,8 @@ struct Registry {
     notices: broadcast::Sender<Notice>,
     state_dir: Option<PathBuf>,
     measured: Measurements,
+    /// Models to pump once the events already received are handled.
+    pump_due: Vec<String>,
 }
 
 /// Starts the registry with the configuration loaded at start-up. It runs
@@ -186,6 +188,7 @@ pub fn spawn(source: ConfigSource, loaded: Loaded) -> RegistryHandle {
         notices: notices.clone(),
         state_dir,
         measured,
+        pump_due: Vec::new(),
     };
     let departures = registry.events.clone();
     tokio::spawn(registry.run(inbox, event_inbox));
@@ -217,7 +220,16 @@ impl Registry {
                 // answered, so a client's next request never finds the
                 // last one still counted as running (queue_max).
                 biased;
-                Some(event) = events.recv() => self.on_event(event),
+                Some(event) = events.recv() => {
+                    self.on_event(event);
+                    while let Ok(event) = events.try_recv() {
+                        self.on_event(event);
+                    }
+                    let due = std::mem::take(&mut self.pump_due);
+                    if !due.is_empty() {
+                        self.pump_first(due);
+                    }
+                }
                 command = inbox.recv() => match command {
                     Some(command) => self.handle(command).await,
                     None => return,

@@ -69,14 +69,16 @@ pub(super) struct Supervised {
     pub(super) cancelled: mpsc::UnboundedReceiver<u64>,
 }
 
-/// Sends a job, its large tensors streamed ahead of it.
-async fn send_job(channel: &mut Channel, id: u64, mut job: Job) -> Result<(), FrameError> {
+/// Queues a job for the worker, its large tensors streamed ahead of it;
+/// the caller flushes once it has queued what it has (one write, one
+/// wake-up of the worker, for several small jobs).
+async fn feed_job(channel: &mut Channel, id: u64, mut job: Job) -> Result<(), FrameError> {
     for tensor in take_streamed(job.tensors_mut()) {
         for frame in frames(tensor) {
             channel.feed(DaemonToWorker::Tensor(frame)).await?;
         }
     }
-    channel.send(DaemonToWorker::Run { id, job }).await
+    channel.feed(DaemonToWorker::Run { id, job }).await
 }
 
 /// The outputs a worker streams ahead of a job's `Done`: kept to fill the
@@ -187,15 +189,16 @@ pub(super) async fn supervise(
     let mut switching: Option<oneshot::Sender<Result<Loaded, Error>>> = None;
     let ending: Result<ExitStatus, String> = loop {
         if !matches!(course, Course::Killed { .. }) {
+            let mut sent = Vec::new();
             while let Some((id, job)) = feed.next_run(Instant::now()) {
-                if let Err(error) = unless_killed(&kill, send_job(&mut channel, id, job)).await {
-                    let error = Error::new(
-                        ErrorCode::Internal,
-                        format!("model {model}: cannot send the job to its worker: {error}"),
-                    );
-                    if let Some(run) = feed.finish(id, Instant::now()) {
-                        fail_run(run, &error);
-                    }
+                sent.push(id);
+                if let Err(error) = unless_killed(&kill, feed_job(&mut channel, id, job)).await {
+                    fail_sent(&mut feed, &model, &[id], &error);
+                }
+            }
+            if !sent.is_empty() {
+                if let Err(error) = unless_killed(&kill, channel.flush()).await {
+                    fail_sent(&mut feed, &model, &sent, &error);
                 }
             }
         }
@@ -433,6 +436,19 @@ pub(super) async fn supervise(
                     format!("model {model}: its worker exited"),
                 )));
             }
+        }
+    }
+}
+
+/// Runs that could not be written to the worker fail.
+fn fail_sent(feed: &mut Feed<Client>, model: &str, ids: &[u64], error: &FrameError) {
+    let error = Error::new(
+        ErrorCode::Internal,
+        format!("model {model}: cannot send the job to its worker: {error}"),
+    );
+    for id in ids {
+        if let Some(run) = feed.finish(*id, Instant::now()) {
+            fail_run(run, &error);
         }
     }
 }
