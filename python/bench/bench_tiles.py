@@ -160,7 +160,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items() if v}
     print(f"{MODEL}, {args.size}² → {args.size * SCALE}², tile {args.tile}, overlap {args.overlap}, "
           f"{args.threads} threads, {args.rounds} interleaved rounds, medians, file to file:")
-    for label, text in (("tiled1", "gpuctld tiled, batch 1"), ("tiled4", "gpuctld tiled, batch 4"),
+    for label, text in (("tiled1", "gpuctld tiled, batch 1 (the CPU default)"), ("tiled4", "gpuctld tiled, batch 4 (the CUDA default)"),
                         ("comfy", "ComfyUI's algorithm (PyTorch)"), ("whole", "gpuctld untiled"),
                         ("direct", "direct untiled forward (PyTorch)")):
         if label in med:

@@ -370,7 +370,11 @@ fn main() {
             .await
             .unwrap();
         }
-        for (socket, model) in [(&socket, "rows"), (&socket, "rows8"), (&relay_socket, "rows")] {
+        for (socket, model) in [
+            (&socket, "rows"),
+            (&socket, "rows8"),
+            (&relay_socket, "rows"),
+        ] {
             let _ = requests(socket.clone(), model, 0, 5).await;
         }
         let arms = [

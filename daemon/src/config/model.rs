@@ -64,9 +64,10 @@ pub struct ModelConfig {
     /// Tile overlap in pixels (`image`).
     #[serde(default)]
     pub overlap: Option<u32>,
-    /// Tiles per forward (`image` with `tile`).
-    #[serde(default = "four")]
-    pub batch: u32,
+    /// Tiles per forward (`image` with `tile`); unset: what suits the
+    /// device the model runs on (`policy::tile_batch`).
+    #[serde(default)]
+    pub batch: Option<u32>,
     /// Times a failing batch of tiles is retried before the request fails.
     #[serde(default = "two")]
     pub tile_retries: u32,
@@ -299,7 +300,7 @@ impl ModelConfig {
                 "applies only to models of kind \"generate\"".into(),
             ));
         }
-        if self.batch == 0 {
+        if self.batch == Some(0) {
             return Err(("batch", "must be at least 1".into()));
         }
         if self.scale == Some(0) {

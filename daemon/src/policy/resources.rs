@@ -20,6 +20,18 @@ pub fn worker_threads(threads: u32, cores: u32, max_loaded: u32, models: usize) 
     (cores / resident).max(1)
 }
 
+/// Tiles per forward when a model's `batch` is unset: on CUDA a batch of
+/// 4 keeps the device busy; on the CPU one tile at a time is faster (four
+/// tiles' activations fall out of cache; measured with bench-tiles: 17.4
+/// s against 19.9 s for waifu2x 1024² on 2 cores).
+pub fn tile_batch(device: &str) -> u32 {
+    if device.starts_with("cuda") {
+        4
+    } else {
+        1
+    }
+}
+
 /// Jobs that took at most this long keep their worker fed: the next ones
 /// are sent ahead, so it never waits for a round trip through gpuctld.
 /// Longer ones wait in the queue, where their clients see their place.
@@ -133,6 +145,13 @@ mod tests {
         assert_eq!(worker_slots(1, 8, 1), 24);
         assert_eq!(worker_slots(u32::MAX, 1024, 16), u32::MAX, "no overflow");
         assert_eq!(worker_slots(0, 0, 0), 1, "unset reads as 1");
+    }
+
+    #[test]
+    fn tiles_are_batched_on_cuda_and_not_on_the_cpu() {
+        assert_eq!(tile_batch("cuda:0"), 4);
+        assert_eq!(tile_batch("cuda"), 4);
+        assert_eq!(tile_batch("cpu"), 1);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use gpuctl_protocol::worker::Job;
 use gpuctl_protocol::{Error, ErrorCode, GenerateResponse, KeepAlive, LoadResponse};
 use tokio::sync::{mpsc, oneshot};
 
@@ -212,12 +213,21 @@ impl Registry {
                     ..
                 } => {
                     let PreparedJob {
-                        job: work,
+                        job: mut work,
                         seed,
                         events: progress,
                         keep_alive,
                         ..
                     } = *job;
+                    if let Job::Image {
+                        tiling: Some(tiling),
+                        ..
+                    } = &mut work
+                    {
+                        if tiling.batch == 0 {
+                            tiling.batch = policy::tile_batch(&device);
+                        }
+                    }
                     let running = RunningJob {
                         model: name.to_owned(),
                         load,

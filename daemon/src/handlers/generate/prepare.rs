@@ -97,7 +97,8 @@ fn tiling(request: &GenerateRequest, model: &ModelConfig) -> Result<Option<Tilin
     Ok(Some(Tiling {
         tile,
         overlap,
-        batch: model.batch,
+        // 0: the device's choice, made when the job reaches its worker.
+        batch: model.batch.unwrap_or(0),
         retries: model.tile_retries,
     }))
 }
