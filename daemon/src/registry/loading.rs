@@ -339,7 +339,10 @@ impl Registry {
             Life::Ready { .. } => "a free slot",
             Life::Unloading { .. } => "the previous worker to exit",
         };
-        tell_waiting(&mut entry.queue, name, waiting_for, false);
+        // The places in a queue of short jobs change every few
+        // microseconds: each client hears its first, not every move.
+        let moves = !policy::short_jobs(entry.history.last_run_ms);
+        tell_waiting(&mut entry.queue, name, waiting_for, false, moves);
     }
 
     /// An admitted model: its worker starts now, or, when its GPU memory is

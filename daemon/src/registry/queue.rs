@@ -48,19 +48,21 @@ pub fn fail_all(queue: &mut VecDeque<Waiter>, error: &Error) {
 }
 
 /// Tells waiting generate clients their place and what they wait for:
-/// all of them when `what_changed`, else those whose place changed.
+/// all of them when `what_changed`, else those whose place changed (with
+/// `moves`; without, only those never told).
 pub fn tell_waiting(
     queue: &mut VecDeque<Waiter>,
     model: &str,
     waiting_for: &str,
     what_changed: bool,
+    moves: bool,
 ) {
     for (index, waiter) in queue.iter_mut().enumerate() {
         let Waiter::Job { job, told, .. } = waiter else {
             continue;
         };
         let position = index as u32 + 1;
-        if !what_changed && *told == Some(position) {
+        if !what_changed && (*told == Some(position) || (!moves && told.is_some())) {
             continue;
         }
         *told = Some(position);

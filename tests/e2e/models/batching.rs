@@ -394,3 +394,43 @@ fn outputs_that_are_not_per_row_cannot_be_batched_and_say_so() {
     });
     daemon.assert_serving();
 }
+
+#[test]
+fn clients_waiting_for_short_jobs_hear_their_place_once() {
+    let daemon = spin_daemon("queue_max = 200");
+    runtime().block_on(async {
+        let client = Client::connect(&daemon.socket).await.unwrap();
+        warm(&client).await;
+        // A long job first, so that the rest queue behind it.
+        let mut calls = vec![client
+            .start(Request::Generate(spin(0.0, 1_000_000)))
+            .await
+            .unwrap()];
+        for x in 1..=60 {
+            calls.push(
+                client
+                    .start(Request::Generate(spin(x as f32, 0)))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut told = Vec::new();
+        for mut call in calls {
+            let mut places = 0;
+            while let Some(event) = call.event().await {
+                places += usize::from(matches!(event, gpuctl_protocol::Event::Queued(_)));
+            }
+            call.response().await.unwrap();
+            told.push(places);
+        }
+        assert!(
+            told.iter().any(|&n| n == 1),
+            "some waited in the queue: {told:?}"
+        );
+        assert!(
+            told.iter().all(|&n| n <= 1),
+            "each heard its place once: {told:?}"
+        );
+    });
+    daemon.assert_serving();
+}
