@@ -124,6 +124,18 @@ def test_busy_when_connections_run_out(limited: Daemon) -> None:
     finally:
         for c in held:
             c.close()
+        # The daemon counts a connection until it has seen it close: the
+        # next test must not find the slots still taken.
+        wait_until("the held connections to be let go", lambda: alone(limited.path))
+
+
+def alone(path: str) -> bool:
+    """Whether a new connection is the only one the daemon counts."""
+    try:
+        with gpuctl.Client(path) as probe:
+            return probe.status().connections <= 1
+    except gpuctl.Busy:
+        return False
 
 
 def test_an_idle_connection_closed_by_the_daemon_is_made_again(client: gpuctl.Client) -> None:

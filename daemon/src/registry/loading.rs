@@ -50,14 +50,20 @@ impl Registry {
         self.pump_first(vec![name.to_owned()]);
     }
 
-    /// Moves `names` along, then every other model with waiters.
+    /// Moves `names` along, then every other model with waiters. A model
+    /// nobody waits for has nothing to move (`plan_pump` plans nothing for
+    /// it): when no model has waiters, as after most finished jobs, no
+    /// snapshot is taken.
     pub(super) fn pump_first(&mut self, mut names: Vec<String>) {
+        names.retain(|name| self.models.get(name).is_some_and(|e| !e.queue.is_empty()));
         let others: Vec<String> = self
             .models_with_waiters()
             .filter(|n| !names.contains(n))
             .collect();
         names.extend(others);
-        self.pump_models(names);
+        if !names.is_empty() {
+            self.pump_models(names);
+        }
     }
 
     /// Moves every model with waiters along.
