@@ -397,16 +397,13 @@ fn outputs_that_are_not_per_row_cannot_be_batched_and_say_so() {
 
 #[test]
 fn clients_waiting_for_short_jobs_hear_their_place_once() {
-    let daemon = spin_daemon("queue_max = 200");
+    let daemon = spin_daemon("queue_max = 400");
     runtime().block_on(async {
         let client = Client::connect(&daemon.socket).await.unwrap();
         warm(&client).await;
-        // A long job first, so that the rest queue behind it.
-        let mut calls = vec![client
-            .start(Request::Generate(spin(0.0, 1_000_000)))
-            .await
-            .unwrap()];
-        for x in 1..=60 {
+        // Far more than the worker holds (17): the rest queue.
+        let mut calls = Vec::new();
+        for x in 1..=200 {
             calls.push(
                 client
                     .start(Request::Generate(spin(x as f32, 0)))
