@@ -94,8 +94,7 @@ pub struct ModelConfig {
     /// Output size / noise size of a `generate` model.
     #[serde(default = "eight")]
     pub latent_scale: u32,
-    /// CPU threads for its worker; 0 shares the cores among the models
-    /// that can be resident at once.
+    /// CPU threads for its worker; 0: every core.
     #[serde(default)]
     pub threads: u32,
     /// The GPU memory it needs; unset: measured at its last load, else its

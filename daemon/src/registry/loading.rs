@@ -429,12 +429,7 @@ impl Registry {
             path: config.model_path(model).map(|p| p.display().to_string()),
             kind: model.kind.into(),
             device: self.worker_device(model, placement),
-            threads: policy::worker_threads(
-                model.threads,
-                cores,
-                config.policy.max_loaded,
-                config.models.len(),
-            ),
+            threads: policy::worker_threads(model.threads, cores),
             rgb8: model.kind != Kind::Tensor,
             fp16: model.precision == crate::config::Precision::Fp16,
             options: options_json(&model.options),

@@ -193,7 +193,7 @@ fn batched(answer: &GenerateResponse) -> bool {
 
 #[test]
 fn batched_images_are_bit_identical_to_images_run_alone() {
-    let extra = "\n[models.up8]\npath = \"waifu2x-upconv7-x2.pt\"\nkind = \"image\"\nscale = 2\nthreads = 1\nmax_batch = 8\nbatch_window = \"300ms\"\n";
+    let extra = "\n[models.up8]\npath = \"waifu2x-upconv7-x2.pt\"\nkind = \"image\"\nscale = 2\nmax_batch = 8\nbatch_window = \"300ms\"\n";
     let daemon = Daemon::start(&config("", extra));
     runtime().block_on(async {
         let client = Client::connect(&daemon.socket).await.unwrap();
