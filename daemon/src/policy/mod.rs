@@ -38,7 +38,8 @@ pub use pressure::pressure_holder;
 pub use pump::{plan_pump, Candidate, Refusal, Step, Waiting};
 pub use reload::{reload_changes, ModelChange};
 pub use resources::{
-    need, short_jobs, tile_batch, worker_slots, worker_threads, Need, NeedSource, SHORT_JOB_MS,
+    need, short_jobs, tile_batch, worker_slots, worker_threads, Need, NeedSource, RECENT_JOBS,
+    SHORT_JOB_MS,
 };
 
 /// Where a model is in its life cycle, as far as policy cares: the one

@@ -38,10 +38,17 @@ pub fn tile_batch(device: &str) -> u32 {
 /// Longer ones wait in the queue, where their clients see their place.
 pub const SHORT_JOB_MS: u64 = 10;
 
-/// Whether a model's jobs are short enough to be sent ahead, going by the
-/// last one (unknown until one has run).
-pub fn short_jobs(last_run_ms: Option<u64>) -> bool {
-    last_run_ms.is_some_and(|ms| ms <= SHORT_JOB_MS)
+/// The recent jobs whose times decide whether a model's jobs are short.
+pub const RECENT_JOBS: usize = 4;
+
+/// Whether a model's jobs are short enough to be sent ahead, going by its
+/// recent ones (`recent_ms`, at most [`RECENT_JOBS`]): at least half of
+/// them short, so that one job slowed down (the machine busy, the first
+/// run's profiling) does not change how the rest are served. Unknown
+/// until one has run.
+pub fn short_jobs(recent_ms: &[u64]) -> bool {
+    let short = recent_ms.iter().filter(|&&ms| ms <= SHORT_JOB_MS).count();
+    !recent_ms.is_empty() && 2 * short >= recent_ms.len()
 }
 
 /// How many of a model's requests its worker's supervisor holds at once:
@@ -156,11 +163,15 @@ mod tests {
     }
 
     #[test]
-    fn jobs_are_short_once_one_has_run_quickly() {
-        assert!(!short_jobs(None), "unknown until one has run");
-        assert!(short_jobs(Some(0)));
-        assert!(short_jobs(Some(SHORT_JOB_MS)));
-        assert!(!short_jobs(Some(SHORT_JOB_MS + 1)));
+    fn jobs_are_short_when_most_recent_ones_were() {
+        let long = SHORT_JOB_MS + 1;
+        assert!(!short_jobs(&[]), "unknown until one has run");
+        assert!(short_jobs(&[0]));
+        assert!(short_jobs(&[SHORT_JOB_MS]));
+        assert!(!short_jobs(&[long]));
+        assert!(short_jobs(&[0, 0, long, 0]), "one slow job changes nothing");
+        assert!(short_jobs(&[0, long]), "half");
+        assert!(!short_jobs(&[0, long, long, long]));
     }
 
     #[test]

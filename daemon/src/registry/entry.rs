@@ -116,9 +116,9 @@ impl FileIdentity {
 pub struct History {
     pub loads: u64,
     pub last_load_ms: Option<u64>,
-    /// How long its last successful job took in the worker: whether its
-    /// jobs are short enough to be sent ahead.
-    pub last_run_ms: Option<u64>,
+    /// How long its last few successful jobs took in the worker (the
+    /// newest last): whether its jobs are short enough to be sent ahead.
+    pub recent_run_ms: Vec<u64>,
     pub last_error: Option<String>,
     /// Consecutive failures (failed loads, crashes); a job that succeeds
     /// resets it. Decides the backoff.
@@ -268,7 +268,11 @@ impl ModelEntry {
     pub fn job_done(&mut self, run_ms: Option<u64>) {
         if let Some(run_ms) = run_ms {
             self.history.failures = 0;
-            self.history.last_run_ms = Some(run_ms);
+            let recent = &mut self.history.recent_run_ms;
+            if recent.len() == crate::policy::RECENT_JOBS {
+                recent.remove(0);
+            }
+            recent.push(run_ms);
         }
         match &mut self.life {
             Life::Ready {

@@ -347,7 +347,7 @@ impl Registry {
         };
         // The places in a queue of short jobs change every few
         // microseconds: each client hears its first, not every move.
-        let moves = !policy::short_jobs(entry.history.last_run_ms);
+        let moves = !policy::short_jobs(&entry.history.recent_run_ms);
         tell_waiting(&mut entry.queue, name, waiting_for, false, moves);
     }
 
@@ -591,7 +591,7 @@ fn options_json(options: &toml::Table) -> String {
 /// The requests `model`'s worker may hold at once: more when its jobs are
 /// short (see `policy::short_jobs`).
 fn slots(model: &ModelConfig, entry: &super::entry::ModelEntry) -> u32 {
-    let ahead = if policy::short_jobs(entry.history.last_run_ms) {
+    let ahead = if policy::short_jobs(&entry.history.recent_run_ms) {
         worker::RUNS_AHEAD as u32
     } else {
         0
