@@ -96,14 +96,12 @@ impl Registry {
             }
             return;
         }
-        {
-            tracing::info!(
-                model = name,
-                queued = entry.queue.len(),
-                "a waiting request's client has gone; it left the queue"
-            );
-            self.pump(name);
-        }
+        tracing::info!(
+            model = name,
+            queued = entry.queue.len(),
+            "a waiting request's client has gone; it left the queue"
+        );
+        self.pump(name);
     }
 
     /// A job that worker `load` went without starting waits in the queue

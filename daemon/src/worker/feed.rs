@@ -129,7 +129,14 @@ impl<T> Feed<T> {
         let Some(first) = self.held.front() else {
             return Vec::new();
         };
-        let Some((key, _)) = batch_key(&first.job).filter(|_| self.batch_cap > 1) else {
+        // Without batching no key is worked out: this runs on every turn
+        // of the supervisor's loop.
+        let key = if self.batch_cap > 1 {
+            batch_key(&first.job)
+        } else {
+            None
+        };
+        let Some((key, _)) = key else {
             return vec![0];
         };
         let mut taken = vec![0];
@@ -150,7 +157,7 @@ impl<T> Feed<T> {
             .values()
             .flat_map(|run| &run.parts)
             .filter_map(|part| part.job.as_ref())
-            .map(ByteLen::byte_len)
+            .map(input_bytes)
             .sum()
     }
 
@@ -167,7 +174,7 @@ impl<T> Feed<T> {
             let bytes: usize = together
                 .iter()
                 .filter_map(|&i| self.held.get(i))
-                .map(|t| t.job.byte_len())
+                .map(|t| input_bytes(&t.job))
                 .sum();
             if self.kept_bytes() + bytes > AHEAD_MAX_BYTES {
                 return None;
@@ -329,17 +336,11 @@ impl<T> Feed<T> {
 }
 
 /// A job's input bytes.
-trait ByteLen {
-    fn byte_len(&self) -> usize;
-}
-
-impl ByteLen for Job {
-    fn byte_len(&self) -> usize {
-        match self {
-            Job::Image { input, .. } => input.data.len(),
-            Job::Generate(job) => job.noise.data.len(),
-            Job::Tensor { inputs } => inputs.iter().map(|t| t.data.len()).sum(),
-        }
+fn input_bytes(job: &Job) -> usize {
+    match job {
+        Job::Image { input, .. } => input.data.len(),
+        Job::Generate(job) => job.noise.data.len(),
+        Job::Tensor { inputs } => inputs.iter().map(|t| t.data.len()).sum(),
     }
 }
 
