@@ -12,7 +12,7 @@
 //! | queue full; the load-wait deadline | [`gates`] |
 //! | which models with waiters take work, refuse it, or load | [`pump`] |
 //! | what a reload means for each model | [`reload`] |
-//! | a worker's threads; a model's expected memory need | [`resources`] |
+//! | a worker's threads and slots; a model's expected memory need; which waiting clients hear their place | [`resources`] |
 //! | who caused memory pressure | [`pressure`] |
 //! | where a load fits on the GPUs; what yields under pressure | [`crate::arbitration`] |
 
@@ -38,8 +38,8 @@ pub use pressure::pressure_holder;
 pub use pump::{plan_pump, Candidate, Refusal, Step, Waiting};
 pub use reload::{reload_changes, ModelChange};
 pub use resources::{
-    need, short_jobs, tile_batch, worker_slots, worker_threads, Need, NeedSource, RECENT_JOBS,
-    SHORT_JOB_MS,
+    need, short_jobs, tile_batch, wait_worth_telling, worker_slots, worker_threads, Need,
+    NeedSource, QUEUE_NEWS_MS, RECENT_JOBS, SHORT_JOB_MS,
 };
 
 /// Where a model is in its life cycle, as far as policy cares: the one

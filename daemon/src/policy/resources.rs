@@ -51,6 +51,21 @@ pub fn short_jobs(recent_ms: &[u64]) -> bool {
     !recent_ms.is_empty() && 2 * short >= recent_ms.len()
 }
 
+/// The wait that is worth telling a client about: shorter ones pass before
+/// a client could show them.
+pub const QUEUE_NEWS_MS: u64 = 500;
+
+/// Whether a client waiting at `position` in the queue of a model whose
+/// jobs are short hears its place: when the jobs ahead of it, each as long
+/// as the longest of the model's recent ones (`recent_ms`), take at least
+/// [`QUEUE_NEWS_MS`]. A queue of sub-millisecond jobs moves faster than any
+/// client could show it, and telling each of its clients would be one more
+/// frame written per request.
+pub fn wait_worth_telling(position: u32, recent_ms: &[u64]) -> bool {
+    let longest = recent_ms.iter().copied().max().unwrap_or(u64::MAX);
+    u64::from(position).saturating_mul(longest) >= QUEUE_NEWS_MS
+}
+
 /// How many of a model's requests its worker's supervisor holds at once:
 /// `concurrency` runs, `ahead` runs sent ahead of them when its jobs are
 /// short, and with batching one batch forming, each run of up to
@@ -172,6 +187,17 @@ mod tests {
         assert!(short_jobs(&[0, 0, long, 0]), "one slow job changes nothing");
         assert!(short_jobs(&[0, long]), "half");
         assert!(!short_jobs(&[0, long, long, long]));
+    }
+
+    #[test]
+    fn a_place_in_a_queue_of_short_jobs_is_told_when_the_wait_is_noticeable() {
+        assert!(!wait_worth_telling(400, &[0, 0, 1, 0]), "0.4 s");
+        assert!(wait_worth_telling(500, &[0, 0, 1, 0]), "0.5 s");
+        assert!(!wait_worth_telling(60, &[5, 8, 3, 2]), "0.48 s");
+        assert!(wait_worth_telling(63, &[5, 8, 3, 2]), "the longest decides");
+        assert!(!wait_worth_telling(u32::MAX, &[0]), "nothing to wait for");
+        assert!(wait_worth_telling(1, &[]), "unknown: told");
+        assert!(wait_worth_telling(u32::MAX, &[u64::MAX]), "no overflow");
     }
 
     #[test]

@@ -345,10 +345,19 @@ impl Registry {
             Life::Ready { .. } => "a free slot",
             Life::Unloading { .. } => "the previous worker to exit",
         };
-        // The places in a queue of short jobs change every few
-        // microseconds: each client hears its first, not every move.
-        let moves = !policy::short_jobs(&entry.history.recent_run_ms);
-        tell_waiting(&mut entry.queue, name, waiting_for, false, moves);
+        let recent = &entry.history.recent_run_ms;
+        if matches!(entry.life, Life::Ready { .. }) && policy::short_jobs(recent) {
+            // The places in a queue of short jobs change every few
+            // microseconds: a client hears its first, and only when the
+            // wait for the jobs ahead is long enough to show.
+            tell_waiting(&mut entry.queue, name, waiting_for, |position, told| {
+                told.is_none() && policy::wait_worth_telling(position, recent)
+            });
+        } else {
+            tell_waiting(&mut entry.queue, name, waiting_for, |position, told| {
+                told != Some(position)
+            });
+        }
     }
 
     /// An admitted model: its worker starts now, or, when its GPU memory is

@@ -48,21 +48,19 @@ pub fn fail_all(queue: &mut VecDeque<Waiter>, error: &Error) {
 }
 
 /// Tells waiting generate clients their place and what they wait for:
-/// all of them when `what_changed`, else those whose place changed (with
-/// `moves`; without, only those never told).
+/// those for whom `tell(position, last told)` says so.
 pub fn tell_waiting(
     queue: &mut VecDeque<Waiter>,
     model: &str,
     waiting_for: &str,
-    what_changed: bool,
-    moves: bool,
+    tell: impl Fn(u32, Option<u32>) -> bool,
 ) {
     for (index, waiter) in queue.iter_mut().enumerate() {
         let Waiter::Job { job, told, .. } = waiter else {
             continue;
         };
         let position = index as u32 + 1;
-        if !what_changed && (*told == Some(position) || (!moves && told.is_some())) {
+        if !tell(position, *told) {
             continue;
         }
         *told = Some(position);

@@ -152,7 +152,7 @@ impl Registry {
             }
             *told = Some(waiting_for.clone());
             let message = format!("waiting for {waiting_for}");
-            tell_waiting(&mut entry.queue, &name, &message, true, true);
+            tell_waiting(&mut entry.queue, &name, &message, |_, _| true);
             tracing::info!(model = %name, %message, "load waits for GPU memory");
             self.notice(NoticeKind::WaitingForVram {
                 model: name.clone(),
