@@ -74,7 +74,7 @@ fn start(flags: Flags, source: ConfigSource, loaded: Loaded) -> anyhow::Result<(
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(config.daemon.threads as usize)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -49,13 +49,8 @@ impl Tally {
         self.errored += other.errored;
     }
 
-    /// Prints the figures; true when every reply was right. `rate` gets
-    /// the replies per second.
-    fn print(&mut self, what: &str, asked: u64, took: Duration) -> bool {
-        self.print_rate(what, asked, took, &mut (0.0, 0.0))
-    }
-
-    /// Prints, and gives the rate and p99 (ms).
+    /// Prints the figures, gives the rate and p99 (ms); true when every
+    /// reply was right.
     fn print_rate(
         &mut self,
         what: &str,
@@ -208,6 +203,29 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / per_second
 }
 
+/// Context switches of every thread of `pid` so far, and its read and
+/// write calls: the wake-ups and hops a request costs.
+fn switches_and_io_calls(pid: u32) -> (u64, u64) {
+    let field = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(name))
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum()
+    };
+    let switches = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|task| {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            field(&status, "voluntary_ctxt_switches:")
+                + field(&status, "nonvoluntary_ctxt_switches:")
+        })
+        .sum();
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    (switches, field(&io, "syscr:") + field(&io, "syscw:"))
+}
+
 fn peak_rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -291,31 +309,38 @@ fn main() {
         }
     }
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("gpuctld.sock");
-    let config = dir.path().join("gpuctld.toml");
     let slots = connections + clients + 16;
     let extra = std::env::var("GPUCTL_BENCH_MODEL").unwrap_or_default();
-    std::fs::write(
-        &config,
-        format!(
-            "model_root = \"{}\"\n[daemon]\nmax_connections = {slots}\nmax_connections_per_uid = {slots}\nlog_level = \"warn\"\n[policy]\nmax_loaded = 4\nqueue_max = {}\n[gpu]\nbackend = \"none\"\n[models.rows8]\npath = \"tiny-rows.pt\"\nkind = \"tensor\"\nthreads = 1\nmax_batch = 8\n[models.rows]\npath = \"tiny-rows.pt\"\nkind = \"tensor\"\nthreads = 1\n{extra}\n",
-            models.display(),
-            clients * 2
-        ),
-    )
-    .unwrap();
-    let mut daemon = Command::new(&gpuctld)
-        .arg("--config")
-        .arg(&config)
-        .arg("--socket")
-        .arg(&socket)
-        .env_remove("RUST_LOG")
-        .env("STATE_DIRECTORY", dir.path().join("state"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start gpuctld");
+    let start = |name: &str, daemon_keys: &str| {
+        let config = dir.path().join(format!("{name}.toml"));
+        let socket = dir.path().join(format!("{name}.sock"));
+        std::fs::write(
+            &config,
+            format!(
+                "model_root = \"{}\"\n[daemon]\nmax_connections = {slots}\nmax_connections_per_uid = {slots}\nlog_level = \"warn\"\n{daemon_keys}[policy]\nmax_loaded = 4\nqueue_max = {}\n[gpu]\nbackend = \"none\"\n[models.rows8]\npath = \"tiny-rows.pt\"\nkind = \"tensor\"\nthreads = 1\nmax_batch = 8\n[models.rows]\npath = \"tiny-rows.pt\"\nkind = \"tensor\"\nthreads = 1\n{extra}\n",
+                models.display(),
+                clients * 2
+            ),
+        )
+        .unwrap();
+        let daemon = Command::new(&gpuctld)
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .env_remove("RUST_LOG")
+            .env("STATE_DIRECTORY", dir.path().join(format!("{name}-state")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start gpuctld");
+        (daemon, Arc::new(socket))
+    };
+    let (mut daemon, socket) = start("gpuctld", "");
+    // The same daemon with two event-loop threads: what the default of one
+    // gains or loses, measured in the same run.
+    let (mut daemon2, socket2) = start("gpuctld-threads2", "threads = 2\n");
     let relay_socket = dir.path().join("relay.sock");
     let mut relay = Command::new(std::env::current_exe().unwrap())
         .arg("relay-serve")
@@ -328,6 +353,7 @@ fn main() {
         .spawn()
         .expect("start the relay");
     let pid = daemon.id();
+    let pid2 = daemon2.id();
     let relay_pid = relay.id();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
@@ -337,42 +363,66 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let socket = Arc::new(socket);
     let relay_socket = Arc::new(relay_socket);
     let ok = runtime.block_on(async {
         wait_for(&socket, "gpuctld").await;
+        wait_for(&socket2, "gpuctld (threads = 2)").await;
         wait_for(&relay_socket, "the relay").await;
         let mut pinged = true;
         if connections > 0 {
-            let started = Instant::now();
-            let tasks: Vec<_> = (0..connections)
-                .map(|_| tokio::spawn(pings(socket.clone(), per_connection)))
-                .collect();
-            let mut tally = Tally::default();
-            for task in tasks {
-                tally.add(task.await.unwrap());
+            let mut rates: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 2];
+            for round in 1..=rounds {
+                for ((what, socket), rates) in [("gpuctld", &socket), ("gpuctld, threads = 2", &socket2)]
+                    .into_iter()
+                    .zip(&mut rates)
+                {
+                    let started = Instant::now();
+                    let tasks: Vec<_> = (0..connections)
+                        .map(|_| tokio::spawn(pings(socket.clone(), per_connection)))
+                        .collect();
+                    let mut tally = Tally::default();
+                    for task in tasks {
+                        tally.add(task.await.unwrap());
+                    }
+                    let mut figure = (0.0, 0.0);
+                    pinged &= tally.print_rate(
+                        &format!("round {round}, {what}: ping, {connections} connections x {per_connection}"),
+                        (connections * per_connection) as u64,
+                        started.elapsed(),
+                        &mut figure,
+                    );
+                    rates.push(figure);
+                }
             }
-            pinged = tally.print(
-                &format!("ping, {connections} connections x {per_connection}"),
-                (connections * per_connection) as u64,
-                started.elapsed(),
+            let medians: Vec<f64> = rates
+                .iter()
+                .map(|r| median(&mut r.iter().map(|f| f.0).collect::<Vec<_>>()))
+                .collect();
+            println!(
+                "ping: gpuctld {:.0} replies/s, with threads = 2 {:.0} (median of {rounds}): one thread {:.2}x two",
+                medians[0],
+                medians[1],
+                medians[0] / medians[1].max(f64::MIN_POSITIVE)
             );
         }
 
         // The models' loads are not what is measured, nor TorchScript's
         // first (profiling) runs.
-        let warm = Client::connect(socket.as_path()).await.unwrap();
-        for model in ["rows", "rows8"] {
-            warm.call(Request::Load(gpuctl_protocol::LoadRequest {
-                model: model.into(),
-                keep_alive: None,
-            }))
-            .await
-            .unwrap();
+        for (socket, models) in [(&socket, &["rows", "rows8"][..]), (&socket2, &["rows"])] {
+            let warm = Client::connect(socket.as_path()).await.unwrap();
+            for model in models {
+                warm.call(Request::Load(gpuctl_protocol::LoadRequest {
+                    model: (*model).into(),
+                    keep_alive: None,
+                }))
+                .await
+                .unwrap();
+            }
         }
         for (socket, model) in [
             (&socket, "rows"),
             (&socket, "rows8"),
+            (&socket2, "rows"),
             (&relay_socket, "rows"),
         ] {
             let _ = requests(socket.clone(), model, 0, 5).await;
@@ -381,21 +431,27 @@ fn main() {
             ("gpuctld", &socket, "rows", pid),
             ("relay", &relay_socket, "rows", relay_pid),
             ("gpuctld, max_batch 8", &socket, "rows8", pid),
+            ("gpuctld, threads = 2", &socket2, "rows", pid2),
         ];
         let mut figures: Vec<Vec<(f64, f64)>> = vec![Vec::new(); arms.len()];
         let mut generated = true;
         for round in 1..=rounds {
             for ((what, socket, model, server), figures) in arms.iter().zip(&mut figures) {
                 let cpu = cpu_seconds(*server);
+                let (switches, io_calls) = switches_and_io_calls(*server);
                 let what = format!("round {round}, {what}");
                 match generate_round(socket, model, &what, clients, per_client).await {
                     Some(figure) => figures.push(figure),
                     None => generated = false,
                 }
                 let used = cpu_seconds(*server) - cpu;
+                let (switched, io_called) = switches_and_io_calls(*server);
+                let count = (clients * per_client) as f64;
                 println!(
-                    "  its server's own CPU: {:.0} µs per request",
-                    used * 1e6 / (clients * per_client) as f64
+                    "  its server's own CPU: {:.0} µs per request; {:.1} context switches and {:.1} reads and writes per request",
+                    used * 1e6 / count,
+                    switched.saturating_sub(switches) as f64 / count,
+                    io_called.saturating_sub(io_calls) as f64 / count,
                 );
             }
         }
@@ -415,11 +471,17 @@ fn main() {
             ratio(medians[0].0, medians[1].0),
             ratio(medians[2].0, medians[0].0)
         );
+        println!(
+            "generate: gpuctld (one event-loop thread) {:.2}x gpuctld with threads = 2",
+            ratio(medians[0].0, medians[3].0)
+        );
         pinged && generated
     });
     println!("gpuctld peak RSS: {:.1} MiB", peak_rss_mib(pid));
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    for daemon in [&mut daemon, &mut daemon2] {
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+    }
     let _ = relay.kill();
     let _ = relay.wait();
     if !ok {

@@ -25,6 +25,9 @@ pub use values::{Bytes, Device, Duration, KeepAliveSetting, LogLevel, Mode, Size
 /// chunk, which is 1 MiB of data and its message's fields.
 const MIN_MAX_FRAME: u64 = 2 << 20;
 
+/// The most event-loop threads `daemon.threads` may ask for.
+const MAX_DAEMON_THREADS: u32 = 64;
+
 /// The embedded default configuration, also the documented example.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../etc/gpuctld.toml");
 
@@ -64,6 +67,11 @@ pub struct DaemonConfig {
     pub admin_group: String,
     /// Log filter when `RUST_LOG` is unset.
     pub log_level: LogLevel,
+    /// Threads of gpuctld's own event loop (connections, the registry,
+    /// worker supervision), besides the main thread that accepts
+    /// connections. One by default: every request hops between a few
+    /// tasks, and across threads each hop is a wake-up of another thread.
+    pub threads: u32,
     /// Client connections served at once.
     pub max_connections: u32,
     /// Connections one user (uid) may hold at once; administrators are exempt.
@@ -153,6 +161,7 @@ impl Default for DaemonConfig {
             socket_group: String::new(),
             admin_group: String::new(),
             log_level: LogLevel("info".to_owned()),
+            threads: 1,
             max_connections: 256,
             max_connections_per_uid: 64,
             admin_connections: 16,
@@ -202,6 +211,12 @@ impl Config {
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |key: &str, problem: String| Err(ConfigError::invalid(origin, key, problem));
         let daemon = &self.daemon;
+        if !(1..=MAX_DAEMON_THREADS).contains(&daemon.threads) {
+            return invalid(
+                "daemon.threads",
+                format!("must be between 1 and {MAX_DAEMON_THREADS}"),
+            );
+        }
         if daemon.max_connections == 0 {
             return invalid("daemon.max_connections", "must be at least 1".into());
         }

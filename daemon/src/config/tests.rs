@@ -112,6 +112,16 @@ fn bad_values_name_key_and_problem() {
             "frames of 1 MiB and a few bytes",
         ),
         (
+            "[daemon]\nthreads = 0",
+            "daemon.threads",
+            "between 1 and 64",
+        ),
+        (
+            "[daemon]\nthreads = 65",
+            "daemon.threads",
+            "between 1 and 64",
+        ),
+        (
             "[daemon]\nmax_connections = 0",
             "daemon.max_connections",
             "at least 1",
