@@ -395,6 +395,15 @@ fn outputs_that_are_not_per_row_cannot_be_batched_and_say_so() {
     daemon.assert_serving();
 }
 
+/// How many spins take about `wanted` on this machine, measured.
+async fn spins_lasting(client: &Client, wanted: Duration) -> i64 {
+    const PROBE: i64 = 20_000;
+    let started = Instant::now();
+    generate(client, spin(0.0, PROBE)).await.unwrap();
+    let took = started.elapsed().as_secs_f64();
+    ((PROBE as f64 * wanted.as_secs_f64() / took) as i64).max(1)
+}
+
 /// Sends `count` spin requests of `spins` each at once; how many times
 /// each heard its place in the queue, in order, all answered right.
 async fn places_heard(client: &Client, count: usize, spins: i64) -> Vec<usize> {
@@ -425,18 +434,19 @@ async fn places_heard(client: &Client, count: usize, spins: i64) -> Vec<usize> {
 
 #[test]
 fn clients_waiting_for_short_jobs_hear_their_place_once_and_only_when_the_wait_shows() {
-    let daemon = spin_daemon("queue_max = 400");
+    let daemon = spin_daemon("queue_max = 500");
     runtime().block_on(async {
         let client = Client::connect(&daemon.socket).await.unwrap();
         warm(&client).await;
         // Far more than the worker holds (17): the rest queue, but jobs
         // of well under a millisecond each are done before a client
         // could show its place (policy::QUEUE_NEWS_MS).
-        let heard = places_heard(&client, 200, 0).await;
+        let heard = places_heard(&client, 100, 0).await;
         assert!(heard.iter().all(|&n| n == 0), "nobody told: {heard:?}");
-        // Jobs of a few milliseconds: those far enough back wait long
-        // enough to be told, once.
-        let heard = places_heard(&client, 300, 3_000).await;
+        // Jobs of about 3 ms (short: at most 10): the 167th waiting and
+        // those behind wait 0.5 s or more and are told, once.
+        let spins = spins_lasting(&client, Duration::from_millis(3)).await;
+        let heard = places_heard(&client, 400, spins).await;
         assert!(heard.contains(&1), "those far back were told: {heard:?}");
         assert!(heard.iter().all(|&n| n <= 1), "once each: {heard:?}");
         assert_eq!(heard[0], 0, "the first ran at once");
