@@ -61,9 +61,43 @@ impl Registry {
             .filter(|n| !names.contains(n))
             .collect();
         names.extend(others);
-        if !names.is_empty() {
-            self.pump_models(names);
+        match names.as_slice() {
+            [] => {}
+            [only] if self.takes_work(only) => {
+                let only = only.clone();
+                self.serve_ready(&only);
+            }
+            _ => self.pump_models(names),
         }
+    }
+
+    /// Whether `name` is ready and not yielding its memory: when it is the
+    /// one model with waiters, `plan_pump` would dispatch to it up to its
+    /// slots (no other model's waiters, no group barrier) and decide
+    /// nothing else.
+    fn takes_work(&self, name: &str) -> bool {
+        self.models.get(name).is_some_and(|entry| {
+            matches!(
+                entry.life,
+                Life::Ready {
+                    yield_after_work: None,
+                    ..
+                }
+            )
+        })
+    }
+
+    /// What [`Self::pump_models`] does for a ready model that alone has
+    /// waiters, without the snapshot: a job arriving, or one finishing
+    /// while others wait, is the daemon's busiest path.
+    fn serve_ready(&mut self, name: &str) {
+        let config = self.config();
+        let slots = match (config.models.get(name), self.models.get(name)) {
+            (Some(config), Some(entry)) => slots(config, entry),
+            _ => 1,
+        };
+        self.dispatch(name, slots, None);
+        self.tell_positions(name);
     }
 
     /// Moves every model with waiters along.
