@@ -19,8 +19,13 @@ use gpuctl_protocol::worker::Job;
 use super::batch::{batch_key, merge};
 
 /// Runs sent ahead of the running ones at most: enough that a worker of
-/// small jobs never waits for gpuctld between them.
-pub const RUNS_AHEAD: usize = 16;
+/// small jobs never waits for gpuctld between them, and that a few dozen
+/// clients' requests go to it as they come instead of each waiting in the
+/// registry's queue for a finished job (64 clients × 50 small requests:
+/// 0.70–0.85 of the minimal relay's rate against 0.65–0.79 with 16 ahead,
+/// three pairs of runs). What they commit the worker to is bounded: only
+/// short jobs (at most 10 ms) are sent ahead, with 1 MiB of inputs in all.
+pub const RUNS_AHEAD: usize = 64;
 
 /// A run sent ahead keeps a copy of its jobs, to be run by the next
 /// worker if this one dies before starting it; the runs ahead hold at

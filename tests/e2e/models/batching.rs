@@ -438,14 +438,25 @@ fn clients_waiting_for_short_jobs_hear_their_place_once_and_only_when_the_wait_s
     runtime().block_on(async {
         let client = Client::connect(&daemon.socket).await.unwrap();
         warm(&client).await;
-        // Far more than the worker holds (17): the rest queue, but jobs
-        // of well under a millisecond each are done before a client
-        // could show its place (policy::QUEUE_NEWS_MS).
-        let heard = places_heard(&client, 100, 0).await;
+        // Behind a job of 0.3 s, more than the worker holds (65): the
+        // rest queue, but jobs of well under a millisecond each are done
+        // before a client could show its place (policy::QUEUE_NEWS_MS).
+        let long = spins_lasting(&client, Duration::from_millis(300)).await;
+        let spins = spins_lasting(&client, Duration::from_millis(3)).await;
+        // The model's recent jobs short again after the measuring.
+        for _ in 0..4 {
+            generate(&client, spin(0.0, 0)).await.unwrap();
+        }
+        let mut first = client
+            .start(Request::Generate(spin(-1.0, long)))
+            .await
+            .unwrap();
+        let heard = places_heard(&client, 300, 0).await;
         assert!(heard.iter().all(|&n| n == 0), "nobody told: {heard:?}");
+        while first.event().await.is_some() {}
+        first.response().await.unwrap();
         // Jobs of about 3 ms (short: at most 10): the 167th waiting and
         // those behind wait 0.5 s or more and are told, once.
-        let spins = spins_lasting(&client, Duration::from_millis(3)).await;
         let heard = places_heard(&client, 400, spins).await;
         assert!(heard.contains(&1), "those far back were told: {heard:?}");
         assert!(heard.iter().all(|&n| n <= 1), "once each: {heard:?}");
