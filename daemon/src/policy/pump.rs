@@ -218,6 +218,35 @@ mod tests {
         assert!(plan_pump(&models, &[yielding], 3).is_empty());
     }
 
+    /// What the registry's fast path (`serve_ready`) counts on: a ready
+    /// model that alone has waiters is only dispatched to, without a
+    /// barrier, whatever the other models' states and its group.
+    #[test]
+    fn a_ready_model_that_alone_has_waiters_is_dispatched_to_without_a_barrier() {
+        let t0 = Instant::now();
+        let group = Some("g".to_owned());
+        let queue = [at(t0, 1), at(t0, 2)];
+        let a = ModelView {
+            group: group.clone(),
+            ..view("a", Phase::Ready { in_flight: 3 }, &queue, t0)
+        };
+        for other in [Phase::Unloaded, Phase::Loading, IDLE, Phase::Unloading] {
+            let b = ModelView {
+                group: group.clone(),
+                ..view("b", other, &[], t0)
+            };
+            let c = view("c", other, &[], t0);
+            assert_eq!(
+                plan_pump(&[a.clone(), b, c], &[candidate("a", &queue, 5)], 1),
+                [Step::Dispatch {
+                    model: "a".into(),
+                    barrier: None
+                }],
+                "{other:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_refused_model_fails_its_waiters_and_no_longer_holds_its_group() {
         let t0 = Instant::now();

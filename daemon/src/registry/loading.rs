@@ -91,13 +91,17 @@ impl Registry {
     /// waiters, without the snapshot: a job arriving, or one finishing
     /// while others wait, is the daemon's busiest path.
     fn serve_ready(&mut self, name: &str) {
-        let config = self.config();
-        let slots = match (config.models.get(name), self.models.get(name)) {
-            (Some(config), Some(entry)) => slots(config, entry),
-            _ => 1,
-        };
+        let slots = self.slots(name, &self.config());
         self.dispatch(name, slots, None);
         self.tell_positions(name);
+    }
+
+    /// How many of `name`'s requests its worker's supervisor holds.
+    fn slots(&self, name: &str, config: &Config) -> u32 {
+        match (config.models.get(name), self.models.get(name)) {
+            (Some(config), Some(entry)) => slots(config, entry),
+            _ => 1,
+        }
     }
 
     /// Moves every model with waiters along.
@@ -132,10 +136,7 @@ impl Registry {
         for step in steps {
             match step {
                 Step::Dispatch { model, barrier } => {
-                    let slots = match (config.models.get(&model), self.models.get(&model)) {
-                        (Some(config), Some(entry)) => slots(config, entry),
-                        _ => 1,
-                    };
+                    let slots = self.slots(&model, &config);
                     self.dispatch(&model, slots, barrier);
                 }
                 Step::Refuse {
