@@ -38,8 +38,8 @@ pub use pressure::pressure_holder;
 pub use pump::{plan_pump, Candidate, Refusal, Step, Waiting};
 pub use reload::{reload_changes, ModelChange};
 pub use resources::{
-    need, short_jobs, tile_batch, wait_worth_telling, worker_slots, worker_threads, Need,
-    NeedSource, QUEUE_NEWS_MS, RECENT_JOBS, SHORT_JOB_MS,
+    first_place_told, need, short_jobs, tile_batch, worker_slots, worker_threads, Need, NeedSource,
+    QUEUE_NEWS_MS, RECENT_JOBS, SHORT_JOB_MS,
 };
 
 /// Where a model is in its life cycle, as far as policy cares: the one

@@ -55,18 +55,22 @@ pub fn short_jobs(recent_ms: &[u64]) -> bool {
 /// a client could show them.
 pub const QUEUE_NEWS_MS: u64 = 500;
 
-/// Whether a client waiting at `position` in the queue of a model whose
-/// jobs are short hears its place: when the jobs ahead of it, each as long
-/// as the model's typical recent one (the upper median of `recent_ms`: one
-/// job slowed down by a busy machine does not decide), take at least
-/// [`QUEUE_NEWS_MS`]. A queue of sub-millisecond jobs moves faster than any
-/// client could show it, and telling each of its clients would be one more
-/// frame written per request.
-pub fn wait_worth_telling(position: u32, recent_ms: &[u64]) -> bool {
+/// The first place in the queue of a model whose jobs are short at which
+/// a waiting client hears its place: where the jobs ahead of it, each as
+/// long as the model's typical recent one (the upper median of
+/// `recent_ms`: one job slowed down by a busy machine does not decide),
+/// take at least [`QUEUE_NEWS_MS`]. A queue of sub-millisecond jobs moves
+/// faster than any client could show it, and telling each of its clients
+/// would be one more frame written per request. `None`: nobody (jobs of
+/// under a millisecond). Worked out once per telling, not per waiter.
+pub fn first_place_told(recent_ms: &[u64]) -> Option<u32> {
     let mut recent = recent_ms.to_vec();
     recent.sort_unstable();
-    let typical = recent.get(recent.len() / 2).copied().unwrap_or(u64::MAX);
-    u64::from(position).saturating_mul(typical) >= QUEUE_NEWS_MS
+    match recent.get(recent.len() / 2) {
+        None => Some(1),
+        Some(0) => None,
+        Some(&typical) => Some(u32::try_from(QUEUE_NEWS_MS.div_ceil(typical)).unwrap_or(u32::MAX)),
+    }
 }
 
 /// How many of a model's requests its worker's supervisor holds at once:
@@ -190,6 +194,10 @@ mod tests {
         assert!(short_jobs(&[0, 0, long, 0]), "one slow job changes nothing");
         assert!(short_jobs(&[0, long]), "half");
         assert!(!short_jobs(&[0, long, long, long]));
+    }
+
+    fn wait_worth_telling(position: u32, recent_ms: &[u64]) -> bool {
+        first_place_told(recent_ms).is_some_and(|first| position >= first)
     }
 
     #[test]

@@ -385,8 +385,9 @@ impl Registry {
             // The places in a queue of short jobs change every few
             // microseconds: a client hears its first, and only when the
             // wait for the jobs ahead is long enough to show.
+            let first = policy::first_place_told(recent);
             tell_waiting(&mut entry.queue, name, waiting_for, |position, told| {
-                told.is_none() && policy::wait_worth_telling(position, recent)
+                told.is_none() && first.is_some_and(|first| position >= first)
             });
         } else {
             tell_waiting(&mut entry.queue, name, waiting_for, |position, told| {
